@@ -1,0 +1,31 @@
+"""attnctrl: training-free attention-control plugins for Hugging Face diffusers.
+
+    import attnctrl
+    pipe = attnctrl.load_pipeline("tiny-sd15")
+    with attnctrl.apply(pipe, attnctrl.methods.AttentionMaps(words=["cat"])) as maps:
+        image = pipe("a photo of a cat").images[0]
+        heat = maps.heat_maps()["cat"]
+"""
+
+from . import methods
+from .core import (
+    AttnCtrlError,
+    LayerConflictError,
+    LayerSelectionError,
+    ModelNotAvailableError,
+    TokenLookupError,
+    UnsupportedModelError,
+    applied,
+    apply,
+    describe,
+    remove,
+)
+from .models import DEFAULT_MODEL, load_pipeline, tiny_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply", "remove", "applied", "describe", "methods", "load_pipeline", "tiny_pipeline", "DEFAULT_MODEL",
+    "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
+    "UnsupportedModelError", "__version__",
+]

@@ -1,0 +1,1 @@
+"""The ``attnctrl`` command line (``attnctrl.cli.main:main``)."""

@@ -1,0 +1,147 @@
+"""``attnctrl generate``: load a model, optionally apply a method, generate, write files with metadata."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.controller import Method
+from ..core.errors import AttnCtrlError
+
+__all__ = ["GenerateRequest", "run_generate", "slug", "settings_record"]
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str | None = None
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    num_frames: int | None = None
+    output: Path = Path("outputs")
+    device: str = "auto"
+    dtype: str = "auto"
+    metadata: bool = True
+    method: Method | None = None
+
+
+def slug(text: str, length: int = 40) -> str:
+    """A file-name-safe lower-case slug of a prompt (no spaces or quotes)."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:length].rstrip("-") or "image"
+
+
+def _next_counter(folder: Path) -> int:
+    numbers = [int(m.group(1)) for p in folder.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _call_defaults(pipe) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, size, extra: dict) -> dict:
+    """The JSON record stored in each output (enough to reproduce it)."""
+    import diffusers
+
+    from .. import __version__
+
+    method = request.method
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or "",
+        "steps": steps,
+        "sampler": type(pipe.scheduler).__name__,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "width": size[0],
+        "height": size[1],
+        "model": getattr(pipe, "attnctrl_model_id", None),
+        "method": method.name if method is not None else None,
+        "method_options": asdict(method) if method is not None else None,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "versions": {"attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+        **extra,
+    }
+
+
+def run_generate(request: GenerateRequest) -> Iterator[Path]:
+    """Generate ``request.num_images`` outputs; yields each written path (images, videos, method artifacts)."""
+    from tqdm.auto import tqdm
+
+    from .. import apply, load_pipeline
+    from ..io import save_json, save_png, save_video
+
+    pipe = load_pipeline(request.model, dtype=request.dtype, device=request.device)
+    pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
+    defaults = _call_defaults(pipe)
+    is_video = "num_frames" in defaults
+    kwargs = {"prompt": request.prompt}
+    if request.negative_prompt:
+        if "negative_prompt" not in defaults:
+            raise AttnCtrlError(f"{type(pipe).__name__} does not take a negative prompt")
+        kwargs["negative_prompt"] = request.negative_prompt
+    steps = request.steps or defaults.get("num_inference_steps", 50)
+    guidance = request.guidance if request.guidance is not None else defaults.get("guidance_scale")
+    kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value is not None:
+            if value % 8:
+                raise AttnCtrlError(f"--{name} must be a multiple of 8, got {value}")
+            kwargs[name] = value
+    if request.num_frames is not None:
+        if not is_video:
+            raise AttnCtrlError(f"--num-frames is for video models; {type(pipe).__name__} makes images")
+        kwargs["num_frames"] = request.num_frames
+
+    handle = apply(pipe, request.method) if request.method is not None else None
+    if handle is not None:
+        try:
+            handle.check_prompt(request.prompt)
+        except Exception:
+            handle.remove()
+            raise
+    request.output.mkdir(parents=True, exist_ok=True)
+    counter = _next_counter(request.output)
+    try:
+        for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):
+            seed = (request.seed + i) % 2**32
+            generator = torch.Generator("cpu").manual_seed(seed)
+            started = time.perf_counter()
+            out = pipe(**kwargs, generator=generator, output_type="pil")
+            seconds = time.perf_counter() - started
+            stem = f"{counter + i:05d}-{seed}-{slug(request.prompt)}"
+            if is_video:
+                frames = out.frames[0]
+                size = frames[0].size
+                record = settings_record(request, pipe, seed, steps, guidance, size,
+                                         {"num_frames": len(frames), "seconds": round(seconds, 3)})
+                yield save_video(request.output / f"{stem}.mp4", frames)
+                if request.metadata:
+                    yield save_json(request.output / f"{stem}.json", record)
+                continue
+            image = out.images[0]
+            record = settings_record(request, pipe, seed, steps, guidance, image.size, {"seconds": round(seconds, 3)})
+            yield save_png(request.output / f"{stem}.png", image, record, metadata=request.metadata)
+            if handle is not None:
+                for name, artifact in handle.artifacts(0, image=image).items():
+                    yield save_png(request.output / f"{stem}-{name}.png", artifact, record, metadata=request.metadata)
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -1,0 +1,74 @@
+"""``attnctrl info``: what this installation can do."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+
+import torch
+
+__all__ = ["collect_info", "format_info"]
+
+_PACKAGES = ("attnctrl", "torch", "diffusers", "transformers", "accelerate", "peft", "gradio", "xformers", "triton")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def collect_info() -> dict:
+    from ..methods import REGISTRY
+    from ..models import DEFAULT_MODEL, TINY_FAMILIES
+    from ..core.families import FAMILIES
+
+    cuda = torch.cuda.is_available()
+    backends = ["sdpa (torch)"]
+    if hasattr(torch.nn.attention, "flex_attention") or _has_flex():
+        backends.append("flex_attention" + ("" if cuda else " (CPU: correct, slow unless compiled)"))
+    if cuda:
+        cb = torch.backends.cuda
+        backends += [f"sdpa-flash={cb.flash_sdp_enabled()}", f"sdpa-mem-efficient={cb.mem_efficient_sdp_enabled()}"]
+        if _version("xformers"):
+            backends.append("xformers")
+        if _version("triton"):
+            backends.append("triton")
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cuda": torch.version.cuda if cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+        "attention_backends": backends,
+        "families": {f.name: f.title for f in FAMILIES.values()},
+        "tiny_models": ["tiny-" + f for f in TINY_FAMILIES],
+        "default_model": DEFAULT_MODEL,
+        "methods": sorted(REGISTRY),
+    }
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def format_info(data: dict) -> str:
+    pk = data["packages"]
+    lines = [
+        f"attnctrl {pk['attnctrl']}  (python {data['python']}, {data['platform']})",
+        "packages: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v and k != "attnctrl"),
+        "not installed: " + (", ".join(k for k, v in pk.items() if not v) or "-"),
+        f"device: {data['device']}" + (f" (CUDA {data['cuda']})" if data["cuda"] else f", {data['cpu_threads']} threads"),
+        "attention backends: " + ", ".join(data["attention_backends"]),
+        "model families: " + "; ".join(f"{k} = {v}" for k, v in data["families"].items()),
+        "tiny models: " + ", ".join(data["tiny_models"]),
+        f"default model: {data['default_model']}",
+        "methods: " + ", ".join(data["methods"]),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The ``attnctrl`` command line: ``info`` and ``generate`` (later: ``batch``, ``ui``, ``bench``).
+
+User errors (bad options, unknown model, word not in prompt, ...) print one line ``Error: ...`` and exit with
+status 1; a traceback means a bug in attnctrl.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import click
+
+from .options import build_method_config, method_options
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def user_errors(fn):
+    """Turn attnctrl's user errors into one-line click errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..core.errors import AttnCtrlError
+
+        try:
+            return fn(*args, **kwargs)
+        except AttnCtrlError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="attnctrl")
+def cli() -> None:
+    """Training-free attention-control plugins for diffusers."""
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--layers", "layers_model", metavar="MODEL", help="Also print the attention-layer table of MODEL.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@user_errors
+def info(layers_model: str | None, as_json: bool) -> None:
+    """Versions, device, attention backends, supported families and methods."""
+    from .info import collect_info, format_info
+
+    data = collect_info()
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    if layers_model:
+        _quiet_libraries()
+        from .. import describe, load_pipeline
+
+        pipe = load_pipeline(layers_model, device="cpu")
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        click.echo(f"\nattention layers of {layers_model}:\n{describe(denoiser).summary()}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-m", "--model", default=None, help="tiny-<family>, a local folder/file or a cached hub id "
+              "[default: the embedded default model]")
+@click.option("-p", "--prompt", required=True, help="What to generate.")
+@click.option("-n", "--negative-prompt", default=None, help="What to avoid.")
+@click.option("--seed", type=int, default=None, help="Seed of the first image (next images use seed+1, ...) "
+              "[default: random]")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the pipeline's]")
+@click.option("--guidance", type=click.FloatRange(0), default=None, help="Guidance scale [default: the pipeline's]")
+@click.option("--width", type=click.IntRange(8, 8192), default=None, help="Width in pixels (multiple of 8).")
+@click.option("--height", type=click.IntRange(8, 8192), default=None, help="Height in pixels (multiple of 8).")
+@click.option("--num-images", type=click.IntRange(1, 10000), default=1, show_default=True, help="Images to make.")
+@click.option("--num-frames", type=click.IntRange(1, 1000), default=None, help="Frames (video models).")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), default="outputs", show_default=True,
+              help="Output folder.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
+@click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
+@click.option("--method", default=None, help="Attention method to apply (see `attnctrl info`).")
+@method_options
+@user_errors
+def generate(model, prompt, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
+             device, dtype, no_metadata, method, **method_kwargs) -> None:
+    """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
+    _quiet_libraries()
+    from .generate import GenerateRequest, run_generate
+
+    config = build_method_config(method, method_kwargs)
+    request = GenerateRequest(
+        model=model, prompt=prompt, negative_prompt=negative_prompt,
+        seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
+        height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
+        dtype=dtype, metadata=not no_metadata, method=config,
+    )
+    for path in run_generate(request):
+        click.echo(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    try:
+        cli.main(args=argv, prog_name="attnctrl", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The controller: installs a method's processors on a denoiser, tracks denoising steps, and undoes it all exactly.
+
+There is one :class:`Controller` per denoiser while at least one method is applied (kept in a weak registry, never
+as an attribute of the model). It
+
+* holds the :class:`~attnctrl.core.layers.LayerMap` and the methods applied (:class:`Handle` objects), each owning
+  a disjoint set of layers;
+* snapshots the processor of every layer a method takes and, on removal, puts back the very same objects (an
+  IP-Adapter or another plugin's processor survives), then removes every hook it added;
+* registers one forward pre-hook on the denoiser that reads the call (timestep, batch, token grid, text length:
+  :class:`~attnctrl.core.families.CallInfo`) and advances the step index: a timestep lower than the previous one
+  is the next step, a higher one starts a new run (schedulers count down), equal timesteps (CFG in separate calls,
+  several branches per step) stay in the same step;
+* carries method state, so nothing travels through ``cross_attention_kwargs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from .errors import LayerConflictError, LayerSelectionError, UnsupportedModelError
+from .families import CallInfo, detect_family, find_denoiser, read_call
+from .layers import LayerInfo, Selector, describe
+from .processor import AttnCtrlProcessor
+
+__all__ = ["Method", "MethodState", "Handle", "Controller", "apply", "remove", "applied"]
+
+logger = logging.getLogger("attnctrl")
+
+
+class MethodState:
+    """Per-application state of a method; the controller calls these hooks."""
+
+    def on_run(self, ctl: Controller) -> None:
+        """A new denoising run starts (step 0)."""
+
+    def on_step(self, ctl: Controller) -> None:
+        """The step index changed (``ctl.step``)."""
+
+    def close(self) -> None:
+        """The method is being removed: drop hooks and references."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method config: a frozen dataclass with the spec's defaults, validated on construction.
+
+    Subclasses set ``name`` (the CLI/job name), ``families`` they support, ``kinds`` of layers they act on and
+    ``default_layers``, and implement :meth:`make_processor` (and :meth:`create_state` when they keep state).
+    """
+
+    layers: Selector = None
+
+    name: ClassVar[str] = "method"
+    families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux", "cogvideox")
+    kinds: ClassVar[tuple[str, ...]] = ("self", "cross", "joint", "single")
+    default_layers: ClassVar[Selector] = "all"
+    handle_class: ClassVar[type] = None  # defaults to Handle
+
+    def __post_init__(self) -> None:
+        # lists are accepted for convenience and frozen to tuples so configs stay hashable and comparable
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+
+    def select_layers(self, ctl: Controller) -> list[LayerInfo]:
+        selector = self.default_layers if self.layers is None else self.layers
+        chosen = ctl.layers.select(selector)
+        usable = [layer for layer in chosen if layer.kind in self.kinds]
+        if not usable:
+            raise LayerSelectionError(
+                f"{type(self).__name__} acts on {'/'.join(self.kinds)} attention, but the layers selected by "
+                f"{selector!r} are all {'/'.join(sorted({la.kind for la in chosen}))}"
+            )
+        return usable
+
+    def create_state(self, ctl: Controller, layers: list[LayerInfo]) -> MethodState:
+        return MethodState()
+
+    def make_processor(self, layer: LayerInfo, ctl: Controller, state: MethodState) -> AttnCtrlProcessor:
+        raise NotImplementedError
+
+
+class Handle:
+    """One method applied to one denoiser. ``remove()`` (or leaving the ``with`` block) undoes it exactly."""
+
+    def __init__(self, controller: Controller, config: Method, layers: list[LayerInfo], state: MethodState):
+        self.controller = controller
+        self.config = config
+        self.layers = layers
+        self.state = state
+        self.processors: dict[str, object] = {}
+        self.previous: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        status = "applied" if self.active else "removed"
+        return f"<{type(self).__name__} {self.config!r} on {len(self.layers)} layers, {status}>"
+
+    @property
+    def active(self) -> bool:
+        return self in self.controller.handles
+
+    def remove(self) -> None:
+        """Restore the previous processors of this method's layers and drop its state (idempotent)."""
+        if self.active:
+            self.controller.uninstall(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise a clear error now if the method cannot work with ``prompt`` (e.g. a named word is absent),
+        instead of failing after a whole generation."""
+
+    def artifacts(self, index: int = 0, image=None) -> dict:
+        """Extra outputs of the method for batch item ``index`` of the last generation (e.g. attention heat maps
+        over ``image``), as ``{name: PIL image}``."""
+        return {}
+
+
+_CONTROLLERS: weakref.WeakKeyDictionary[torch.nn.Module, Controller] = weakref.WeakKeyDictionary()
+
+
+class Controller:
+    """See the module docstring. Obtain one with :meth:`Controller.of`; :func:`apply` does it for you."""
+
+    def __init__(self, denoiser: torch.nn.Module, pipe=None):
+        self.denoiser = denoiser
+        self.family = detect_family(denoiser)
+        self.layers = describe(denoiser)
+        self._pipe = weakref.ref(pipe) if pipe is not None else None
+        self.handles: list[Handle] = []
+        self.call = CallInfo()
+        self.step = -1
+        self.call_in_step = 0  # denoiser calls already made at this step (FLUX true CFG: 0 = cond, 1 = uncond)
+        self.timestep: float | None = None
+        self._hook = denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    @classmethod
+    def of(cls, target, create: bool = True) -> Controller | None:
+        denoiser, pipe = find_denoiser(target)
+        ctl = _CONTROLLERS.get(denoiser)
+        if ctl is None and create:
+            ctl = _CONTROLLERS[denoiser] = cls(denoiser, pipe)
+        elif ctl is not None and pipe is not None and ctl.pipe is None:
+            ctl._pipe = weakref.ref(pipe)
+        return ctl
+
+    # -- run state ------------------------------------------------------------------------------------------------
+    @property
+    def pipe(self):
+        return self._pipe() if self._pipe is not None else None
+
+    @property
+    def num_steps(self) -> int | None:
+        """Steps of the current run, when the controller knows the pipeline."""
+        pipe = self.pipe
+        if pipe is None:
+            return None
+        n = getattr(pipe, "_num_timesteps", None)
+        if n is None:
+            timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+            n = len(timesteps) if timesteps is not None else None
+        return n
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the current call's batch is a CFG batch [uncond; cond] (known only through the pipeline)."""
+        if self.family.cfg != "batch":
+            return False
+        pipe = self.pipe
+        return bool(getattr(pipe, "do_classifier_free_guidance", False)) if pipe is not None else False
+
+    def _pre_forward(self, module, args, kwargs):
+        call = read_call(self.family, module, args, kwargs)
+        t = call.timestep
+        self.call = call
+        self.call_in_step += 1
+        if t is not None:
+            if self.step < 0 or self.timestep is None or t > self.timestep:
+                self.begin_run()
+            elif t < self.timestep:
+                self.step += 1
+                self.call_in_step = 0
+                for h in self.handles:
+                    h.state.on_step(self)
+            self.timestep = t
+        return None
+
+    def begin_run(self) -> None:
+        """Start a new run at step 0 (called automatically; pipelines may call it explicitly)."""
+        self.step = 0
+        self.call_in_step = 0
+        self.timestep = None
+        for h in self.handles:
+            h.state.on_run(self)
+            h.state.on_step(self)
+
+    # -- installing -----------------------------------------------------------------------------------------------
+    def _set_processor(self, name: str, processor) -> None:
+        self.denoiser.get_submodule(name[: -len(".processor")]).set_processor(processor)
+
+    def install(self, config: Method) -> Handle:
+        if not isinstance(config, Method):
+            raise TypeError(f"expected a method config such as attnctrl.methods.AttentionMaps(...), got {config!r}")
+        if self.family.name not in config.families:
+            raise UnsupportedModelError(
+                f"{type(config).__name__} does not support the {self.family.title}; it supports "
+                f"{', '.join(config.families)}"
+            )
+        for h in self.handles:
+            if h.config == config:
+                return h  # applying the same config twice does not stack
+        for h in list(self.handles):
+            if type(h.config) is type(config):
+                h.remove()  # a new config of the same method replaces the old one
+        layers = config.select_layers(self)
+        owners = {name: h for h in self.handles for name in h.processors}
+        clashes = [layer.name for layer in layers if layer.name in owners]
+        if clashes:
+            other = owners[clashes[0]].config
+            raise LayerConflictError(
+                f"{type(config).__name__} and {type(other).__name__} both want {len(clashes)} layer(s), e.g. "
+                f"{clashes[0]}; choose disjoint layers with layers=... or remove one first"
+            )
+        state = config.create_state(self, layers)
+        handle = (config.handle_class or Handle)(self, config, layers, state)
+        current = self.denoiser.attn_processors
+        try:
+            for layer in layers:
+                processor = config.make_processor(layer, self, state)
+                handle.previous[layer.name] = current[layer.name]
+                handle.processors[layer.name] = processor
+                self._set_processor(layer.name, processor)
+        except Exception:
+            for name, previous in handle.previous.items():
+                self._set_processor(name, previous)
+            state.close()
+            if not self.handles:
+                self.detach()
+            raise
+        self.handles.append(handle)
+        return handle
+
+    def uninstall(self, handle: Handle) -> None:
+        current = self.denoiser.attn_processors
+        for name, processor in handle.processors.items():
+            if current.get(name) is processor:
+                self._set_processor(name, handle.previous[name])
+            else:
+                logger.warning(
+                    "attnctrl: the processor of %s was replaced after %s installed it; leaving the new one in place",
+                    name, type(handle.config).__name__,
+                )
+        handle.state.close()
+        self.handles.remove(handle)
+        if not self.handles:
+            self.detach()
+
+    def detach(self) -> None:
+        """Remove the hook and forget this denoiser (called when the last method is removed)."""
+        self._hook.remove()
+        if _CONTROLLERS.get(self.denoiser) is self:
+            del _CONTROLLERS[self.denoiser]
+
+
+def apply(target, config: Method) -> Handle:
+    """Apply a method to a pipeline or denoiser; returns a :class:`Handle` (also a context manager).
+
+    Applying an equal config again returns the existing handle; a different config of the same method replaces the
+    old one; methods on disjoint layers compose; two methods on the same layer raise :class:`LayerConflictError`.
+    Unsupported models and selections with no layer raise.
+    """
+    return Controller.of(target).install(config)
+
+
+def remove(target, method: Method | type | Handle | None = None) -> int:
+    """Remove every method (or the given config, method class or handle) from ``target``; returns how many."""
+    ctl = Controller.of(target, create=False)
+    if ctl is None:
+        return 0
+    removed = 0
+    for h in list(ctl.handles):
+        if (
+            method is None
+            or h is method
+            or h.config == method
+            or (isinstance(method, type) and isinstance(h.config, method))
+        ):
+            h.remove()
+            removed += 1
+    return removed
+
+
+def applied(target) -> list[Handle]:
+    """The methods currently applied to ``target``'s denoiser, as handles (``handle.config`` is the config)."""
+    ctl = Controller.of(target, create=False)
+    return list(ctl.handles) if ctl is not None else []

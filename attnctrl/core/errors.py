@@ -1,0 +1,36 @@
+"""Errors users see. Each message is one sentence that says what was wrong and what would be right."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttnCtrlError",
+    "UnsupportedModelError",
+    "LayerSelectionError",
+    "LayerConflictError",
+    "ModelNotAvailableError",
+    "TokenLookupError",
+]
+
+
+class AttnCtrlError(ValueError):
+    """Base class of every error attnctrl raises on bad input."""
+
+
+class UnsupportedModelError(AttnCtrlError):
+    """The model (or its family) is not supported by attnctrl or by the method being applied."""
+
+
+class LayerSelectionError(AttnCtrlError):
+    """A layer selector matched no attention layer, or could not be parsed."""
+
+
+class LayerConflictError(AttnCtrlError):
+    """Two methods were asked to control the same attention layer."""
+
+
+class ModelNotAvailableError(AttnCtrlError):
+    """A model could not be found offline (not a tiny model, local folder, file or cached hub id)."""
+
+
+class TokenLookupError(AttnCtrlError):
+    """A word is not in the tokenised prompt, or lies beyond the tokenizer's maximum length."""

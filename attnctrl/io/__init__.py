@@ -1,0 +1,17 @@
+"""Output files: PNG metadata (A1111 ``parameters`` + JSON), sidecars, videos, atomic writes."""
+
+from .metadata import (
+    JSON_KEY,
+    atomic_path,
+    infotext,
+    parse_infotext,
+    read_png_metadata,
+    save_json,
+    save_png,
+    save_video,
+)
+
+__all__ = [
+    "JSON_KEY", "atomic_path", "infotext", "parse_infotext", "read_png_metadata", "save_json", "save_png",
+    "save_video",
+]

@@ -1,0 +1,168 @@
+"""``load_pipeline``: one entry point for every kind of model reference, with one clear sentence when it fails.
+
+Accepted references, tried in this order:
+
+1. ``tiny-<family>`` (``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-cogvideox``): built in code;
+2. a local diffusers folder (with ``model_index.json``);
+3. a single checkpoint file (``.safetensors`` / ``.ckpt``) of SD 1.x/2.x or SDXL (its config must be in the cache);
+4. a hub id (``org/name``) found in the local Hugging Face cache; if it is not cached and ``HF_HUB_OFFLINE`` is not
+   set, one download attempt is made.
+Anything else raises :class:`ModelNotAvailableError` naming what was tried and how to fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..core.errors import ModelNotAvailableError
+from .tiny import TINY_FAMILIES, tiny_pipeline
+
+__all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device"]
+
+#: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
+DEFAULT_MODEL = "tiny-sd15"
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise the device given (checked)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelNotAvailableError("device 'cuda' was requested but PyTorch sees no CUDA device; use --device cpu")
+    return device
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, family: str | None = None) -> torch.dtype:
+    """``None``/``"auto"`` -> float32 on CPU, bfloat16 (FLUX, CogVideoX) or float16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        if family in ("flux", "cogvideox") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelNotAvailableError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 or auto") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence diffusers/transformers/hub chatter while probing the cache (errors are reported by us)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    old = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _from_pretrained(ref: str, dtype, local_only: bool):
+    from diffusers import DiffusionPipeline
+
+    with _quiet():
+        return DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, local_files_only=local_only)
+
+
+def _from_single_file(path: Path, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    cls = StableDiffusionPipeline
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            if any(k.startswith("conditioner.embedders.1") for k in f.keys()):
+                cls = StableDiffusionXLPipeline
+    with _quiet():
+        return cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+
+
+def _load(model: str, dtype):
+    if model.startswith("tiny-"):
+        family = model[len("tiny-"):]
+        if family not in TINY_FAMILIES:
+            tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
+            raise ModelNotAvailableError(f"unknown tiny model {model!r}; choose one of {tiny}")
+        return tiny_pipeline(family)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotAvailableError(f"folder {path} is not a diffusers pipeline (it has no model_index.json)")
+        try:
+            return _from_pretrained(str(path), dtype, local_only=True)
+        except Exception as e:
+            raise ModelNotAvailableError(f"could not load the pipeline in {path}: {_first_line(e)}") from e
+    if path.is_file():
+        try:
+            return _from_single_file(path, dtype)
+        except Exception as e:
+            raise ModelNotAvailableError(
+                f"could not load checkpoint file {path} (a single file needs its base model's config in the Hugging "
+                f"Face cache, or convert it to a diffusers folder first): {_first_line(e)}"
+            ) from e
+    if not _HUB_ID.match(model):
+        raise ModelNotAvailableError(
+            f"model {model!r} is neither a tiny model, an existing folder or file, nor a hub id like 'org/name'"
+        )
+    try:
+        return _from_pretrained(model, dtype, local_only=True)
+    except Exception as cached_error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if not offline:
+            try:
+                return _from_pretrained(model, dtype, local_only=False)
+            except Exception:
+                pass
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
+        raise ModelNotAvailableError(
+            f"model {model!r} is not available offline: it is not a tiny model ({tiny}), not a local folder or "
+            f"file, and not in the Hugging Face cache under {hf_home}"
+            f"{'' if offline else ' (the hub could not be reached either)'}; download it where there is network "
+            f"(`hf download {model}`) or pass a local path"
+        ) from cached_error
+
+
+def load_pipeline(model: str | None = None, dtype=None, device=None):
+    """Load a diffusers pipeline from any supported reference (see the module docstring).
+
+    ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"``, a ``torch.dtype`` or ``None``/``"auto"``; ``device``: ``"cpu"``,
+    ``"cuda"``, ... or ``None``/``"auto"``. Errors are :class:`ModelNotAvailableError` with one clear sentence.
+    """
+    model = str(model or DEFAULT_MODEL).strip()
+    target = resolve_device(device)
+    family = "flux" if "flux" in model.lower() else "cogvideox" if "cogvideo" in model.lower() else None
+    torch_dtype = parse_dtype(dtype, target, family)
+    pipe = _load(model, torch_dtype)
+    if pipe.dtype != torch_dtype:
+        with _quiet():
+            pipe = pipe.to(dtype=torch_dtype)
+    if pipe.device != target:
+        pipe = pipe.to(target)
+    pipe.attnctrl_model_id = model
+    return pipe

@@ -1,0 +1,1 @@
+"""diffusers pipelines for the methods that need extra passes (each built with ``from_pipe``): none yet."""
