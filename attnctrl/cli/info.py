@@ -20,9 +20,9 @@ def _version(name: str) -> str | None:
 
 
 def collect_info() -> dict:
+    from ..core.families import FAMILIES
     from ..methods import REGISTRY
     from ..models import DEFAULT_MODEL, TINY_FAMILIES
-    from ..core.families import FAMILIES
 
     cuda = torch.cuda.is_available()
     backends = ["sdpa (torch)"]

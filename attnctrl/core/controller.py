@@ -210,6 +210,15 @@ class Controller:
         self.denoiser.get_submodule(name[: -len(".processor")]).set_processor(processor)
 
     def install(self, config: Method) -> Handle:
+        """Install ``config`` (see :func:`apply`). On any error nothing is left changed."""
+        try:
+            return self._install(config)
+        except BaseException:
+            if not self.handles:
+                self.detach()
+            raise
+
+    def _install(self, config: Method) -> Handle:
         if not isinstance(config, Method):
             raise TypeError(f"expected a method config such as attnctrl.methods.AttentionMaps(...), got {config!r}")
         if self.family.name not in config.families:
@@ -220,11 +229,10 @@ class Controller:
         for h in self.handles:
             if h.config == config:
                 return h  # applying the same config twice does not stack
-        for h in list(self.handles):
-            if type(h.config) is type(config):
-                h.remove()  # a new config of the same method replaces the old one
         layers = config.select_layers(self)
-        owners = {name: h for h in self.handles for name in h.processors}
+        # a new config of the same method replaces the old one; other methods must not share a layer
+        replaced = [h for h in self.handles if type(h.config) is type(config)]
+        owners = {name: h for h in self.handles if h not in replaced for name in h.processors}
         clashes = [layer.name for layer in layers if layer.name in owners]
         if clashes:
             other = owners[clashes[0]].config
@@ -232,6 +240,8 @@ class Controller:
                 f"{type(config).__name__} and {type(other).__name__} both want {len(clashes)} layer(s), e.g. "
                 f"{clashes[0]}; choose disjoint layers with layers=... or remove one first"
             )
+        for h in replaced:
+            self.uninstall(h, detach=False)
         state = config.create_state(self, layers)
         handle = (config.handle_class or Handle)(self, config, layers, state)
         current = self.denoiser.attn_processors
@@ -241,17 +251,15 @@ class Controller:
                 handle.previous[layer.name] = current[layer.name]
                 handle.processors[layer.name] = processor
                 self._set_processor(layer.name, processor)
-        except Exception:
+        except BaseException:
             for name, previous in handle.previous.items():
                 self._set_processor(name, previous)
             state.close()
-            if not self.handles:
-                self.detach()
             raise
         self.handles.append(handle)
         return handle
 
-    def uninstall(self, handle: Handle) -> None:
+    def uninstall(self, handle: Handle, detach: bool = True) -> None:
         current = self.denoiser.attn_processors
         for name, processor in handle.processors.items():
             if current.get(name) is processor:
@@ -263,7 +271,7 @@ class Controller:
                 )
         handle.state.close()
         self.handles.remove(handle)
-        if not self.handles:
+        if detach and not self.handles:
             self.detach()
 
     def detach(self) -> None:

@@ -65,7 +65,11 @@ def load_mask(mask, threshold: float | None = 127) -> torch.Tensor:
         scale_255 = arr.dtype == np.uint8
     else:
         raise MaskError(f"a mask must be a path, PIL image, numpy array or tensor, not {type(mask).__name__}")
-    arr = np.squeeze(np.asarray(arr))
+    arr = np.asarray(arr)
+    while arr.ndim > 2 and arr.shape[0] == 1:  # (1, H, W), (1, 1, H, W)
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].mean(-1)
     if arr.ndim != 2:

@@ -1,0 +1,114 @@
+"""The command line: generate on the default model with metadata, clear one-line errors, info."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from attnctrl.cli.main import cli
+from attnctrl.io import parse_infotext, read_png_metadata
+from attnctrl.models import DEFAULT_MODEL
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_generate_with_no_model_writes_png_whose_metadata_round_trips(runner, tmp_path):
+    result = runner.invoke(cli, ["generate", "-p", "a photo of a cat", "--steps", "2", "--seed", "7",
+                                 "-n", "blurry", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-7-a-photo-of-a-cat.png"]
+    meta = read_png_metadata(pngs[0])
+    record = meta["attnctrl"]
+    assert record["model"] == DEFAULT_MODEL and record["seed"] == 7 and record["steps"] == 2
+    assert record["prompt"] == "a photo of a cat" and record["negative_prompt"] == "blurry"
+    info = parse_infotext(meta["parameters"])
+    assert info["prompt"] == "a photo of a cat" and info["Seed"] == "7" and info["Steps"] == "2"
+    assert info["Size"] == f"{record['width']}x{record['height']}"
+    # a second run numbers on instead of overwriting
+    result = runner.invoke(cli, ["generate", "-p", "a photo of a cat", "--steps", "1", "--seed", "7",
+                                 "--num-images", "2", "-o", str(tmp_path), "--no-metadata"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["00000-7-a-photo-of-a-cat.png", "00001-7-a-photo-of-a-cat.png", "00002-8-a-photo-of-a-cat.png"]
+    assert read_png_metadata(tmp_path / names[1])["attnctrl"] is None
+
+
+def test_generate_same_seed_same_pixels(runner, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for out in ("a", "b"):
+        assert runner.invoke(cli, ["generate", "-p", "a cat", "--steps", "2", "--seed", "3", "-o",
+                                   str(tmp_path / out)]).exit_code == 0
+    a, b = (np.asarray(Image.open(next((tmp_path / o).glob("*.png")))) for o in ("a", "b"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_generate_with_attention_maps_writes_overlays(runner, tmp_path):
+    result = runner.invoke(cli, ["generate", "-p", "a photo of a cat", "--steps", "2", "--seed", "1",
+                                 "--method", "attention-maps", "--words", "cat,photo", "--layers", "cross",
+                                 "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["00000-1-a-photo-of-a-cat-attn-cat.png", "00000-1-a-photo-of-a-cat-attn-photo.png",
+                     "00000-1-a-photo-of-a-cat.png"]
+    record = read_png_metadata(tmp_path / names[-1])["attnctrl"]
+    assert record["method"] == "attention-maps" and record["method_options"]["words"] == ["cat", "photo"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--words", "cat"], "--words is an option of attention-maps; add --method NAME"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--method", "attention-maps", "--words", "dog"], "the word 'dog' is not in the prompt"),
+    (["--method", "attention-maps", "--start-step", "x"], "--start-step='x' is not valid"),
+    (["--method", "attention-maps", "--layers", "up.9"], "matched none"),
+    (["--width", "100"], "multiple of 8"),
+    (["--num-frames", "9"], "video models"),
+    (["--model", "tiny-sd9"], "unknown tiny model"),
+])
+def test_user_errors_are_one_line(runner, tmp_path, args, message):
+    result = runner.invoke(cli, ["generate", "-p", "a cat", "--steps", "1", "-o", str(tmp_path), *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.glob("*.png")) == []  # nothing written before the error
+
+
+def test_video_model_writes_mp4_and_sidecar(runner, tmp_path):
+    result = runner.invoke(cli, ["generate", "-m", "tiny-cogvideox", "-p", "a cat walking", "--steps", "1",
+                                 "--num-frames", "9", "--seed", "0", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "00000-0-a-cat-walking.mp4").stat().st_size > 0
+    sidecar = json.loads((tmp_path / "00000-0-a-cat-walking.json").read_text())
+    assert sidecar["num_frames"] == 9 and sidecar["model"] == "tiny-cogvideox"
+
+
+def test_missing_model_exits_nonzero_with_one_clear_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnctrl", "generate", "--model", "does-not-exist", "-p", "a cat", "-o",
+         str(tmp_path)], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("Error: model 'does-not-exist' is not available offline")
+
+
+def test_info(runner):
+    result = runner.invoke(cli, ["info"])
+    assert result.exit_code == 0
+    assert "default model: " + DEFAULT_MODEL in result.output and "attention-maps" in result.output
+    data = json.loads(runner.invoke(cli, ["info", "--json"]).output)
+    assert data["packages"]["torch"] and "tiny-sd15" in data["tiny_models"]
+    result = runner.invoke(cli, ["info", "--layers", "tiny-flux"])
+    assert "single_transformer_blocks.1.attn.processor" in result.output
