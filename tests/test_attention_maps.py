@@ -100,3 +100,12 @@ def test_bare_denoiser_records_without_words():
         assert m.token_maps().shape == (16, 16, 77)
         with pytest.raises(AttnCtrlError, match="tokenizer"):
             m.heat_maps(prompt="a cat")
+
+
+def test_half_precision_model_records_float32_distributions():
+    pipe = attnctrl.load_pipeline("tiny-sd15", dtype="bf16")
+    with attnctrl.apply(pipe, AttentionMaps(words=["cat"])) as m:
+        run(pipe, steps=1)
+        tm = m.token_maps()
+        assert tm.dtype == torch.float32
+        torch.testing.assert_close(tm.sum(-1), torch.ones(tm.shape[:-1]), atol=1e-5, rtol=0)

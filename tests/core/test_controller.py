@@ -195,13 +195,12 @@ def test_step_tracking(fam):
     assert steps == [0, 1, 2, 0, 1] and runs == 2
 
 
-def test_call_info_and_cfg():
-    pipe = tiny("sd15")
-    seen = []
+def probe(record, layers=None) -> Method:
+    """A method whose processors call ``record(processor, q, text_len)`` and otherwise do nothing."""
 
     class Probe(AttnCtrlProcessor):
         def attend(self, attn, q, k, v, mask=None, text_len=0):
-            seen.append((self.ctl.call.grid, self.ctl.call.batch, self.ctl.cfg, self.ctl.call.text_len))
+            record(self, q, text_len)
             return super().attend(attn, q, k, v, mask, text_len)
 
     @dataclass(frozen=True)
@@ -211,7 +210,17 @@ def test_call_info_and_cfg():
         def make_processor(self, layer, ctl, state):
             return Probe(layer, ctl)
 
-    with attnctrl.apply(pipe, P(layers="layers[0]")):
+    return P(layers=layers)
+
+
+def test_call_info_and_cfg():
+    pipe = tiny("sd15")
+    seen = []
+
+    def record(proc, q, text_len):
+        seen.append((proc.ctl.call.grid, proc.ctl.call.batch, proc.ctl.cfg, proc.ctl.call.text_len))
+
+    with attnctrl.apply(pipe, probe(record, "layers[0]")):
         run(pipe, steps=1, height=96, width=64)
         run(pipe, steps=1, guidance_scale=1.0)
     assert seen == [((12, 8), 2, True, 77), ((16, 16), 1, False, 77)]
@@ -220,20 +229,7 @@ def test_call_info_and_cfg():
 def test_flux_single_stream_gets_text_length():
     pipe = tiny("flux")
     seen = []
-
-    class Probe(AttnCtrlProcessor):
-        def attend(self, attn, q, k, v, mask=None, text_len=0):
-            seen.append((self.layer.kind, text_len, q.shape[2]))
-            return super().attend(attn, q, k, v, mask, text_len)
-
-    @dataclass(frozen=True)
-    class P(Passthrough):
-        name = "probe"
-
-        def make_processor(self, layer, ctl, state):
-            return Probe(layer, ctl)
-
-    with attnctrl.apply(pipe, P()):
+    with attnctrl.apply(pipe, probe(lambda proc, q, text_len: seen.append((proc.layer.kind, text_len, q.shape[2])))):
         run(pipe, steps=1, max_sequence_length=32)
     assert seen == [("joint", 32, 96), ("joint", 32, 96), ("single", 32, 96), ("single", 32, 96)]
 
