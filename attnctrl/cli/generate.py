@@ -85,10 +85,11 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
 
     from .. import apply, load_pipeline
     from ..io import save_json, save_png, save_video
+    from ..models import recommended_settings
 
     pipe = load_pipeline(request.model, dtype=request.dtype, device=request.device)
     pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
-    defaults = _call_defaults(pipe)
+    defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
     is_video = "num_frames" in defaults
     kwargs = {"prompt": request.prompt}
     if request.negative_prompt:
@@ -101,6 +102,7 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     for name, value in (("width", request.width), ("height", request.height)):
+        value = value if value is not None else defaults.get(name)
         if value is not None:
             if value % 8:
                 raise AttnCtrlError(f"--{name} must be a multiple of 8, got {value}")

@@ -113,6 +113,32 @@ def generate(model, prompt, negative_prompt, seed, steps, guidance, width, heigh
         click.echo(str(path))
 
 
+@cli.command("train-toy", context_settings=CONTEXT)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, "
+              "scene pool, and the final diffusers folder in OUTPUT/model).")
+@click.option("--minutes", type=click.FloatRange(0.1), default=90.0, show_default=True,
+              help="Training-time budget, across resumes.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT (raise --minutes to train longer).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
+              help="Procedural scenes drawn once and reused (with flips).")
+@click.option("--vae-minutes", type=click.FloatRange(0.05), default=10.0, show_default=True,
+              help="Training time of the autoencoder, part of --minutes.")
+def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
+    """Train the toyworld text-to-image model from scratch on CPU."""
+    _quiet_libraries()
+    from ..models.toyworld.train import train
+
+    if vae_minutes >= minutes and not resume:
+        raise click.ClickException("--vae-minutes must be smaller than --minutes (the UNet needs time too)")
+    try:
+        path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), seed=seed,
+                     pool_size=pool_size, vae_minutes=vae_minutes)
+    except FileExistsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     try:

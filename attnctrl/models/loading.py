@@ -2,7 +2,8 @@
 
 Accepted references, tried in this order:
 
-1. ``tiny-<family>`` (``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-cogvideox``): built in code;
+1. ``toyworld``: the embedded model trained on procedural shapes (``attnctrl/assets/models/toyworld``);
+   ``tiny-<family>`` (``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-cogvideox``): built in code;
 2. a local diffusers folder (with ``model_index.json``);
 3. a single checkpoint file (``.safetensors`` / ``.ckpt``) of SD 1.x/2.x or SDXL (its config must be in the cache);
 4. a hub id (``org/name``) found in the local Hugging Face cache; if it is not cached and ``HF_HUB_OFFLINE`` is not
@@ -13,8 +14,10 @@ Anything else raises :class:`ModelNotAvailableError` naming what was tried and h
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ import torch
 from ..core.errors import ModelNotAvailableError
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
-__all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device"]
+__all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device", "recommended_settings", "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
 DEFAULT_MODEL = "tiny-sd15"
@@ -67,14 +70,20 @@ def _quiet():
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    old = dlog.get_verbosity(), tlog.get_verbosity()
+    old = dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
     try:
         yield
     finally:
         dlog.set_verbosity(old[0])
         tlog.set_verbosity(old[1])
+        if old[2]:
+            dlog.enable_progress_bar()
+        if old[3]:
+            tlog.enable_progress_bar()
 
 
 def _first_line(e: BaseException) -> str:
@@ -86,7 +95,7 @@ def _from_pretrained(ref: str, dtype, local_only: bool):
     from diffusers import DiffusionPipeline
 
     with _quiet():
-        return DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, local_files_only=local_only)
+        return DiffusionPipeline.from_pretrained(ref, dtype=dtype, local_files_only=local_only)
 
 
 def _from_single_file(path: Path, dtype):
@@ -99,10 +108,28 @@ def _from_single_file(path: Path, dtype):
             if any(k.startswith("conditioner.embedders.1") for k in f.keys()):
                 cls = StableDiffusionXLPipeline
     with _quiet():
-        return cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+        return cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+
+
+def toyworld_path() -> Path:
+    """Folder of the embedded toyworld model (inside the installed package)."""
+    return Path(str(resources.files("attnctrl").joinpath("assets/models/toyworld")))
+
+
+def recommended_settings(pipe) -> dict:
+    """Generation settings a model folder recommends (``attnctrl.json`` next to ``model_index.json``), else {}."""
+    return dict(getattr(pipe, "attnctrl_defaults", {}) or {})
 
 
 def _load(model: str, dtype):
+    if model == "toyworld":
+        path = toyworld_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotAvailableError(
+                f"the embedded toyworld model is missing from this installation ({path}); reinstall attnctrl or "
+                f"train one with `attnctrl train-toy -o DIR` and pass --model DIR/model"
+            )
+        return _from_pretrained(str(path), dtype, local_only=True)
     if model.startswith("tiny-"):
         family = model[len("tiny-"):]
         if family not in TINY_FAMILIES:
@@ -159,6 +186,10 @@ def load_pipeline(model: str | None = None, dtype=None, device=None):
     family = "flux" if "flux" in model.lower() else "cogvideox" if "cogvideo" in model.lower() else None
     torch_dtype = parse_dtype(dtype, target, family)
     pipe = _load(model, torch_dtype)
+    folder = toyworld_path() if model == "toyworld" else Path(model).expanduser()
+    settings = folder / "attnctrl.json"
+    if settings.is_file():
+        pipe.attnctrl_defaults = json.loads(settings.read_text()).get("recommended", {})
     if pipe.dtype != torch_dtype:
         with _quiet():
             pipe = pipe.to(dtype=torch_dtype)

@@ -1,0 +1,73 @@
+"""The toyworld yardstick: fixed held-out caption sets and an evaluator built on :func:`score`.
+
+* :func:`benchmark_captions` gives 32 single-object and 64 two-object captions whose colour-shape combinations
+  never appear in training (:data:`~attnctrl.models.toyworld.world.HELD_OUT`), fixed forever (seeded).
+* :func:`evaluate` generates one image per caption (fixed seeds) and reports the fraction of objects with the
+  right colour, shape, side and pattern, and of images with every object right.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from .score import score
+from .world import HELD_OUT, SIDES
+
+__all__ = ["benchmark_captions", "evaluate"]
+
+
+def benchmark_captions() -> dict[str, list[str]]:
+    """``{"single": 32 captions, "two": 64 captions}``, every object a held-out colour-shape combination."""
+    combos = sorted(HELD_OUT)
+    single = [f"a {c} {s} {'on the ' + side if side != 'middle' else 'in the middle'}"
+              for c, s in combos for side in SIDES]
+    rng = np.random.default_rng(2024)
+    patterns = ["striped", "dotted", "hollow"]
+    for i, (c, s) in enumerate(combos):
+        pattern = patterns[i % 3] if not (s == "star" and patterns[i % 3] == "hollow") else "striped"
+        side = SIDES[int(rng.integers(3))]
+        single.append(f"a {pattern} {c} {s} {'on the ' + side if side != 'middle' else 'in the middle'}")
+    pairs = [p for p in itertools.permutations(combos, 2)]
+    side_pairs = [("left", "right"), ("left", "middle"), ("middle", "right"), ("right", "left")]
+    order = rng.permutation(len(pairs))
+    two = []
+    for k in range(64):
+        (c1, s1), (c2, s2) = pairs[int(order[k % len(pairs)])]
+        a, b = side_pairs[k % len(side_pairs)]
+        phrase = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+        two.append(f"a {c1} {s1} {phrase[a]} and a {c2} {s2} {phrase[b]}")
+    return {"single": single, "two": two}
+
+
+@torch.no_grad()
+def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
+             batch: int = 8, progress: bool = False) -> dict:
+    """Generate one image per caption (seed ``seed + i``) and score them. Returns fractions and timings."""
+    totals = {"colour": 0, "shape": 0, "side": 0, "pattern": 0, "found": 0}
+    objects = images_ok = 0
+    started = time.perf_counter()
+    for start in range(0, len(captions), batch):
+        chunk = captions[start : start + batch]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
+        for image, caption in zip(out.images, chunk):
+            result = score(image, caption)
+            images_ok += result["all"]
+            for obj in result["objects"]:
+                objects += 1
+                for key in totals:
+                    totals[key] += obj[key]
+        if progress:
+            print(f"  {min(start + batch, len(captions))}/{len(captions)}", flush=True)
+    seconds = time.perf_counter() - started
+    return {
+        **{k: v / max(1, objects) for k, v in totals.items()},
+        "all": images_ok / max(1, len(captions)),
+        "objects": objects,
+        "images": len(captions),
+        "seconds_per_image": seconds / max(1, len(captions)),
+    }

@@ -1,0 +1,423 @@
+"""Train the toyworld text-to-image model from scratch on CPU (``attnctrl train-toy``).
+
+An SD-style latent diffusion model built only from standard diffusers/transformers classes:
+
+* ``AutoencoderKL`` (0.95 M parameters, block_out_channels (32, 64, 64): 64x64 RGB <-> 16x16x4 latents);
+* ``CLIPTextModel`` (hidden 128, 3 layers) trained jointly with the UNet, and a word-level ``CLIPTokenizer``
+  (a tiny BPE over the toyworld vocabulary, so each word is one ``word</w>`` token; 32 tokens max);
+* ``UNet2DConditionModel`` (5.9 M parameters, block_out_channels (64, 128, 128), self- and cross-attention at
+  16x16 and 8x8 and in the 4x4 mid block, 4 heads, cross_attention_dim 128).
+
+Recipe: a fixed pool of procedurally drawn scenes (:mod:`.world`, held-out colour-shape combinations excluded), the
+VAE first (L1 + MSE + 1e-6 KL), then the latents of the pool are cached and the UNet and text encoder are trained
+with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting, 10 % caption dropout for
+classifier-free guidance, horizontal flips (with "left"/"right" swapped in the caption), AdamW with warm-up and a
+cosine decay over the time budget, and EMA weights (0.999), which are what gets saved. Training is resumable from
+``DIR/checkpoint.pt``; the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that
+``StableDiffusionPipeline.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import IMAGE_SIZE, VOCABULARY, make_scene, render
+
+__all__ = ["TrainConfig", "train", "toy_tokenizer", "build_models", "save_pipeline", "RECOMMENDED"]
+
+#: generation settings stored with the model (``attnctrl.json``) and used by attnctrl's surfaces by default
+RECOMMENDED = {"num_inference_steps": 25, "guidance_scale": 5.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+MAX_TOKENS = 32
+
+
+@dataclass
+class TrainConfig:
+    minutes: float = 90.0  # training-time budget, across resumes
+    vae_minutes: float = 10.0
+    pool_size: int = 32768
+    batch: int = 32
+    vae_batch: int = 16
+    lr: float = 4e-4
+    vae_lr: float = 1e-3
+    warmup_steps: int = 300
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_minutes: float = 10.0
+    eval_minutes: float = 20.0
+    final_eval: bool = True
+
+
+def _learn_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges that turn every word of ``words`` into one ``word</w>`` token (deterministic BPE)."""
+    seqs = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
+    merges = []
+    while True:
+        counts: Counter = Counter()
+        for s in seqs.values():
+            counts.update(zip(s, s[1:]))
+        if not counts:
+            return merges
+        best = max(counts.values())
+        pair = min(p for p, c in counts.items() if c == best)
+        merges.append(pair)
+        joined = pair[0] + pair[1]
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == pair:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+
+
+def toy_tokenizer(model_max_length: int = MAX_TOKENS):
+    """A ``CLIPTokenizer`` whose BPE turns each toyworld word into one token (unknown words fall back to bytes)."""
+    from transformers import CLIPTokenizer
+
+    from ..tokenizers import _bytes_to_unicode
+
+    base = list(_bytes_to_unicode().values())
+    merges = _learn_merges(VOCABULARY)
+    vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = list(dict.fromkeys(vocab))
+    tok = CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=model_max_length,
+                        pad_token="<|endoftext|>")
+    for word in VOCABULARY:
+        ids = tok(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:  # pragma: no cover - guarded by the tests
+            raise RuntimeError(f"toy tokenizer splits {word!r} into {tok.convert_ids_to_tokens(ids)}")
+    return tok
+
+
+def build_models(tokenizer, seed: int = 0):
+    """Fresh (random) VAE, text encoder and UNet of the toyworld architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=128, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    ))
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        attention_head_dim=4, norm_num_groups=32,
+    )
+    return vae, text_encoder, unet
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
+def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | None = None) -> Path:
+    """Save a standard diffusers ``StableDiffusionPipeline`` folder with fp16 weights and ``attnctrl.json``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(), scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "attnctrl.json").write_text(json.dumps({"recommended": RECOMMENDED, **(info or {})}, indent=2) + "\n")
+    return path
+
+
+def _swap_sides(caption: str) -> str:
+    return caption.replace("left", "\0").replace("right", "left").replace("\0", "right")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Trainer:
+    def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
+        self.out, self.cfg, self.log = out, cfg, log
+        self.tokenizer = toy_tokenizer()
+        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.seed)
+        self.scheduler = _scheduler()
+        self.phase = "pool"
+        self.elapsed = 0.0
+        self.step = 0
+        self.vae_step = 0
+        self.ema_unet = self.ema_text = None
+        self.opt = self.vae_opt = None
+        self.scaling = 1.0
+        self.history: list[dict] = []
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def build_pool(self) -> None:
+        path = self.out / "pool.pt"
+        if path.exists():
+            pool = torch.load(path)
+            self.images, self.captions = pool["images"], pool["captions"]
+            self.log(f"pool: {len(self.captions)} scenes loaded from {path}")
+            return
+        started = time.perf_counter()
+        n = self.cfg.pool_size
+        images = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+        captions = []
+        for i in range(n):
+            scene = make_scene(self.cfg.seed * 10_000_000 + i)
+            images[i] = torch.from_numpy(np.array(render(scene)))
+            captions.append(scene.caption)
+            if (i + 1) % 4096 == 0:
+                self.log(f"pool: {i + 1}/{n} scenes ({time.perf_counter() - started:.0f} s)")
+        self.images, self.captions = images, captions
+        _atomic_save({"images": images, "captions": captions}, path)
+
+    def _pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    # -- VAE ---------------------------------------------------------------------------------------------------------
+    def vae_loop(self) -> None:
+        cfg = self.cfg
+        if self.vae_opt is None:
+            self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        self.vae.train()
+        gen = torch.Generator().manual_seed(cfg.seed + self.vae_step)
+        total = cfg.vae_minutes * 60
+        while self.elapsed < total:
+            t0 = time.perf_counter()
+            x = self._pixels(torch.randint(0, len(self.captions), (cfg.vae_batch,), generator=gen))
+            post = self.vae.encode(x).latent_dist
+            rec = self.vae.decode(post.sample(generator=gen)).sample
+            loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+            lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.elapsed / total))))
+            for g in self.vae_opt.param_groups:
+                g["lr"] = lr
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            self.vae_opt.step()
+            self.vae_step += 1
+            self.elapsed += time.perf_counter() - t0
+            if self.vae_step % 50 == 0:
+                psnr = -10 * math.log10(F.mse_loss(rec, x).item() / 4)
+                self.log(f"vae step {self.vae_step}: loss {loss.item():.4f}, PSNR {psnr:.1f} dB, "
+                         f"{self.elapsed / 60:.1f} min")
+        if self.elapsed >= total:
+            self.finish_vae()
+
+    @torch.no_grad()
+    def finish_vae(self) -> None:
+        self.vae.eval()
+        started = time.perf_counter()
+        means, logvars = [], []
+        for start in range(0, len(self.captions), 256):
+            post = self.vae.encode(self._pixels(torch.arange(start, min(start + 256, len(self.captions))))).latent_dist
+            means.append(post.mean.half())
+            logvars.append(post.logvar.half())
+        self.lat_mean, self.lat_logvar = torch.cat(means), torch.cat(logvars)
+        self.scaling = float(1.0 / self.lat_mean.float().std())
+        self.vae.register_to_config(scaling_factor=self.scaling)
+        rec = self.vae.decode(self.lat_mean[:64].float()).sample
+        psnr = -10 * math.log10(F.mse_loss(rec, self._pixels(torch.arange(64))).item() / 4)
+        self.elapsed += time.perf_counter() - started
+        self.log(f"vae done: pool encoded, scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB")
+        self.phase = "unet"
+
+    # -- UNet + text encoder -------------------------------------------------------------------------------------
+    def _tokens(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def unet_loop(self) -> None:
+        cfg = self.cfg
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        if self.opt is None:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+            self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.unet.train()
+        self.text_encoder.train()
+        alphas = self.scheduler.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
+        budget = cfg.minutes * 60
+        unet_start = cfg.vae_minutes * 60
+        next_ckpt = self.elapsed + cfg.checkpoint_minutes * 60
+        next_eval = self.elapsed + cfg.eval_minutes * 60
+        smooth = None
+        while self.elapsed < budget:
+            t0 = time.perf_counter()
+            idx = torch.randint(0, len(self.captions), (cfg.batch,), generator=gen)
+            flip = torch.rand(cfg.batch, generator=gen) < 0.5
+            mean, logvar = self.lat_mean[idx].float(), self.lat_logvar[idx].float()
+            latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
+            latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+            captions = [_swap_sides(self.captions[i]) if f else self.captions[i] for i, f in zip(idx.tolist(), flip)]
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, len(alphas), (cfg.batch,), generator=gen)
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            context = self.text_encoder(self._tokens(captions))[0]
+            pred = self.unet(noisy, t, context).sample
+            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
+            progress = min(1.0, (self.elapsed - unet_start) / max(1.0, budget - unet_start))
+            lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            self.step += 1
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text_encoder)):
+                    for pe, pl in zip(ema.parameters(), live.parameters()):
+                        pe.lerp_(pl, 1 - decay)
+            self.elapsed += time.perf_counter() - t0
+            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            if self.step % 50 == 0:
+                self.log(f"step {self.step}: loss {smooth:.4f}, lr {lr:.2e}, {time.perf_counter() - t0:.2f} s/step, "
+                         f"{self.elapsed / 60:.1f}/{cfg.minutes:.0f} min")
+            if self.elapsed >= next_ckpt:
+                self.checkpoint()
+                next_ckpt = self.elapsed + cfg.checkpoint_minutes * 60
+            if self.elapsed >= next_eval:
+                self.quick_eval()
+                next_eval = self.elapsed + cfg.eval_minutes * 60
+
+    def pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.ema_text, tokenizer=self.tokenizer, unet=self.ema_unet,
+            scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def quick_eval(self) -> dict:
+        from .bench import benchmark_captions, evaluate
+
+        started = time.perf_counter()
+        captions = benchmark_captions()
+        single = evaluate(self.pipeline(), captions["single"][::2], steps=20)
+        two = evaluate(self.pipeline(), captions["two"][::4], steps=20)
+        self.unet.train()
+        self.text_encoder.train()
+        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two}
+        self.history.append(entry)
+        self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} side "
+                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f} "
+                 f"({time.perf_counter() - started:.0f} s, not counted)")
+        return entry
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        state = {
+            "config": asdict(self.cfg), "phase": self.phase, "elapsed": self.elapsed, "step": self.step,
+            "vae_step": self.vae_step, "scaling": self.scaling, "history": self.history,
+            "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict(),
+            "unet": self.unet.state_dict(),
+            "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
+            "opt": self.opt.state_dict() if self.opt else None,
+            "ema_unet": self.ema_unet.state_dict() if self.ema_unet else None,
+            "ema_text": self.ema_text.state_dict() if self.ema_text else None,
+        }
+        if self.phase == "unet":
+            state["latents"] = (self.lat_mean, self.lat_logvar)
+        _atomic_save(state, self.out / "checkpoint.pt")
+        self.log(f"checkpoint saved at {self.elapsed / 60:.1f} min (step {self.step})")
+
+    def restore(self, state: dict) -> None:
+        self.phase, self.elapsed, self.step = state["phase"], state["elapsed"], state["step"]
+        self.vae_step, self.scaling, self.history = state["vae_step"], state["scaling"], state.get("history", [])
+        self.vae.load_state_dict(state["vae"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.unet.load_state_dict(state["unet"])
+        if state["vae_opt"] is not None:
+            self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr)
+            self.vae_opt.load_state_dict(state["vae_opt"])
+        if state["opt"] is not None:
+            params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+            self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=1e-2)
+            self.opt.load_state_dict(state["opt"])
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+            self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.ema_unet.load_state_dict(state["ema_unet"])
+            self.ema_text.load_state_dict(state["ema_text"])
+        if self.phase == "unet":
+            self.lat_mean, self.lat_logvar = state["latents"]
+            self.vae.register_to_config(scaling_factor=self.scaling)
+            self.vae.eval()
+
+
+def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = False,
+          log: Callable[[str], None] = print, **overrides) -> Path:
+    """Train (or resume training) into ``out_dir``; returns the path of the saved diffusers folder ``out_dir/model``.
+
+    ``minutes`` is the training-time budget across resumes (building the scene pool, checkpoints and the periodic
+    evaluations are not counted); resuming with a larger value continues the same run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
+    cfg = TrainConfig(minutes=minutes, **overrides)
+    trainer = _Trainer(out, cfg, log)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        cfg = TrainConfig(**{**state["config"], "minutes": minutes})
+        trainer.cfg = cfg
+        trainer.restore(state)
+        log(f"resumed at {trainer.elapsed / 60:.1f} min, phase {trainer.phase}, step {trainer.step}")
+    trainer.build_pool()
+    if trainer.phase == "pool":
+        trainer.phase = "vae"
+    if trainer.phase == "vae":
+        trainer.vae_loop()
+    if trainer.phase == "unet":
+        trainer.unet_loop()
+    trainer.checkpoint()
+    if trainer.phase != "unet" or trainer.step == 0:
+        log("stopped before the UNet phase; resume with a larger --minutes")
+        return out
+    entry = trainer.quick_eval() if cfg.final_eval else None
+    info = {"trained_minutes": round(trainer.elapsed / 60, 1), "steps": trainer.step, "vae_steps": trainer.vae_step,
+            "config": asdict(cfg), "last_eval": entry}
+    path = save_pipeline(out / "model", trainer.vae, trainer.ema_text, trainer.tokenizer, trainer.ema_unet, info)
+    log(f"saved {path}")
+    return path

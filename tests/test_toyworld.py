@@ -1,0 +1,103 @@
+"""Toyworld: deterministic generator, a checker that scores ground truth, the tokenizer, the trainer's wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnctrl.models.toyworld import (
+    HELD_OUT,
+    PLACEHOLDERS,
+    VOCABULARY,
+    CaptionError,
+    make_scene,
+    parse_caption,
+    render,
+    score,
+)
+from attnctrl.models.toyworld.bench import benchmark_captions
+from attnctrl.models.toyworld.train import toy_tokenizer
+
+
+def test_generator_is_deterministic_by_seed():
+    a, b, c = make_scene(11), make_scene(11), make_scene(12)
+    assert a.caption == b.caption and a.caption != c.caption
+    assert np.array_equal(np.asarray(render(a)), np.asarray(render(b)))
+    assert render(a).size == (64, 64) and render(a, size=128).size == (128, 128)
+
+
+def test_training_scenes_never_use_held_out_combinations_or_placeholders():
+    for seed in range(2000):
+        scene = make_scene(seed)
+        assert all((o.colour, o.shape) not in HELD_OUT for o in scene.objects)
+        assert not any(p in scene.caption.split() for p in PLACEHOLDERS)
+        assert 1 <= len(scene.objects) <= 3
+
+
+def test_checker_scores_ground_truth_at_98_percent_or_more():
+    objects = images = ok_images = 0
+    right = {"colour": 0, "shape": 0, "side": 0, "pattern": 0}
+    for seed in range(300):
+        scene = make_scene(seed, held_out=True)
+        result = score(render(scene), scene.caption)
+        images += 1
+        ok_images += result["all"]
+        for obj in result["objects"]:
+            objects += 1
+            for k in right:
+                right[k] += obj[k]
+    assert all(v / objects >= 0.98 for v in right.values()), right
+    assert ok_images / images >= 0.98
+
+
+def test_checker_sees_mistakes():
+    scene = make_scene(5, n_objects=1)
+    obj = scene.objects[0]
+    wrong_colour = next(c for c in ("red", "blue") if c != obj.colour)
+    result = score(render(scene), scene.caption.replace(obj.colour, wrong_colour))
+    assert not result["objects"][0]["colour"] and not result["all"]
+    blank = np.full((64, 64, 3), 230, np.uint8)
+    result = score(blank, "a red circle on the left")
+    assert result["objects"][0]["found"] is False and not result["all"]
+
+
+def test_parse_caption():
+    assert parse_caption("a striped blue square on the right and a red circle") == [
+        {"colour": "blue", "shape": "square", "pattern": "striped", "side": "right"},
+        {"colour": "red", "shape": "circle", "pattern": "plain", "side": None},
+    ]
+    with pytest.raises(CaptionError):
+        parse_caption("a photo of a cat")
+
+
+def test_tokenizer_has_one_token_per_word():
+    tok = toy_tokenizer()
+    for word in VOCABULARY:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1
+    ids = tok("a red circle on the left").input_ids
+    assert len(ids) == 8 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.model_max_length == 32
+    assert len(tok("a dog", add_special_tokens=False).input_ids) > 2  # unknown words fall back to bytes
+
+
+def test_benchmark_captions_are_fixed_and_held_out():
+    sets = benchmark_captions()
+    assert len(sets["single"]) == 32 and len(sets["two"]) == 64
+    assert sets == benchmark_captions()
+    for caption in sets["single"] + sets["two"]:
+        assert all((o["colour"], o["shape"]) in HELD_OUT for o in parse_caption(caption))
+        assert all(o["side"] is not None for o in parse_caption(caption))
+
+
+def test_trainer_wiring_resume_and_saved_folder(tmp_path):
+    from attnctrl import load_pipeline
+    from attnctrl.models.toyworld.train import train
+
+    out = train(tmp_path, minutes=0.12, pool_size=64, vae_minutes=0.05, final_eval=False, log=lambda m: None)
+    with pytest.raises(FileExistsError):
+        train(tmp_path, minutes=0.12, pool_size=64, vae_minutes=0.05, log=lambda m: None)
+    out = train(tmp_path, minutes=0.16, resume=True, final_eval=False, log=lambda m: None)
+    pipe = load_pipeline(str(out))
+    assert pipe.attnctrl_defaults["num_inference_steps"] == 25
+    image = pipe("a red circle on the left", num_inference_steps=2).images[0]
+    assert image.size == (64, 64)
