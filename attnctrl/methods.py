@@ -8,11 +8,12 @@ from __future__ import annotations
 from .core.controller import Method
 from .core.errors import AttnCtrlError
 from .processors.attention_maps import AttentionMaps
+from .processors.clear import CLEAR
 
-__all__ = ["AttentionMaps", "REGISTRY", "get", "Method"]
+__all__ = ["AttentionMaps", "CLEAR", "REGISTRY", "get", "Method"]
 
 #: CLI / job-file name -> method config class
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AttentionMaps,)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AttentionMaps, CLEAR)}
 
 
 def get(name: str) -> type[Method]:

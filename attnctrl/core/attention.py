@@ -196,6 +196,8 @@ def attention_with_lse(q, k, v, bias=None, scale: float | None = None) -> tuple[
     if mask is not None and mask.shape[-1] == 1:
         mask = mask.expand(*mask.shape[:-1], k.shape[-2])
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # the fused CPU kernel returns garbage for inputs whose head dim is strided (torch 2.13); SDPA itself copies
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, False, attn_mask=mask, scale=scale

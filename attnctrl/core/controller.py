@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from .errors import LayerConflictError, LayerSelectionError, UnsupportedModelError
-from .families import CallInfo, detect_family, find_denoiser, read_call
+from .families import FAMILIES, CallInfo, detect_family, find_denoiser, read_call
 from .layers import LayerInfo, Selector, describe
 from .processor import AttnCtrlProcessor
 
@@ -222,9 +222,9 @@ class Controller:
         if not isinstance(config, Method):
             raise TypeError(f"expected a method config such as attnctrl.methods.AttentionMaps(...), got {config!r}")
         if self.family.name not in config.families:
+            supported = ", ".join(FAMILIES[f].title for f in config.families)
             raise UnsupportedModelError(
-                f"{type(config).__name__} does not support the {self.family.title}; it supports "
-                f"{', '.join(config.families)}"
+                f"{type(config).__name__} does not support the {self.family.title}; it supports: {supported}"
             )
         for h in self.handles:
             if h.config == config:

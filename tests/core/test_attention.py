@@ -172,6 +172,17 @@ def test_lse_and_probability_columns_match_dense(shape, seed, with_bias):
                                atol=1e-6, rtol=0)
 
 
+def test_lse_handles_inputs_with_a_strided_head_dim():
+    """torch's fused CPU kernel mis-reads such views; attention_with_lse must not."""
+    q = torch.randn(1, 1, 4, 8, 8).permute(0, 1, 3, 4, 2).reshape(1, 1, 64, 4)
+    assert q.stride(-1) != 1
+    k, v = torch.randn(1, 1, 64, 4), torch.randn(1, 1, 64, 4)
+    out, lse = attention_with_lse(q, k, v)
+    ref, ref_lse, _ = dense(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_lse_fast_path_is_bit_identical_to_sdpa():
     q, k, v = qkv(2, 3, 64, 48, 16)
     out, _ = attention_with_lse(q, k, v)

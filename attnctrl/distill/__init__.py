@@ -1,0 +1,1 @@
+"""Training recipes that produce weights for a method (``attnctrl distill ...``)."""
