@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from .core.controller import Method
 from .core.errors import AttnCtrlError
+from .processors.agent import AgentAttention
 from .processors.attention_maps import AttentionMaps
 from .processors.clear import CLEAR
 
-__all__ = ["AttentionMaps", "CLEAR", "REGISTRY", "get", "Method"]
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "REGISTRY", "get", "Method"]
 
 #: CLI / job-file name -> method config class
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AttentionMaps, CLEAR)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR)}
 
 
 def get(name: str) -> type[Method]:
