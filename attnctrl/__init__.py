@@ -7,7 +7,7 @@
         heat = maps.heat_maps()["cat"]
 """
 
-from . import methods
+from . import methods, pipelines
 from .core import (
     AttnCtrlError,
     LayerConflictError,
@@ -21,11 +21,13 @@ from .core import (
     remove,
 )
 from .models import DEFAULT_MODEL, load_pipeline, tiny_pipeline
+from .pipelines import Reference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "applied", "describe", "methods", "load_pipeline", "tiny_pipeline", "DEFAULT_MODEL",
+    "apply", "remove", "applied", "describe", "methods", "pipelines", "Reference", "load_pipeline", "tiny_pipeline",
+    "DEFAULT_MODEL",
     "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
     "UnsupportedModelError", "__version__",
 ]

@@ -10,11 +10,15 @@ from .core.errors import AttnCtrlError
 from .processors.agent import AgentAttention
 from .processors.attention_maps import AttentionMaps
 from .processors.clear import CLEAR
+from .processors.freecustom import FreeCustom
+from .processors.magicface import MagicFace
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "REGISTRY", "get", "Method"]
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "FreeCustom", "MagicFace", "REGISTRY", "get", "Method"]
 
 #: CLI / job-file name -> method config class
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR)}
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, FreeCustom, MagicFace)
+}
 
 
 def get(name: str) -> type[Method]:

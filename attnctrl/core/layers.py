@@ -11,7 +11,8 @@ Selectors (:meth:`LayerMap.select`) are strings such as ``"decoder"``, ``"up.2"`
 * terms joined by ``&`` or spaces intersect, ``,`` (or a list of selectors) unites, ``!term`` negates;
 * kinds: ``self``, ``cross``, ``joint``, ``single``, and ``text`` (every layer whose keys include text tokens);
 * stages: ``encoder``/``down``, ``mid``, ``decoder``/``up``, ``double`` (FLUX double-stream; ``single`` is a kind),
-  ``all`` or ``*``;
+  ``all`` or ``*``; ``decoder-high-res``: the decoder's two highest-resolution attention levels (SD 1.5: up.2 and
+  up.3, the blocks 10-15 of FreeCustom/MagicFace; SDXL: up.0 and up.1);
 * levels: ``down.0``, ``up.3``, ``mid`` (UNet resolution levels as diffusers numbers them);
 * resolution: ``res>=32``, ``res<16``, ``res==64`` compare the grid side at the model's native size (SD 1.5: 64, 32,
   16, 8; SDXL: 64, 32); ``ds<=2`` compares the downsampling factor (1 = full latent resolution);
@@ -239,6 +240,9 @@ class LayerMap(Sequence[LayerInfo]):
             return lambda layer: layer.has_text_keys
         if low == "single":
             return lambda layer: layer.kind == "single"
+        if low == "decoder-high-res":  # the decoder's two highest-resolution attention levels (FreeCustom, MagicFace)
+            decoder = sorted({la.downsample for la in self.layers if la.stage == "up"})[:2]
+            return lambda layer: layer.stage == "up" and layer.downsample in decoder
         if low in _STAGES:
             return lambda layer: _stage_matches(layer, low)
         if re.fullmatch(r"(down|up)\.\d+", low):

@@ -83,7 +83,7 @@ def _grid_coords(spec: LocalSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=16)
 def _dense_mask_cached(spec: LocalSpec, device: torch.device) -> torch.Tensor:
-    t, n, p = spec.text_len, spec.n_image, spec.pooled
+    t, n = spec.text_len, spec.n_image
     ys, xs = _grid_coords(spec, device)
     local = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2 < spec.radius**2
     mask = torch.zeros(spec.n_query, spec.n_key, dtype=torch.bool, device=device)

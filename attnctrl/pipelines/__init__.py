@@ -1,1 +1,8 @@
-"""diffusers pipelines for the methods that need extra passes (each built with ``from_pipe``): none yet."""
+"""Pipelines for the methods that need extra inputs or passes; each wraps a base pipeline with ``from_pipe``."""
+
+from .freecustom import FreeCustomPipeline, ReferencePipeline
+from .magicface import MagicFacePipeline
+from .reference import Reference, ReferenceError, ReferenceRun
+
+__all__ = ["FreeCustomPipeline", "MagicFacePipeline", "ReferencePipeline", "Reference", "ReferenceError",
+           "ReferenceRun"]

@@ -1,0 +1,161 @@
+"""``FreeCustomPipeline``: a base SD 1.x/2.x or SDXL pipeline plus references in the target's self-attention.
+
+    pipe = attnctrl.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    fc = attnctrl.pipelines.FreeCustomPipeline.from_pipe(pipe)
+    image = fc("a cat wearing a hat", references=[
+        attnctrl.Reference("cat.png", "cat_mask.png", "a photo of a cat"),
+        attnctrl.Reference("hat.png", "hat_mask.png", "a dog wearing a hat"),
+    ], mask_weights=3.0, generator=torch.Generator().manual_seed(2)).images[0]
+
+Every argument of the base pipeline's ``__call__`` passes through; one target image per call. Without references
+the call *is* the base pipeline call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..core.controller import Controller, Method, apply
+from ..core.errors import AttnCtrlError, UnsupportedModelError
+from ..core.families import detect_family
+from ..processors.freecustom import FreeCustom, MRSAAttnProcessor
+from .reference import Reference, ReferenceRun
+
+__all__ = ["ReferencePipeline", "FreeCustomPipeline"]
+
+
+@dataclass(frozen=True, eq=False)
+class _Bound(Method):
+    """A method config bound to one call's reference run (installed for the duration of that call)."""
+
+    config: Method = None
+    run: ReferenceRun = None
+    processor: type = None
+    name = "reference-binding"
+    kinds = ("self", "cross")
+
+    def select_layers(self, ctl: Controller):
+        return self.config.select_layers(ctl)
+
+    def create_state(self, ctl, layers):
+        return self.run
+
+    def make_processor(self, layer, ctl, state):
+        return self.processor(layer, ctl, state, self.config)
+
+
+def _slice_target(out, n: int):
+    """Keep the target (row 0) of an output whose batch holds the target and its ``n`` references."""
+    if isinstance(out, tuple):
+        return tuple(_slice_target(o, n) if i == 0 else (o[:1] if isinstance(o, list) else o)
+                     for i, o in enumerate(out))
+    if hasattr(out, "images"):
+        out.images = out.images[:1]
+        if getattr(out, "nsfw_content_detected", None) is not None:
+            out.nsfw_content_detected = out.nsfw_content_detected[:1]
+        return out
+    return out[:1]
+
+
+class ReferencePipeline:
+    """Base of the multi-reference pipelines: wraps a diffusers pipeline (``.pipe``) and delegates the rest to it."""
+
+    config_class: type[Method] = FreeCustom
+    processor_class: type = MRSAAttnProcessor
+
+    def __init__(self, pipe):
+        family = detect_family(getattr(pipe, "unet", None) or torch.nn.Module())
+        if family.name not in self.config_class.families:
+            raise UnsupportedModelError(f"{type(self).__name__} supports SD 1.x/2.x and SDXL UNets")
+        self.pipe = pipe
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs):
+        """Wrap ``pipe`` (its components are shared, nothing is copied)."""
+        if isinstance(pipe, ReferencePipeline):
+            pipe = pipe.pipe
+        return cls(pipe, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.pipe).__name__})"
+
+    def _size(self, kwargs) -> tuple[int, int]:
+        pipe = self.pipe
+        default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+        default = default * pipe.vae_scale_factor
+        return int(kwargs.get("height") or default), int(kwargs.get("width") or default)
+
+    @staticmethod
+    def _seed(generator, reference_seed):
+        if reference_seed is not None:
+            return int(reference_seed)
+        gen = generator[0] if isinstance(generator, (list, tuple)) and generator else generator
+        return (int(gen.initial_seed()) + 1) % 2**63 if isinstance(gen, torch.Generator) else 0
+
+    def _config(self, options: dict):
+        names = {f.name for f in fields(self.config_class)}
+        config_kwargs = {k: options.pop(k) for k in list(options) if k in names}
+        return self.config_class(**config_kwargs)
+
+    run_class = ReferenceRun
+
+    def _validate(self, config, prompt: str, references) -> object:
+        """Method-specific checks before any work (MagicFace resolves its words here)."""
+        return None
+
+    def _prepare(self, run: ReferenceRun, config, context, handle, kwargs) -> list:
+        """Method-specific setup once the processors are installed; returns hooks to remove after the call."""
+        return []
+
+    def __call__(self, prompt: str, references: Sequence[Reference] = (), reference_seed: int | None = None,
+                 **kwargs):
+        """Generate one target image of ``prompt`` with the references (see the method's docstring)."""
+        config = self._config(kwargs)
+        references = list(references or ())
+        if not references:
+            return self.pipe(prompt, **kwargs)
+        if not isinstance(prompt, str):
+            raise AttnCtrlError("reference pipelines take one prompt (a string) per call")
+        if kwargs.get("num_images_per_prompt", 1) != 1:
+            raise AttnCtrlError("reference pipelines make one image per call; loop over seeds for more")
+        for key in ("prompt_embeds", "latents"):
+            if kwargs.get(key) is not None:
+                raise AttnCtrlError(f"{key} cannot be combined with references (the batch holds the references too)")
+        if not all(isinstance(r, Reference) for r in references):
+            raise AttnCtrlError("references must be attnctrl.Reference(image, mask, prompt) objects")
+        config.weights(len(references))  # more weights than references -> a clear error before any work
+        context = self._validate(config, prompt, references)
+        height, width = self._size(kwargs)
+        kwargs.update(height=height, width=width)
+        run = self.run_class(self.pipe, references, height, width, self._seed(kwargs.get("generator"), reference_seed))
+        prompts = [prompt] + ["" if getattr(config, "use_null_ref_prompts", False) else r.prompt for r in references]
+        negative = kwargs.pop("negative_prompt", None)
+        if isinstance(negative, str):
+            negative = [negative] * len(prompts)
+        handle = apply(self.pipe, _Bound(config=config, run=run, processor=self.processor_class))
+        extra = []
+        try:
+            extra = self._prepare(run, config, context, handle, kwargs)
+            with run:
+                out = self.pipe(prompts, negative_prompt=negative, **kwargs)
+        finally:
+            for h in extra:
+                h.remove()
+            handle.remove()
+        self.last_run = run
+        return _slice_target(out, run.n)
+
+
+class FreeCustomPipeline(ReferencePipeline):
+    """FreeCustom (see :mod:`attnctrl.processors.freecustom`). Extra call arguments: ``references``,
+    ``mask_weights``, ``style_fidelity``, ``layers``, ``start_step``, ``end_step``, ``use_null_ref_prompts``,
+    ``mask_mode``, ``reference_seed``; everything else goes to the base pipeline."""
+
+    config_class = FreeCustom
+    processor_class = MRSAAttnProcessor
