@@ -141,7 +141,7 @@ class MagicFacePipeline(ReferencePipeline):
             try:
                 tokens.append(token_indices(self.pipe.tokenizer, prompt, word))
             except AttnCtrlError as e:
-                raise AttnCtrlError(f"reference {i + 1}: {e}") from None
+                raise type(e)(f"reference {i + 1}: {e}") from None
         return tokens
 
     def _prepare(self, run: MagicFaceRun, config: MagicFace, tokens, handle, kwargs) -> list:
