@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ class GenerateRequest:
     dtype: str = "auto"
     metadata: bool = True
     method: Method | None = None
+    references: tuple[str, ...] = ()  # "IMAGE[:MASK][:PROMPT]" specs for reference-based methods
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -50,6 +52,20 @@ def _next_counter(folder: Path) -> int:
 def _call_defaults(pipe) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def parse_reference(spec: str, index: int):
+    """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons)."""
+    from ..pipelines import Reference
+
+    image, _, rest = spec.partition(":")
+    mask, _, prompt = rest.partition(":")
+    if not image:
+        raise AttnCtrlError(f"--ref {spec!r}: give IMAGE[:MASK][:PROMPT]")
+    for label, path in (("image", image), ("mask", mask)):
+        if path and not Path(path).is_file():
+            raise AttnCtrlError(f"--ref {index + 1}: {label} file {path} does not exist")
+    return Reference(image, mask or None, prompt, name=Path(image).name)
 
 
 def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, size, extra: dict) -> dict:
@@ -71,6 +87,7 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "model": getattr(pipe, "attnctrl_model_id", None),
         "method": method.name if method is not None else None,
         "method_options": asdict(method) if method is not None else None,
+        "references": list(request.references) or None,
         "scheduler_config": dict(pipe.scheduler.config),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -112,8 +129,24 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
             raise AttnCtrlError(f"--num-frames is for video models; {type(pipe).__name__} makes images")
         kwargs["num_frames"] = request.num_frames
 
-    handle = apply(pipe, request.method) if request.method is not None else None
-    if handle is not None:
+    method = request.method
+    handle = None
+    generate = pipe
+    if method is not None and getattr(method, "pipeline", None):
+        from .. import pipelines
+
+        if not request.references:
+            raise AttnCtrlError(f"{method.name} needs reference images: --ref IMAGE[:MASK][:PROMPT]")
+        references = [parse_reference(spec, i) for i, spec in enumerate(request.references)]
+        for i, ref in enumerate(references):
+            ref.load(i)  # a bad image or mask fails now, before any generation
+        wrapper = getattr(pipelines, method.pipeline).from_pipe(pipe)
+        options = {f.name: getattr(method, f.name) for f in fields(method)}
+        generate = functools.partial(wrapper, references=references, **options)
+    elif request.references:
+        raise AttnCtrlError("--ref is for reference-based methods (--method freecustom or magicface)")
+    elif method is not None:
+        handle = apply(pipe, method)
         try:
             handle.check_prompt(request.prompt)
         except Exception:
@@ -126,7 +159,7 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
             seed = (request.seed + i) % 2**32
             generator = torch.Generator("cpu").manual_seed(seed)
             started = time.perf_counter()
-            out = pipe(**kwargs, generator=generator, output_type="pil")
+            out = generate(**kwargs, generator=generator, output_type="pil")
             seconds = time.perf_counter() - started
             stem = f"{counter + i:05d}-{seed}-{slug(request.prompt)}"
             if is_video:

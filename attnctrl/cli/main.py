@@ -94,10 +94,12 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @click.option("--method", default=None, help="Attention method to apply (see `attnctrl info`).")
+@click.option("--ref", "references", multiple=True, metavar="IMAGE[:MASK][:PROMPT]",
+              help="A reference image for freecustom / magicface (repeat for several).")
 @method_options
 @user_errors
 def generate(model, prompt, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, method, **method_kwargs) -> None:
+             device, dtype, no_metadata, method, references, **method_kwargs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
     from .generate import GenerateRequest, run_generate
@@ -107,7 +109,7 @@ def generate(model, prompt, negative_prompt, seed, steps, guidance, width, heigh
         model=model, prompt=prompt, negative_prompt=negative_prompt,
         seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
         height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
-        dtype=dtype, metadata=not no_metadata, method=config,
+        dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
     )
     for path in run_generate(request):
         click.echo(str(path))

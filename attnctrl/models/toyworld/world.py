@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "PATTERNS", "SIDES", "SIZES", "PLACEHOLDERS", "HELD_OUT", "VOCABULARY", "Obj", "Scene",
-    "sample_scene", "make_scene", "render", "caption_of", "shape_polygon", "side_centre", "IMAGE_SIZE",
+    "sample_scene", "make_scene", "render", "caption_of", "shape_polygon", "side_centre", "object_mask", "IMAGE_SIZE",
 ]
 
 IMAGE_SIZE = 64
@@ -217,3 +217,13 @@ def render(scene: Scene, size: int = IMAGE_SIZE, noise: float = 3.0, scale: int 
     rng = np.random.default_rng(scene.seed + 7919)
     small = small + rng.normal(0.0, noise, small.shape)
     return Image.fromarray(np.clip(small, 0, 255).round().astype(np.uint8))
+
+
+def object_mask(scene: Scene, index: int, size: int = IMAGE_SIZE, scale: int = 4) -> Image.Image:
+    """The silhouette of object ``index`` of a scene as an 8-bit mask image (255 inside, 0 outside)."""
+    obj = scene.objects[index]
+    k = size / IMAGE_SIZE
+    big = size * scale
+    mask = _shape_mask(obj.shape, obj.cx * k, obj.cy * k, obj.size * k, (0, 0, big, big), scale)
+    small = mask.reshape(size, scale, size, scale).mean(axis=(1, 3))
+    return Image.fromarray(((small > 0.5) * 255).astype(np.uint8))

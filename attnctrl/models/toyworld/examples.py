@@ -1,0 +1,47 @@
+"""The example references shipped in ``assets/examples/`` (drawn in toyworld, never downloaded).
+
+``python -m attnctrl.models.toyworld.examples DIR`` rewrites them. Each example is an image of a concept *in
+context* (FreeCustom's finding: concepts transfer better when the reference shows them in a scene), its mask
+(the concept only) and the caption of the scene, which serves as the reference prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .world import Obj, Scene, caption_of, object_mask, render
+
+__all__ = ["EXAMPLES", "write_examples"]
+
+#: name -> (objects of the scene, index of the concept)
+EXAMPLES: dict[str, tuple[list[Obj], int]] = {
+    "striped-green-star": ([Obj("green", "star", "striped", "left", 24, 14, 30),
+                            Obj("orange", "circle", "plain", "right", 18, 52, 34)], 0),
+    "dotted-blue-square": ([Obj("blue", "square", "dotted", "middle", 26, 32, 32)], 0),
+    "hollow-pink-circle": ([Obj("yellow", "triangle", "plain", "left", 18, 11, 40),
+                            Obj("pink", "circle", "hollow", "right", 24, 50, 28)], 1),
+    "striped-purple-cross": ([Obj("purple", "cross", "striped", "middle", 26, 32, 30)], 0),
+}
+
+
+def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
+    """Write ``<name>.png``, ``<name>-mask.png`` and ``examples.json`` into ``folder``; returns the index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, (name, (objects, concept)) in enumerate(EXAMPLES.items()):
+        scene = Scene(list(objects), background=(234, 231, 226), seed=100 + i)
+        scene.caption = caption_of(scene)
+        render(scene, size=size).save(folder / f"{name}.png")
+        object_mask(scene, concept, size=size).save(folder / f"{name}-mask.png")
+        obj = objects[concept]
+        index.append({"name": name, "image": f"{name}.png", "mask": f"{name}-mask.png", "prompt": scene.caption,
+                      "colour": obj.colour, "shape": obj.shape, "pattern": obj.pattern})
+    (folder / "examples.json").write_text(json.dumps(index, indent=2) + "\\n")
+    return index
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(write_examples(sys.argv[1] if len(sys.argv) > 1 else "attnctrl/assets/examples"), indent=2))
