@@ -11,13 +11,15 @@ from .processors.agent import AgentAttention
 from .processors.attention_maps import AttentionMaps
 from .processors.clear import CLEAR
 from .processors.freecustom import FreeCustom
+from .processors.irdiffusion import IRDiffusion
 from .processors.magicface import MagicFace
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "FreeCustom", "MagicFace", "REGISTRY", "get", "Method"]
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "FreeCustom", "IRDiffusion", "MagicFace", "REGISTRY", "get",
+           "Method"]
 
 #: CLI / job-file name -> method config class
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, FreeCustom, MagicFace)
+    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, FreeCustom, IRDiffusion, MagicFace)
 }
 
 

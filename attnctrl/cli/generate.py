@@ -36,6 +36,7 @@ class GenerateRequest:
     metadata: bool = True
     method: Method | None = None
     references: tuple[str, ...] = ()  # "IMAGE[:MASK][:PROMPT]" specs for reference-based methods
+    subjects: tuple[str, ...] = ()  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]" or "WORD=reference prompt[@REGION]"
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -68,6 +69,35 @@ def parse_reference(spec: str, index: int):
     return Reference(image, mask or None, prompt, name=Path(image).name)
 
 
+def parse_subject(spec: str, index: int):
+    """``WORD=IMAGE[:MASK][:PROMPT][@REGION]`` or ``WORD=reference prompt[@REGION]`` -> a ``Subject``.
+
+    ``REGION`` is a box ``x0,y0,x1,y1`` (pixels or fractions) or a mask file."""
+    from ..pipelines import Subject
+
+    word, eq, rest = spec.partition("=")
+    if not eq or not word.strip() or not rest.strip():
+        raise AttnCtrlError(f"--subject {spec!r}: give WORD=IMAGE[:MASK][:PROMPT][@REGION] or WORD=prompt")
+    region = None
+    body, at, tail = rest.rpartition("@")
+    if at:
+        parts = tail.split(",")
+        if len(parts) == 4:
+            try:
+                region = tuple(float(p) for p in parts)
+            except ValueError:
+                raise AttnCtrlError(f"--subject {index + 1}: region {tail!r} is not x0,y0,x1,y1") from None
+        elif Path(tail).is_file():
+            region = tail
+        else:
+            raise AttnCtrlError(f"--subject {index + 1}: region {tail!r} is neither a box x0,y0,x1,y1 nor a mask file")
+        rest = body
+    image = rest.split(":", 1)[0]
+    if Path(image).is_file():
+        return Subject(word.strip(), reference=parse_reference(rest, index), region=region)
+    return Subject(word.strip(), prompt=rest.strip(), region=region)
+
+
 def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, size, extra: dict) -> dict:
     """The JSON record stored in each output (enough to reproduce it)."""
     import diffusers
@@ -88,6 +118,7 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "method": method.name if method is not None else None,
         "method_options": asdict(method) if method is not None else None,
         "references": list(request.references) or None,
+        "subjects": list(request.subjects) or None,
         "scheduler_config": dict(pipe.scheduler.config),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -132,7 +163,17 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
     method = request.method
     handle = None
     generate = pipe
-    if method is not None and getattr(method, "pipeline", None):
+    if method is not None and method.name == "irdiffusion":
+        from ..pipelines import IRDiffusionPipeline
+
+        if not request.subjects:
+            raise AttnCtrlError("irdiffusion needs --subject WORD=IMAGE[:MASK][:PROMPT][@REGION] (or WORD=prompt)")
+        subjects = [parse_subject(spec, i) for i, spec in enumerate(request.subjects)]
+        options = {f.name: getattr(method, f.name) for f in fields(method)}
+        generate = functools.partial(IRDiffusionPipeline.from_pipe(pipe), subjects=subjects, **options)
+    elif request.subjects:
+        raise AttnCtrlError("--subject is for --method irdiffusion")
+    elif method is not None and getattr(method, "pipeline", None):
         from .. import pipelines
 
         if not request.references:

@@ -1,0 +1,226 @@
+"""``IRDiffusionPipeline``: several consistent subjects with isolation, reposition and mutual attention.
+
+    ir = attnctrl.pipelines.IRDiffusionPipeline.from_pipe(pipe)
+    image = ir("a cat on the left and a dog on the right", subjects=[
+        Subject("cat", reference=attnctrl.Reference("cat.png", "cat_mask.png", "a photo of a cat"), region=(0, 0.2, 0.5, 1)),
+        Subject("dog", prompt="a photo of a dog"),          # reference rehearsed by the pipeline, region from layout
+    ]).images[0]
+
+Each :class:`Subject` names its word in the scene prompt and has a reference (a user image + mask, or a prompt that
+the pipeline first generates, the official "rehearsal", with its mask from the cross-attention of the subject word)
+and a target region (a mask, a box in pixels or fractions, or ``None``: a layout rehearsal of the scene prompt with
+the same noise gives the regions from the cross-attention of the subject words). Overlapping regions are resolved in
+favour of the larger one (the official post-processing). See :mod:`attnctrl.processors.irdiffusion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.controller import apply
+from ..core.errors import AttnCtrlError
+from ..core.masks import binarize, box_mask, load_mask, resize_mask
+from ..core.tokens import token_indices
+from ..processors.attention_maps import AttentionMaps
+from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion
+from .freecustom import ReferencePipeline
+from .reference import Reference, ReferenceRun
+
+__all__ = ["IRDiffusionPipeline", "IRRun", "Subject"]
+
+
+@dataclass
+class Subject:
+    """One subject: its ``word`` in the scene prompt, a ``reference`` or a reference ``prompt``, and a ``region``."""
+
+    word: str
+    reference: Reference | None = None
+    prompt: str = ""
+    region: object = None  # mask (path / array / PIL / tensor) or box (x0, y0, x1, y1); None = layout rehearsal
+
+
+class IRRun(ReferenceRun):
+    """Reference run plus the target regions and the per-grid masks, reposition maps and dropout of IR-Diffusion."""
+
+    def setup(self, config: IRDiffusion, layers, target_masks: torch.Tensor, msa_layers: set[str]):
+        self.config = config
+        self.msa_layers = msa_layers
+        self.target_full = target_masks  # (N, H, W) disjoint binary
+        self._owner: dict = {}
+        self._source: dict = {}
+        self._dropout: dict = {}
+        self.dropout_gen = torch.Generator("cpu").manual_seed(int(self.generator.initial_seed()) + 7)
+
+    @staticmethod
+    def _coverage(masks: torch.Tensor, grid) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(masks.float()[:, None], tuple(grid))[:, 0].flatten(1)  # (N, n) in [0, 1]
+
+    def owner(self, grid) -> torch.Tensor:
+        """``(n,)`` subject of each target token on a layer grid: 0 = background, i = subject i (disjoint)."""
+        grid = tuple(grid)
+        if grid not in self._owner:
+            cover = self._coverage(self.target_full, grid)
+            areas = self.target_full.flatten(1).sum(1)
+            # a token belongs to the subject covering most of it (ties: the larger region), if covered over half
+            score = cover + 1e-6 * areas[:, None] / areas.max()
+            best = score.argmax(0)
+            owner = torch.where(cover.max(0).values > 0.5, best + 1, torch.zeros_like(best))
+            for i in range(self.n):  # a subject smaller than one token keeps its best-covered token
+                if not torch.any(owner == i + 1):
+                    owner[cover[i].argmax()] = i + 1
+            self._owner[grid] = owner
+        return self._owner[grid]
+
+    def _source_map(self, grid, i: int):
+        grid = tuple(grid)
+        key = (grid, i)
+        if key not in self._source:
+            h, w = grid
+            src_mask = self.grid_masks(grid)[i].view(h, w)
+            if not torch.any(src_mask):
+                cover = self._coverage(self.masks[i][None], grid)[0]
+                src_mask = torch.zeros(h * w, dtype=torch.bool)
+                src_mask[cover.argmax()] = True
+                src_mask = src_mask.view(h, w)
+            tgt = (self.owner(grid) == i + 1).view(h, w)
+            sy, sx = torch.nonzero(src_mask, as_tuple=True)
+            ty, tx = torch.nonzero(tgt, as_tuple=True)
+            s0y, s0x, s1y, s1x = int(sy.min()), int(sx.min()), int(sy.max()) + 1, int(sx.max()) + 1
+            t0y, t0x, t1y, t1x = int(ty.min()), int(tx.min()), int(ty.max()) + 1, int(tx.max()) + 1
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            inside = (yy >= t0y) & (yy < t1y) & (xx >= t0x) & (xx < t1x)
+            # nearest resize of the source box onto the target box (floor(dst * scale), as F.interpolate "nearest")
+            src_y = s0y + ((yy - t0y).clamp(min=0) * (s1y - s0y)) // (t1y - t0y)
+            src_x = s0x + ((xx - t0x).clamp(min=0) * (s1x - s0x)) // (t1x - t0x)
+            index = (src_y.clamp(max=h - 1) * w + src_x.clamp(max=w - 1)).flatten()
+            relocated = inside.flatten() & src_mask.flatten()[index]
+            self._source[key] = (torch.where(inside.flatten(), index, torch.zeros_like(index)), relocated)
+        return self._source[key]
+
+    def source_index(self, grid, i: int) -> torch.Tensor:
+        """``(n,)`` reference token copied to each target token by the reposition of subject ``i``."""
+        return self._source_map(grid, i)[0]
+
+    def relocated_mask(self, grid, i: int) -> torch.Tensor:
+        """``(n,)`` bool: the relocated reference mask of subject ``i`` (inside its target box)."""
+        return self._source_map(grid, i)[1]
+
+    def dropout(self, grid, step: int) -> torch.Tensor:
+        """``(n,)`` bool, resampled per step and grid: target tokens that see their reference this step."""
+        key = (tuple(grid), step)
+        if key not in self._dropout:
+            n = grid[0] * grid[1]
+            keep = torch.rand(n, generator=self.dropout_gen) >= self.config.dropout
+            owner = self.owner(grid)
+            for i in range(self.n):  # restored if a subject loses every token
+                region = owner == i + 1
+                if not torch.any(keep & region):
+                    keep = keep | region
+            self._dropout = {k: v for k, v in self._dropout.items() if k[1] == step}
+            self._dropout[key] = keep
+        return self._dropout[key]
+
+
+def _region_mask(region, height: int, width: int, index: int) -> torch.Tensor:
+    label = f"subject {index + 1}"
+    if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(c, (int, float)) for c in region):
+        try:
+            return box_mask(region, (height, width))
+        except AttnCtrlError as e:
+            raise AttnCtrlError(f"{label}: {e}") from None
+    try:
+        mask = load_mask(region)
+    except AttnCtrlError as e:
+        raise AttnCtrlError(f"{label}: {e}") from None
+    if mask.sum() == 0:
+        raise AttnCtrlError(f"{label}: the region mask is empty")
+    return (resize_mask(mask, (height, width)) > 0.5).float()
+
+
+def disjoint(masks: torch.Tensor) -> torch.Tensor:
+    """Remove overlaps, giving each shared pixel to the larger region (the official post-processing)."""
+    order = masks.flatten(1).sum(1).argsort(descending=True)
+    out = torch.zeros_like(masks)
+    taken = torch.zeros(masks.shape[1:], dtype=torch.bool)
+    for i in order.tolist():
+        out[i] = (masks[i] > 0.5) & ~taken
+        taken |= out[i] > 0.5
+    return out
+
+
+class IRDiffusionPipeline(ReferencePipeline):
+    """IR-Diffusion. Extra call arguments: ``subjects``, ``mutual_lambda``, ``dropout``, ``msa_layers``,
+    ``start_step``, ``end_step``, ``ref_sa_lambda``, ``reference_seed``; everything else goes to the base pipeline."""
+
+    config_class = IRDiffusion
+    processor_class = IRAttnProcessor
+    run_class = IRRun
+
+    def _attention_mask(self, prompts: list[str], words: list[str], generators, kwargs) -> torch.Tensor:
+        """Generate ``prompts`` plainly and return, per prompt, the Otsu-binarised cross-attention map of its word."""
+        height, width = kwargs["height"], kwargs["width"]
+        plain = {k: v for k, v in kwargs.items() if k in ("num_inference_steps", "guidance_scale", "negative_prompt",
+                                                          "height", "width")}
+        images, masks = [], []
+        with apply(self.pipe, AttentionMaps(words=tuple(dict.fromkeys(words)))) as maps:
+            out = self.pipe(prompts, generator=generators, **plain)
+            for i, word in enumerate(words):
+                heat = torch.as_tensor(maps.heat_maps([word], index=i, size=(height, width))[word])
+                masks.append(binarize(heat, "otsu"))
+                images.append(out.images[i])
+        return images, torch.stack(masks)
+
+    def __call__(self, prompt: str, subjects=(), reference_seed: int | None = None, **kwargs):
+        """Generate ``prompt`` with its ``subjects`` (see the module docstring)."""
+        subjects = list(subjects or ())
+        if not subjects:
+            return super().__call__(prompt, references=(), **kwargs)
+        if not isinstance(prompt, str):
+            raise AttnCtrlError("IR-Diffusion takes one scene prompt (a string) per call")
+        for i, s in enumerate(subjects):
+            if not isinstance(s, Subject):
+                raise AttnCtrlError(f"subject {i + 1}: subjects must be attnctrl.pipelines.Subject objects")
+            token_indices(self.pipe.tokenizer, prompt, s.word)  # the word must be in the scene prompt
+            if s.reference is None and not s.prompt:
+                raise AttnCtrlError(f"subject {i + 1} ({s.word}): give a reference image or a reference prompt")
+        height, width = self._size(kwargs)
+        kwargs.update(height=height, width=width)
+        generator = kwargs.get("generator")
+        generator = generator[0] if isinstance(generator, (list, tuple)) and generator else generator
+        seed = int(generator.initial_seed()) if isinstance(generator, torch.Generator) else 0
+        kwargs["generator"] = torch.Generator().manual_seed(seed)  # the final run replays the layout's noise
+        # target regions: given, or from a layout rehearsal of the scene with the same noise as the final run
+        regions = [None if s.region is None else _region_mask(s.region, height, width, i)
+                   for i, s in enumerate(subjects)]
+        if any(r is None for r in regions):
+            _, layout = self._attention_mask([prompt] * len(subjects), [s.word for s in subjects],
+                                             [torch.Generator().manual_seed(seed) for _ in subjects], kwargs)
+            regions = [r if r is not None else layout[i] for i, r in enumerate(regions)]
+        target = disjoint(torch.stack(regions))
+        # references: given, or rehearsed from their prompts (one shared noise, as the official portraits)
+        references = []
+        rehearse = [i for i, s in enumerate(subjects) if s.reference is None]
+        if rehearse:
+            images, masks = self._attention_mask([subjects[i].prompt for i in rehearse],
+                                                 [subjects[i].word for i in rehearse],
+                                                 [torch.Generator().manual_seed(seed + 1) for _ in rehearse], kwargs)
+            rehearsed = {i: (images[k], masks[k]) for k, i in enumerate(rehearse)}
+        for i, s in enumerate(subjects):
+            if s.reference is not None:
+                references.append(s.reference if s.reference.prompt or not s.prompt else Reference(
+                    s.reference.image, s.reference.mask, s.prompt, s.reference.mask_threshold, s.reference.fit))
+            else:
+                image, mask = rehearsed[i]
+                references.append(Reference(image, (mask.numpy() * 255).astype("uint8"), s.prompt, name=s.word))
+        self._target = target
+        self.last_subject_masks = target
+        return super().__call__(prompt, references=references, reference_seed=reference_seed, **kwargs)
+
+    def _prepare(self, run: IRRun, config: IRDiffusion, context, handle, kwargs) -> list:
+        msa = {la.name for la in config.msa_selection(handle.controller)}
+        run.setup(config, handle.controller.layers, self._target, msa)
+        return []
+
