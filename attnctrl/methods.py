@@ -10,16 +10,17 @@ from .core.errors import AttnCtrlError
 from .processors.agent import AgentAttention
 from .processors.attention_maps import AttentionMaps
 from .processors.clear import CLEAR
+from .processors.clora import CLoRA
 from .processors.freecustom import FreeCustom
 from .processors.irdiffusion import IRDiffusion
 from .processors.magicface import MagicFace
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "FreeCustom", "IRDiffusion", "MagicFace", "REGISTRY", "get",
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "FreeCustom", "IRDiffusion", "MagicFace", "REGISTRY", "get",
            "Method"]
 
 #: CLI / job-file name -> method config class
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, FreeCustom, IRDiffusion, MagicFace)
+    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, FreeCustom, IRDiffusion, MagicFace)
 }
 
 

@@ -37,6 +37,7 @@ class GenerateRequest:
     method: Method | None = None
     references: tuple[str, ...] = ()  # "IMAGE[:MASK][:PROMPT]" specs for reference-based methods
     subjects: tuple[str, ...] = ()  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]" or "WORD=reference prompt[@REGION]"
+    loras: tuple[str, ...] = ()  # "PATH:WORD:PROMPT" for CLoRA
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -67,6 +68,37 @@ def parse_reference(spec: str, index: int):
         if path and not Path(path).is_file():
             raise AttnCtrlError(f"--ref {index + 1}: {label} file {path} does not exist")
     return Reference(image, mask or None, prompt, name=Path(image).name)
+
+
+def clora_inputs(prompt: str, specs) -> tuple[list, list, list, list]:
+    """Prompts, LoRAs, concepts and mask words of CLoRA from ``--prompt`` and ``--lora PATH:WORD:PROMPT`` specs.
+
+    Branch 0 is ``--prompt`` without a LoRA. LoRA k's concept is its trigger ``WORD`` (e.g. "sks dog") in its own
+    prompt and the word's last word (its class noun, "dog") in every other prompt that contains it; its mask is WORD.
+    """
+    prompts, loras, words = [prompt], [None], []
+    for i, spec in enumerate(specs):
+        path, _, rest = spec.partition(":")
+        word, _, lora_prompt = rest.partition(":")
+        if not path or not word.strip() or not lora_prompt.strip():
+            raise AttnCtrlError(f"--lora {spec!r}: give PATH:WORD:PROMPT, e.g. dog.safetensors:sks dog:a sks dog")
+        if not Path(path).is_file():
+            raise AttnCtrlError(f"--lora {i + 1}: LoRA file {path} does not exist")
+        prompts.append(lora_prompt.strip())
+        loras.append(path)
+        words.append(word.strip())
+    concepts = []
+    for k, word in enumerate(words):
+        noun = word.split()[-1]
+        row = []
+        for j, p in enumerate(prompts):
+            if j == k + 1:
+                row.append(word)
+            else:
+                row.append(noun if re.search(rf"\b{re.escape(noun)}\b", p, flags=re.IGNORECASE) else None)
+        concepts.append(row)
+    mask_words = [[]] + [[w] for w in words]
+    return prompts, loras, concepts, mask_words
 
 
 def parse_subject(spec: str, index: int):
@@ -119,6 +151,7 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "method_options": asdict(method) if method is not None else None,
         "references": list(request.references) or None,
         "subjects": list(request.subjects) or None,
+        "loras": list(request.loras) or None,
         "scheduler_config": dict(pipe.scheduler.config),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -163,7 +196,23 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
     method = request.method
     handle = None
     generate = pipe
-    if method is not None and method.name == "irdiffusion":
+    if method is not None and method.name == "clora":
+        from ..pipelines import CLoRAPipeline
+
+        if not request.loras:
+            raise AttnCtrlError("clora needs --lora PATH:WORD:PROMPT (one per LoRA)")
+        prompts, loras, concepts, mask_words = clora_inputs(request.prompt, request.loras)
+        options = {f.name: getattr(method, f.name) for f in fields(method) if f.name != "layers"}
+        clora = CLoRAPipeline.from_pipe(pipe)
+        for path in loras[1:]:
+            clora.load_lora(path)  # a missing or mismatched file fails now, before any generation
+
+        def generate(prompt, **kw):
+            kw.pop("num_images_per_prompt", None)
+            return clora(prompts, loras, concepts, mask_words, **kw, **options)
+    elif request.loras:
+        raise AttnCtrlError("--lora is for --method clora")
+    elif method is not None and method.name == "irdiffusion":
         from ..pipelines import IRDiffusionPipeline
 
         if not request.subjects:

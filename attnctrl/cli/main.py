@@ -99,10 +99,13 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--subject", "subjects", multiple=True, metavar="WORD=IMAGE[:MASK][:PROMPT][@REGION]",
               help="A subject for irdiffusion: its word, a reference image (or a reference prompt) and optionally a "
                    "target region (box x0,y0,x1,y1 or mask file); repeat for several.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH:WORD:PROMPT",
+              help="A LoRA for clora, its trigger word and its prompt (e.g. dog.safetensors:sks dog:a sks dog and a "
+                   "cat); repeat for several. --prompt is the base branch.")
 @method_options
 @user_errors
 def generate(model, prompt, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, method, references, subjects, **method_kwargs) -> None:
+             device, dtype, no_metadata, method, references, subjects, loras, **method_kwargs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
     from .generate import GenerateRequest, run_generate
@@ -113,7 +116,7 @@ def generate(model, prompt, negative_prompt, seed, steps, guidance, width, heigh
         seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
         height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
         dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
-        subjects=tuple(subjects),
+        subjects=tuple(subjects), loras=tuple(loras),
     )
     for path in run_generate(request):
         click.echo(str(path))

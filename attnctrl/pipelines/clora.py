@@ -1,0 +1,290 @@
+"""``CLoRAPipeline``: several LoRAs composed by contrastive attention steering and masked fusion.
+
+    clora = attnctrl.pipelines.CLoRAPipeline.from_pipe(pipe)
+    image = clora(
+        prompts=["a cat and a dog", "a sks dog and a cat", "a zwx cat and a dog"],
+        loras=[None, "dog.safetensors", "cat.safetensors"],      # a file path, or a name loaded with load_lora()
+        concepts=[["cat", "cat", "zwx cat"], ["dog", "sks dog", "dog"]],   # per concept, its words in each prompt
+        mask_words=[[], ["sks dog"], ["zwx cat"]],                          # per prompt, the words of its mask
+    ).images[0]
+
+LoRAs are loaded through diffusers' PEFT path (``load_lora_weights(path, adapter_name=...)``) and switched per
+branch with ``set_adapters``; weights are never merged. Words are resolved to token indices by the core lookup (the
+official notebook's hand-written indices are off by one, spec §10). The denoising loop is this module's own (it runs
+N UNet passes per step on one latent, updates the latent by autograd while ``step < max_iter_to_alter`` and runs
+without autograd afterwards; the official code keeps graphs on every pass). As in the official code, the noise
+predictions fused at a step are those of the last forward pass, i.e. before the last latent update of that step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.controller import MethodState, apply
+from ..core.errors import AttnCtrlError, UnsupportedModelError
+from ..core.families import detect_family
+from ..core.tokens import token_indices
+from ..processors.clora import CLoRA, CrossAttnRecorder, lora_masks, min_max, nt_xent
+from .freecustom import _Bound
+
+__all__ = ["CLoRAPipeline", "CLoRAState"]
+
+
+class CLoRAState(MethodState):
+    """Maps recorded during one branch pass (mean over the recorded layers), and the run's CFG layout."""
+
+    def __init__(self, record_uncond: bool):
+        self.record_uncond = record_uncond
+        self.recording = False
+        self.cfg = True
+        self._sum = None
+        self._count = 0
+        self.grid = None
+
+    def add(self, probs: torch.Tensor, grid) -> None:
+        if self.grid is None:
+            self.grid = tuple(grid)
+        elif tuple(grid) != self.grid:
+            raise AttnCtrlError(f"CLoRA records one resolution; got {tuple(grid)} and {self.grid}")
+        self._sum = probs if self._sum is None else self._sum + probs
+        self._count += 1
+
+    def take(self) -> torch.Tensor:
+        """``(h, w, T)`` mean map of the last pass; resets."""
+        if not self._count:
+            raise AttnCtrlError("no cross-attention was recorded (is the image size a multiple of 32 px?)")
+        mean = (self._sum / self._count)[0]
+        out = mean.reshape(*self.grid, mean.shape[-1])
+        self._sum, self._count = None, 0
+        return out
+
+
+class CLoRAPipeline:
+    """See the module docstring; ``.pipe`` is the wrapped SD 1.x/2.x or SDXL pipeline."""
+
+    def __init__(self, pipe):
+        family = detect_family(getattr(pipe, "unet", None) or torch.nn.Module())
+        if family.name not in CLoRA.families:
+            raise UnsupportedModelError("CLoRAPipeline supports SD 1.x/2.x and SDXL UNets")
+        self.pipe = pipe
+        self.xl = family.name == "sdxl"
+
+    @classmethod
+    def from_pipe(cls, pipe):
+        return cls(pipe.pipe if isinstance(pipe, CLoRAPipeline) else pipe)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    # -- LoRAs -------------------------------------------------------------------------------------------------------
+    def load_lora(self, path, adapter_name: str | None = None) -> str:
+        """Load a LoRA file through diffusers' PEFT path; returns its adapter name (the file stem by default)."""
+        path = Path(path)
+        if not path.is_file():
+            raise AttnCtrlError(f"LoRA file {path} does not exist")
+        name = adapter_name or path.stem.replace(".", "_")
+        loaded = {n for names in self.pipe.get_list_adapters().values() for n in names}
+        if name in loaded:
+            return name
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as e:  # diffusers/peft raise many types for files of another model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AttnCtrlError(f"LoRA {path.name} does not fit this model: {first}") from None
+        return name
+
+    def _activate(self, lora: str | None, style: str | None, style_weight: float) -> None:
+        names, weights = ([lora], [1.0]) if lora else ([], [])
+        if style:
+            names.append(style)
+            weights.append(style_weight)
+        if names:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, adapter_weights=weights)
+        elif self.pipe.get_list_adapters():
+            self.pipe.disable_lora()
+
+    # -- prompts -----------------------------------------------------------------------------------------------------
+    def _encode(self, prompt: str, negative: str | None, device):
+        pipe = self.pipe
+        if self.xl:
+            pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True, negative_prompt=negative)
+            return torch.cat([ne, pe]), torch.cat([npooled, pooled])
+        pe, ne = pipe.encode_prompt(prompt, device, 1, True, negative)
+        return torch.cat([ne, pe]), None
+
+    def _resolve(self, prompts, concepts, mask_words):
+        tok = self.pipe.tokenizer
+        samples = []  # (prompt index, token index, class)
+        for c, per_prompt in enumerate(concepts):
+            if len(per_prompt) != len(prompts):
+                raise AttnCtrlError(f"concept {c + 1} names {len(per_prompt)} words for {len(prompts)} prompts; use "
+                                    f"None where a prompt lacks it")
+            found = 0
+            for p, word in enumerate(per_prompt):
+                if word:
+                    try:
+                        idx = token_indices(tok, prompts[p], word)
+                    except AttnCtrlError as e:
+                        raise type(e)(f"prompt {p + 1}: {e}") from None
+                    samples += [(p, k, c) for k in idx]
+                    found += len(idx)
+            if found < 2:
+                raise AttnCtrlError(f"concept {c + 1} has no positive pair: name it in at least two prompts")
+        masks = []
+        for p, words in enumerate(mask_words):
+            ids = []
+            for word in words or ():
+                try:
+                    ids += token_indices(tok, prompts[p], word)
+                except AttnCtrlError as e:
+                    raise type(e)(f"prompt {p + 1} mask: {e}") from None
+            masks.append(ids)
+        return samples, masks
+
+    @staticmethod
+    def loss(maps: torch.Tensor, samples, temperature: float) -> torch.Tensor:
+        """NT-Xent over the min-max normalised maps of the concept tokens (spec §3.4)."""
+        vectors = torch.stack([min_max(maps[p, :, :, k].flatten()) for p, k, _ in samples])
+        labels = torch.tensor([c for _, _, c in samples], device=maps.device)
+        return nt_xent(vectors, labels, temperature)
+
+    # -- the call ----------------------------------------------------------------------------------------------------
+    def __call__(self, prompts, loras, concepts, mask_words, negative_prompt=None, style_lora=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height=None, width=None, generator=None,
+                 latents=None, output_type: str = "pil", return_dict: bool = True, **options):
+        pipe = self.pipe
+        config = CLoRA(**options)
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise AttnCtrlError("prompts must be a list of strings, one per LoRA branch")
+        loras = list(loras)
+        mask_words = list(mask_words)
+        if not (len(loras) == len(mask_words) == len(prompts)):
+            raise AttnCtrlError(f"give one LoRA (or None) and one mask-word list per prompt: {len(prompts)} prompts, "
+                                f"{len(loras)} LoRAs, {len(mask_words)} mask lists")
+        steering = config.step_size > 0 and config.max_iter_to_alter > 0 and bool(concepts)
+        samples, mask_tokens = self._resolve(prompts, concepts or [], mask_words) if concepts else ([], None)
+        if mask_tokens is None:
+            _, mask_tokens = self._resolve(prompts, [], mask_words)
+        names = [self.load_lora(x) if x and (Path(str(x)).suffix or "/" in str(x)) else (x or None) for x in loras]
+        style = self.load_lora(style_lora) if style_lora and Path(str(style_lora)).suffix else style_lora
+        loaded = {n for ns in pipe.get_list_adapters().values() for n in ns}
+        for n in [*names, style]:
+            if n and n not in loaded:
+                raise AttnCtrlError(f"LoRA {n!r} is not loaded: pass a .safetensors path or call load_lora() first")
+        device = pipe._execution_device
+        default = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        height, width = int(height or default), int(width or default)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
+
+        embeds, pooled = [], []
+        for j, prompt in enumerate(prompts):
+            self._activate(names[j], style, config.style_lora_weight)
+            e, p = self._encode(prompt, negatives[j], device)
+            embeds.append(e)
+            pooled.append(p)
+        dtype = embeds[0].dtype
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        z = latents.to(device, dtype) * scheduler.init_noise_sigma
+        added = None
+        if self.xl:
+            time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            added = [{"text_embeds": p, "time_ids": time_ids.to(device).repeat(2, 1)} for p in pooled]
+
+        state = CLoRAState(config.record_uncond)
+        handle = apply(pipe, _Bound(config=config, run=state, processor=CrossAttnRecorder))
+        self.unet_calls = 0
+
+        def branches(z_in, t):
+            eps, maps = [], []
+            x = scheduler.scale_model_input(torch.cat([z_in, z_in]), t)
+            for j in range(len(prompts)):
+                self._activate(names[j], style, config.style_lora_weight)
+                state.recording = True
+                out = pipe.unet(x, t, encoder_hidden_states=embeds[j],
+                                added_cond_kwargs=added[j] if added else None, return_dict=False)[0]
+                state.recording = False
+                self.unet_calls += 1
+                eps.append(out)
+                maps.append(state.take())
+            return torch.stack(eps), torch.stack(maps)
+
+        fused_masks = None
+        try:
+            with pipe.progress_bar(total=len(timesteps)) as bar:
+                for i, t in enumerate(timesteps):
+                    update = steering and i < config.max_iter_to_alter
+                    with torch.set_grad_enabled(update):
+                        if update:
+                            z = z.detach().requires_grad_(True)
+                        eps, maps = branches(z, t)
+                        if update:
+                            rounds = 1 + (config.iterative_steps_steps if i in config.iterative_steps else 0)
+                            for r in range(rounds):
+                                loss = self.loss(maps, samples, config.temperature)
+                                (grad,) = torch.autograd.grad(loss, z)
+                                z = (z - config.step_size * grad).detach().requires_grad_(r < rounds - 1)
+                                if r < rounds - 1:
+                                    eps, maps = branches(z, t)
+                    z = z.detach()
+                    eps, maps = eps.detach(), maps.detach()
+                    if i >= config.apply_mask_after:
+                        masks = lora_masks(maps, mask_tokens, config.mask_threshold)
+                    else:
+                        masks = torch.ones(len(prompts), *maps.shape[1:3], device=maps.device, dtype=maps.dtype)
+                    fused_masks = masks
+                    m = F.interpolate(masks[:, None], size=z.shape[-2:], mode="nearest").to(eps.dtype)  # (N,1,h,w)
+                    m = m[:, None]  # (N, 1, 1, h, w) against eps (N, 2, C, h, w)
+                    eps_u = (m * eps[:, 0:1]).sum(0) / m.sum(0)
+                    eps_c = (m * eps[:, 1:2]).sum(0) / m.sum(0)
+                    noise = eps_u + guidance_scale * (eps_c - eps_u)
+                    z = scheduler.step(noise, t, z, return_dict=False)[0]
+                    bar.update()
+        finally:
+            handle.remove()
+            if pipe.get_list_adapters():
+                pipe.enable_lora()
+        self.last_masks = fused_masks
+        return self._decode(z, output_type, return_dict)
+
+    @torch.no_grad()
+    def _decode(self, z, output_type, return_dict):
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        pipe = self.pipe
+        if output_type == "latent":
+            images = z
+        else:
+            vae = pipe.vae
+            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:
+                vae = vae.to(torch.float32)
+            latents = z.to(vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            images = vae.decode(latents, return_dict=False)[0]
+            if upcast:
+                vae.to(torch.float16)
+            images = pipe.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+

@@ -1,0 +1,165 @@
+"""CLoRA: compose several LoRAs by contrastive attention steering and masked fusion.
+
+Meral, Simsar, Tombari, Yanardag, *Contrastive Test-Time Composition of Multiple LoRA Models for Image Generation*
+(ICCV 2025, arXiv 2403.19776); official code ``gemlab-vt/clora``; spec ``clora.md``.
+
+N prompts, each with one LoRA (prompt 0 usually the plain prompt without one), run on the same latent every step.
+Cross-attention maps of the concept tokens, recorded at 1/32 of the image resolution (spec §3.2), are pulled
+together across prompts when they describe the same concept and pushed apart across concepts by an NT-Xent loss
+(spec §3.4); the latent moves down its gradient (Attend-and-Excite style); then each LoRA's mask is thresholded
+from its own maps and the N noise predictions are fused as a mask-weighted average before CFG (spec §3.5).
+
+This module holds the per-layer recorder and the loss/mask maths; the orchestration is
+:class:`attnctrl.pipelines.CLoRAPipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..core.controller import Controller, Method
+from ..core.errors import AttnCtrlError
+from ..core.layers import LayerInfo
+from ..core.processor import AttnCtrlProcessor
+
+__all__ = ["CLoRA", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "record_layers"]
+
+
+def min_max(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - min) / (max - min + eps)`` over the last dim (the official code has no epsilon: NaN on flat maps)."""
+    lo = x.min(-1, keepdim=True).values
+    hi = x.max(-1, keepdim=True).values
+    return (x - lo) / (hi - lo + eps)
+
+
+def nt_xent(samples: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (InfoNCE) over ``samples`` ``(S, D)`` with class ``labels`` ``(S,)`` (spec §3.4).
+
+    For every ordered positive pair ``(a, b)`` (same label, ``a != b``)::
+
+        l_ab = -log( exp(s_ab / t) / (exp(s_ab / t) + sum_{n: y_n != y_a} exp(s_an / t)) ),   s = cosine similarity
+
+    and the loss is the mean over positive pairs, as ``pytorch_metric_learning.losses.NTXentLoss``.
+    """
+    if samples.ndim != 2 or labels.shape != samples.shape[:1]:
+        raise ValueError("samples must be (S, D) with one label per sample")
+    z = F.normalize(samples, dim=-1)
+    sim = z @ z.T / temperature
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=samples.device)
+    positive = same & ~eye
+    if not torch.any(positive):
+        raise AttnCtrlError("CLoRA's contrastive loss needs a concept named in at least two prompts")
+    negative = ~same
+    sim = sim - sim.max().detach()  # stability, as the library
+    neg_sum = (torch.exp(sim) * negative).sum(1, keepdim=True)  # (S, 1)
+    pos = torch.exp(sim)
+    losses = -torch.log(pos / (pos + neg_sum) + 1e-12)
+    return losses[positive].mean()
+
+
+def lora_masks(maps: torch.Tensor, mask_tokens: list[list[int]], threshold: float) -> torch.Tensor:
+    """Binary fusion masks ``(N, h, w)`` from aggregated maps ``(N, h, w, T)`` (spec §3.5).
+
+    Branch j's mask is the union over its ``mask_tokens[j]`` of ``A[..., k] > threshold * max A[..., k]`` (empty list:
+    zeros); branch 0 additionally takes every pixel no mask covers, so the masks sum to >= 1 everywhere.
+    """
+    n, h, w, _ = maps.shape
+    masks = torch.zeros(n, h, w, dtype=maps.dtype, device=maps.device)
+    for j, tokens in enumerate(mask_tokens):
+        for k in tokens:
+            a = maps[j, :, :, k]
+            masks[j] = torch.maximum(masks[j], (a > threshold * a.max()).to(maps.dtype))
+    masks[0] = torch.maximum(masks[0], (masks.sum(0) == 0).to(maps.dtype))
+    return masks
+
+
+def record_layers(ctl: Controller, selector=None) -> list[LayerInfo]:
+    """The cross-attention layers CLoRA records: those at 1/32 of the image (SD 1.5 at 512 px: 16 x 16, 5 layers),
+    or the nearest existing level for other autoencoders."""
+    if selector is not None:
+        chosen = [la for la in ctl.layers.select(selector) if la.kind == "cross"]
+    else:
+        pipe = ctl.pipe
+        vae_factor = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
+        want = max(1, 32 // vae_factor)
+        levels = sorted({la.downsample for la in ctl.layers if la.kind == "cross"})
+        best = min(levels, key=lambda d: (abs(d - want), d))
+        chosen = [la for la in ctl.layers if la.kind == "cross" and la.downsample == best]
+    if not chosen:
+        raise AttnCtrlError(f"CLoRA: no cross-attention layer selected by {selector!r}")
+    return chosen
+
+
+class CrossAttnRecorder(AttnCtrlProcessor):
+    """Stock cross-attention output plus head-averaged probabilities of the selected CFG half (differentiable)."""
+
+    def __init__(self, layer: LayerInfo, controller: Controller, state, config=None):
+        super().__init__(layer, controller)
+        self.state = state
+
+    def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
+        out = self.stock_attention(query, key, value, attention_mask)
+        if self.state.recording:
+            scale = query.shape[-1] ** -0.5
+            probs = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * scale, dim=-1).mean(1)
+            b = probs.shape[0]
+            if self.state.cfg:
+                halves = probs.view(2, b // 2, *probs.shape[1:])
+                probs = halves.mean(0) if self.state.record_uncond else halves[1]  # official parity: mean
+            self.state.add(probs, self.layer.grid(self.ctl.call.grid))
+        return out
+
+
+@dataclass(frozen=True)
+class CLoRA(Method):
+    """CLoRA settings (used by :class:`attnctrl.pipelines.CLoRAPipeline`, which supplies prompts and LoRAs).
+
+    Args that matter:
+        step_size: latent update step ``eta`` (20 as official); 0 disables the contrastive update.
+        max_iter_to_alter: steps ``i < max_iter_to_alter`` update the latent (with gradients); later steps run
+            without autograd.
+        mask_threshold: ``alpha`` of the fusion masks (``A > alpha * max A``).
+    Args to tinker with:
+        iterative_steps, iterative_steps_steps: refinement steps and how many extra updates they run.
+        temperature: NT-Xent temperature (0.5). apply_mask_after: masks from this step on (before: all ones).
+        record_uncond: average the unconditional half into the maps (official parity; default off).
+        record_layers: selector of the recorded cross-attention layers (default: 1/32 of the image).
+    """
+
+    step_size: float = field(default=20.0, metadata={"help": "clora: latent update step"})
+    max_iter_to_alter: int = field(default=25, metadata={"help": "clora: steps with latent updates"})
+    iterative_steps: tuple[int, ...] = field(default=(0, 10, 20), metadata={"help": "clora: refinement steps"})
+    iterative_steps_steps: int = field(default=20, metadata={"help": "clora: extra updates per refinement step"})
+    temperature: float = field(default=0.5, metadata={"help": "clora: NT-Xent temperature"})
+    mask_threshold: float = field(default=0.3, metadata={"help": "clora: fusion mask threshold alpha"})
+    apply_mask_after: int = field(default=0, metadata={"help": "clora: first step with fusion masks"})
+    record_uncond: bool = field(default=False, metadata={"help": "clora: average the uncond half into the maps"})
+    record_layers: object = field(default=None, metadata={"help": "clora: recorded cross-attention layers"})
+    style_lora_weight: float = field(default=1.0, metadata={"help": "clora: weight of the style LoRA"})
+
+    name = "clora"
+    families = ("sd", "sdxl")
+    kinds = ("cross",)
+    pipeline = "CLoRAPipeline"
+
+    def select_layers(self, ctl: Controller) -> list[LayerInfo]:
+        return record_layers(ctl, self.record_layers)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.step_size < 0 or self.max_iter_to_alter < 0 or self.iterative_steps_steps < 0:
+            raise AttnCtrlError("step_size, max_iter_to_alter and iterative_steps_steps must be >= 0")
+        if self.temperature <= 0:
+            raise AttnCtrlError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.mask_threshold <= 1:
+            raise AttnCtrlError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+
+    def create_state(self, ctl, layers):
+        raise AttnCtrlError("CLoRA needs prompts and LoRAs: use attnctrl.pipelines.CLoRAPipeline.from_pipe(pipe)")
+
+    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
+        raise NotImplementedError
