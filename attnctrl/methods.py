@@ -14,13 +14,14 @@ from .processors.clora import CLoRA
 from .processors.freecustom import FreeCustom
 from .processors.irdiffusion import IRDiffusion
 from .processors.magicface import MagicFace
+from .processors.primecomposer import PrimeComposer
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "FreeCustom", "IRDiffusion", "MagicFace", "REGISTRY", "get",
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "FreeCustom", "IRDiffusion", "MagicFace", "PrimeComposer", "REGISTRY", "get",
            "Method"]
 
 #: CLI / job-file name -> method config class
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, FreeCustom, IRDiffusion, MagicFace)
+    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, FreeCustom, IRDiffusion, MagicFace, PrimeComposer)
 }
 
 

@@ -38,6 +38,7 @@ class GenerateRequest:
     references: tuple[str, ...] = ()  # "IMAGE[:MASK][:PROMPT]" specs for reference-based methods
     subjects: tuple[str, ...] = ()  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]" or "WORD=reference prompt[@REGION]"
     loras: tuple[str, ...] = ()  # "PATH:WORD:PROMPT" for CLoRA
+    composition: dict | None = None  # PrimeComposer: background, reference, reference_mask, box (x, y, w, h)
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -152,6 +153,7 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "references": list(request.references) or None,
         "subjects": list(request.subjects) or None,
         "loras": list(request.loras) or None,
+        "composition": request.composition,
         "scheduler_config": dict(pipe.scheduler.config),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -196,7 +198,28 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
     method = request.method
     handle = None
     generate = pipe
-    if method is not None and method.name == "clora":
+    if method is not None and method.name == "primecomposer":
+        from ..pipelines import PrimeComposerPipeline
+
+        comp = request.composition or {}
+        missing = [k for k in ("background", "reference", "box") if not comp.get(k)]
+        if missing:
+            raise AttnCtrlError("primecomposer needs --background, --reference and --box x,y,w,h (missing: "
+                                + ", ".join("--" + m for m in missing) + ")")
+        for key in ("background", "reference", "reference_mask"):
+            if comp.get(key) and not Path(comp[key]).is_file():
+                raise AttnCtrlError(f"--{key.replace('_', '-')} file {comp[key]} does not exist")
+        x, y, w, h = comp["box"]
+        options = {f.name: getattr(method, f.name) for f in fields(method) if f.name != "layers"}
+        composer = PrimeComposerPipeline.from_pipe(pipe)
+
+        def generate(prompt, **kw):
+            kw.pop("negative_prompt", None)
+            return composer(comp["background"], comp["reference"], comp.get("reference_mask"),
+                            location=(x, y, x + w, y + h), prompt=prompt, **kw, **options)
+    elif request.composition:
+        raise AttnCtrlError("--background/--reference/--box are for --method primecomposer")
+    elif method is not None and method.name == "clora":
         from ..pipelines import CLoRAPipeline
 
         if not request.loras:

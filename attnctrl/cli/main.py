@@ -102,21 +102,36 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--lora", "loras", multiple=True, metavar="PATH:WORD:PROMPT",
               help="A LoRA for clora, its trigger word and its prompt (e.g. dog.safetensors:sks dog:a sks dog and a "
                    "cat); repeat for several. --prompt is the base branch.")
+@click.option("--background", type=click.Path(dir_okay=False), help="primecomposer: the background image.")
+@click.option("--reference", type=click.Path(dir_okay=False), help="primecomposer: the object's image.")
+@click.option("--reference-mask", type=click.Path(dir_okay=False), help="primecomposer: the object's mask.")
+@click.option("--box", metavar="X,Y,W,H", help="primecomposer: where to put the object, in pixels.")
 @method_options
 @user_errors
 def generate(model, prompt, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, method, references, subjects, loras, **method_kwargs) -> None:
+             device, dtype, no_metadata, method, references, subjects, loras, background, reference, reference_mask,
+             box, **method_kwargs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
     from .generate import GenerateRequest, run_generate
 
     config = build_method_config(method, method_kwargs)
+    composition = None
+    if background or reference or reference_mask or box:
+        try:
+            parsed_box = tuple(float(v) for v in box.split(",")) if box else None
+        except ValueError:
+            parsed_box = None
+        if box and (parsed_box is None or len(parsed_box) != 4 or parsed_box[2] <= 0 or parsed_box[3] <= 0):
+            raise click.ClickException(f"--box {box!r}: give X,Y,W,H with a positive width and height")
+        composition = {"background": background, "reference": reference, "reference_mask": reference_mask,
+                       "box": parsed_box}
     request = GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt,
         seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
         height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
         dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
-        subjects=tuple(subjects), loras=tuple(loras),
+        subjects=tuple(subjects), loras=tuple(loras), composition=composition,
     )
     for path in run_generate(request):
         click.echo(str(path))

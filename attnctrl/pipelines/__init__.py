@@ -4,7 +4,8 @@ from .clora import CLoRAPipeline
 from .freecustom import FreeCustomPipeline, ReferencePipeline
 from .irdiffusion import IRDiffusionPipeline, Subject
 from .magicface import MagicFacePipeline
+from .primecomposer import PrimeComposerPipeline
 from .reference import Reference, ReferenceError, ReferenceRun
 
-__all__ = ["CLoRAPipeline", "FreeCustomPipeline", "IRDiffusionPipeline", "MagicFacePipeline", "ReferencePipeline", "Reference",
+__all__ = ["CLoRAPipeline", "FreeCustomPipeline", "IRDiffusionPipeline", "MagicFacePipeline", "PrimeComposerPipeline", "ReferencePipeline", "Reference",
            "ReferenceError", "ReferenceRun", "Subject"]

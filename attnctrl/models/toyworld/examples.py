@@ -26,6 +26,10 @@ EXAMPLES: dict[str, tuple[list[Obj], int]] = {
 }
 
 
+#: PrimeComposer's example: a background scene (a yellow triangle on the left); the object is the striped green star
+COMPOSITION = {"background": [Obj("yellow", "triangle", "plain", "left", 20, 12, 34)], "box": (36, 16, 24, 28)}
+
+
 def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
     """Write ``<name>.png``, ``<name>-mask.png`` and ``examples.json`` into ``folder``; returns the index."""
     folder = Path(folder)
@@ -39,7 +43,12 @@ def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
         obj = objects[concept]
         index.append({"name": name, "image": f"{name}.png", "mask": f"{name}-mask.png", "prompt": scene.caption,
                       "colour": obj.colour, "shape": obj.shape, "pattern": obj.pattern})
-    (folder / "examples.json").write_text(json.dumps(index, indent=2) + "\\n")
+    scene = Scene(list(COMPOSITION["background"]), background=(234, 231, 226), seed=200)
+    render(scene, size=size).save(folder / "composition-background.png")
+    index.append({"name": "composition", "background": "composition-background.png",
+                  "reference": "striped-green-star.png", "reference_mask": "striped-green-star-mask.png",
+                  "box_xywh": list(COMPOSITION["box"]), "prompt": "a yellow triangle on the left and a star on the right"})
+    (folder / "examples.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 
