@@ -11,17 +11,18 @@ from .processors.agent import AgentAttention
 from .processors.attention_maps import AttentionMaps
 from .processors.clear import CLEAR
 from .processors.clora import CLoRA
+from .processors.ditctrl import DiTCtrl
 from .processors.freecustom import FreeCustom
 from .processors.irdiffusion import IRDiffusion
 from .processors.magicface import MagicFace
 from .processors.primecomposer import PrimeComposer
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "FreeCustom", "IRDiffusion", "MagicFace", "PrimeComposer", "REGISTRY", "get",
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "DiTCtrl", "FreeCustom", "IRDiffusion", "MagicFace", "PrimeComposer", "REGISTRY", "get",
            "Method"]
 
 #: CLI / job-file name -> method config class
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, FreeCustom, IRDiffusion, MagicFace, PrimeComposer)
+    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, DiTCtrl, FreeCustom, IRDiffusion, MagicFace, PrimeComposer)
 }
 
 

@@ -35,7 +35,7 @@ def test_off_is_bit_identical_and_undo_is_exact():
 
 def test_same_seed_same_image_and_the_global_rng_is_untouched():
     pipe = tiny("sd15")
-    with attnctrl.apply(pipe, AgentAttention(seed=3)):
+    with attnctrl.apply(pipe, AgentAttention(merge_seed=3)):
         torch.manual_seed(123)
         a = run(pipe, **SIZE)
         state = torch.get_rng_state()
@@ -44,7 +44,7 @@ def test_same_seed_same_image_and_the_global_rng_is_untouched():
         run(pipe, **SIZE)
         assert torch.equal(torch.get_rng_state(), state)  # the merge randomness never draws from the global RNG
     np.testing.assert_array_equal(a, b)
-    with attnctrl.apply(pipe, AgentAttention(seed=4)):
+    with attnctrl.apply(pipe, AgentAttention(merge_seed=4)):
         assert not np.array_equal(run(pipe, **SIZE), a)
 
 

@@ -112,3 +112,10 @@ def test_info(runner):
     assert data["packages"]["torch"] and "tiny-sd15" in data["tiny_models"]
     result = runner.invoke(cli, ["info", "--layers", "tiny-flux"])
     assert "single_transformer_blocks.1.attn.processor" in result.output
+
+
+def test_method_options_never_collide_with_generate_options():
+    from attnctrl.cli.main import generate
+
+    opts = [opt for p in generate.params for opt in p.opts]
+    assert len(opts) == len(set(opts)), sorted(o for o in opts if opts.count(o) > 1)

@@ -78,7 +78,8 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.option("-m", "--model", default=None, help="tiny-<family>, a local folder/file or a cached hub id "
               "[default: the embedded default model]")
-@click.option("-p", "--prompt", required=True, help="What to generate.")
+@click.option("-p", "--prompt", "prompts", required=True, multiple=True,
+              help="What to generate (ditctrl: repeat for each part of the video).")
 @click.option("-n", "--negative-prompt", default=None, help="What to avoid.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (next images use seed+1, ...) "
               "[default: random]")
@@ -93,6 +94,7 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
+@click.option("--gif", is_flag=True, help="Videos: also write an animated GIF next to the MP4.")
 @click.option("--method", default=None, help="Attention method to apply (see `attnctrl info`).")
 @click.option("--ref", "references", multiple=True, metavar="IMAGE[:MASK][:PROMPT]",
               help="A reference image for freecustom / magicface (repeat for several).")
@@ -108,8 +110,8 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--box", metavar="X,Y,W,H", help="primecomposer: where to put the object, in pixels.")
 @method_options
 @user_errors
-def generate(model, prompt, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, method, references, subjects, loras, background, reference, reference_mask,
+def generate(model, prompts, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
+             device, dtype, no_metadata, gif, method, references, subjects, loras, background, reference, reference_mask,
              box, **method_kwargs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
@@ -127,11 +129,11 @@ def generate(model, prompt, negative_prompt, seed, steps, guidance, width, heigh
         composition = {"background": background, "reference": reference, "reference_mask": reference_mask,
                        "box": parsed_box}
     request = GenerateRequest(
-        model=model, prompt=prompt, negative_prompt=negative_prompt,
+        model=model, prompts=tuple(prompts), negative_prompt=negative_prompt,
         seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
         height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
         dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
-        subjects=tuple(subjects), loras=tuple(loras), composition=composition,
+        subjects=tuple(subjects), loras=tuple(loras), composition=composition, gif=gif,
     )
     for path in run_generate(request):
         click.echo(str(path))

@@ -6,12 +6,13 @@ from .metadata import (
     infotext,
     parse_infotext,
     read_png_metadata,
+    save_gif,
     save_json,
     save_png,
     save_video,
 )
 
 __all__ = [
-    "JSON_KEY", "atomic_path", "infotext", "parse_infotext", "read_png_metadata", "save_json", "save_png",
-    "save_video",
+    "JSON_KEY", "atomic_path", "infotext", "parse_infotext", "read_png_metadata", "save_gif", "save_json",
+    "save_png", "save_video",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "read_png_metadata",
     "save_json",
     "save_video",
+    "save_gif",
     "JSON_KEY",
 ]
 
@@ -168,4 +169,18 @@ def save_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         imageio.mimwrite(tmp, arrays, fps=fps, format="FFMPEG", codec="libx264", macro_block_size=1)
+    return path
+
+
+def save_gif(path: str | os.PathLike, frames, fps: int = 8) -> Path:
+    """Write frames (PIL images or arrays) as an endlessly looping animated GIF, atomically."""
+    import numpy as np
+    from PIL import Image
+
+    images = [f if hasattr(f, "save") else Image.fromarray(
+        np.asarray(f) if np.asarray(f).dtype == np.uint8 else (np.clip(np.asarray(f), 0, 1) * 255).round().astype(
+            np.uint8)) for f in frames]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path

@@ -1,11 +1,12 @@
 """Pipelines for the methods that need extra inputs or passes; each wraps a base pipeline with ``from_pipe``."""
 
 from .clora import CLoRAPipeline
+from .ditctrl import DiTCtrlPipeline
 from .freecustom import FreeCustomPipeline, ReferencePipeline
 from .irdiffusion import IRDiffusionPipeline, Subject
 from .magicface import MagicFacePipeline
 from .primecomposer import PrimeComposerPipeline
 from .reference import Reference, ReferenceError, ReferenceRun
 
-__all__ = ["CLoRAPipeline", "FreeCustomPipeline", "IRDiffusionPipeline", "MagicFacePipeline", "PrimeComposerPipeline", "ReferencePipeline", "Reference",
+__all__ = ["CLoRAPipeline", "DiTCtrlPipeline", "FreeCustomPipeline", "IRDiffusionPipeline", "MagicFacePipeline", "PrimeComposerPipeline", "ReferencePipeline", "Reference",
            "ReferenceError", "ReferenceRun", "Subject"]

@@ -58,7 +58,7 @@ class _AgentState(MethodState):
         self.config = config
         self.ctl = ctl
         self.generator = torch.Generator("cpu")
-        self.generator.manual_seed(config.seed)
+        self.generator.manual_seed(config.merge_seed)
         self.block_inputs: dict[str, torch.Tensor] = {}
         self.hooks = []
         for layer in layers:
@@ -72,7 +72,7 @@ class _AgentState(MethodState):
         return hook
 
     def on_run(self, ctl: Controller) -> None:
-        self.generator.manual_seed(self.config.seed)
+        self.generator.manual_seed(self.config.merge_seed)
 
     def phase(self) -> tuple[int, int, float]:
         """``(sx, sy, agent_ratio)`` of the current step."""
@@ -171,7 +171,7 @@ class AgentAttention(Method):
         sx, sy / late_sx, late_sy: cell size of the partition in each phase; late_agent_ratio: 0.5 means no agents.
         k_scale2 (0.3), k_shortcut (0.075): the broadcast softmax's logit exponent and the value shortcut.
         attn_precision: "fp32" computes both agent softmaxes in float32 (needed for SD 2.1 in fp16).
-        use_rand, seed: random dst positions from a private generator (re-seeded every generation).
+        use_rand, merge_seed: random dst positions from a private generator (re-seeded every generation).
     """
 
     ratio: float = field(default=0.4, metadata={"help": "agent: fraction of tokens merged, [0, 1)"})
@@ -189,7 +189,7 @@ class AgentAttention(Method):
                                                                "for SD, 2 for SDXL)"})
     attn_precision: str | None = field(default=None, metadata={"help": "agent: 'fp32' for float32 softmaxes"})
     use_rand: bool = field(default=True, metadata={"help": "agent: random dst token per cell"})
-    seed: int = field(default=0, metadata={"help": "agent: seed of the merge randomness"})
+    merge_seed: int = field(default=0, metadata={"help": "agent: seed of the merge randomness"})
 
     name = "agent"
     families = ("sd", "sdxl")

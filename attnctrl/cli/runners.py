@@ -1,0 +1,197 @@
+"""From a method config and its command-line / job inputs to a callable that generates (shared by ``generate`` and
+``batch``).
+
+Plugin methods (AttentionMaps, AgentAttention, CLEAR) are applied to the pipeline; pipeline methods get their
+extra inputs here: references (FreeCustom, MagicFace), subjects (IR-Diffusion), LoRAs (CLoRA), a composition
+(PrimeComposer) or several prompts (DiTCtrl). Every input is checked before anything is generated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..core.controller import Handle, Method, apply
+from ..core.errors import AttnCtrlError
+
+__all__ = ["MethodInputs", "prepare", "parse_reference", "parse_subject", "clora_inputs"]
+
+
+@dataclass
+class MethodInputs:
+    prompts: list[str]
+    references: list[str] = field(default_factory=list)  # "IMAGE[:MASK][:PROMPT]"
+    subjects: list[str] = field(default_factory=list)  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]" or "WORD=prompt"
+    loras: list[str] = field(default_factory=list)  # "PATH:WORD:PROMPT"
+    composition: dict | None = None  # background, reference, reference_mask, box (x, y, w, h)
+
+
+def parse_reference(spec: str, index: int):
+    """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons)."""
+    from ..pipelines import Reference
+
+    image, _, rest = spec.partition(":")
+    mask, _, prompt = rest.partition(":")
+    if not image:
+        raise AttnCtrlError(f"--ref {spec!r}: give IMAGE[:MASK][:PROMPT]")
+    for label, path in (("image", image), ("mask", mask)):
+        if path and not Path(path).is_file():
+            raise AttnCtrlError(f"--ref {index + 1}: {label} file {path} does not exist")
+    return Reference(image, mask or None, prompt, name=Path(image).name)
+
+
+def parse_subject(spec: str, index: int):
+    """``WORD=IMAGE[:MASK][:PROMPT][@REGION]`` or ``WORD=reference prompt[@REGION]`` -> a ``Subject``.
+
+    ``REGION`` is a box ``x0,y0,x1,y1`` (pixels or fractions) or a mask file."""
+    from ..pipelines import Subject
+
+    word, eq, rest = spec.partition("=")
+    if not eq or not word.strip() or not rest.strip():
+        raise AttnCtrlError(f"--subject {spec!r}: give WORD=IMAGE[:MASK][:PROMPT][@REGION] or WORD=prompt")
+    region = None
+    body, at, tail = rest.rpartition("@")
+    if at:
+        parts = tail.split(",")
+        if len(parts) == 4:
+            try:
+                region = tuple(float(p) for p in parts)
+            except ValueError:
+                raise AttnCtrlError(f"--subject {index + 1}: region {tail!r} is not x0,y0,x1,y1") from None
+        elif Path(tail).is_file():
+            region = tail
+        else:
+            raise AttnCtrlError(f"--subject {index + 1}: region {tail!r} is neither a box x0,y0,x1,y1 nor a mask file")
+        rest = body
+    image = rest.split(":", 1)[0]
+    if Path(image).is_file():
+        return Subject(word.strip(), reference=parse_reference(rest, index), region=region)
+    return Subject(word.strip(), prompt=rest.strip(), region=region)
+
+
+def clora_inputs(prompt: str, specs) -> tuple[list, list, list, list]:
+    """Prompts, LoRAs, concepts and mask words of CLoRA from a base prompt and ``PATH:WORD:PROMPT`` specs.
+
+    Branch 0 is the base prompt without a LoRA. LoRA k's concept is its trigger ``WORD`` (e.g. "sks dog") in its own
+    prompt and the word's last word (its class noun, "dog") in every other prompt that contains it; its mask is WORD.
+    """
+    prompts, loras, words = [prompt], [None], []
+    for i, spec in enumerate(specs):
+        path, _, rest = spec.partition(":")
+        word, _, lora_prompt = rest.partition(":")
+        if not path or not word.strip() or not lora_prompt.strip():
+            raise AttnCtrlError(f"--lora {spec!r}: give PATH:WORD:PROMPT, e.g. dog.safetensors:sks dog:a sks dog")
+        if not Path(path).is_file():
+            raise AttnCtrlError(f"--lora {i + 1}: LoRA file {path} does not exist")
+        prompts.append(lora_prompt.strip())
+        loras.append(path)
+        words.append(word.strip())
+    concepts = []
+    for k, word in enumerate(words):
+        noun = word.split()[-1]
+        row = []
+        for j, p in enumerate(prompts):
+            if j == k + 1:
+                row.append(word)
+            else:
+                row.append(noun if re.search(rf"\b{re.escape(noun)}\b", p, flags=re.IGNORECASE) else None)
+        concepts.append(row)
+    mask_words = [[]] + [[w] for w in words]
+    return prompts, loras, concepts, mask_words
+
+
+def _options(method: Method, drop=("layers",)) -> dict:
+    return {f.name: getattr(method, f.name) for f in fields(method) if f.name not in drop}
+
+
+def _unexpected(inputs: MethodInputs, allowed: set[str], name: str) -> None:
+    flags = {"references": "--ref", "subjects": "--subject", "loras": "--lora", "composition": "--background/--box"}
+    for key, flag in flags.items():
+        if key not in allowed and getattr(inputs, key):
+            raise AttnCtrlError(f"{flag} is not an input of {name or 'plain generation'}")
+    if "prompts" not in allowed and len(inputs.prompts) > 1:
+        raise AttnCtrlError(f"several prompts are for --method ditctrl; {name or 'plain generation'} takes one")
+
+
+def prepare(pipe, method: Method | None, inputs: MethodInputs):
+    """``(generate, handle)``: ``generate(**pipeline_kwargs)`` makes one output; ``handle`` is set for plugin methods
+    (remove it when done)."""
+    from .. import pipelines
+
+    name = method.name if method is not None else None
+    prompt = inputs.prompts[0]
+    if method is None:
+        _unexpected(inputs, set(), "")
+        return pipe, None
+    if name == "ditctrl":
+        _unexpected(inputs, {"prompts"}, name)
+        wrapper = pipelines.DiTCtrlPipeline.from_pipe(pipe)
+        options = _options(method)
+
+        def generate(prompt=None, **kw):
+            kw.pop("num_images_per_prompt", None)
+            return wrapper(list(inputs.prompts), **kw, **options)
+
+        return generate, None
+    if name == "primecomposer":
+        _unexpected(inputs, {"composition"}, name)
+        comp = inputs.composition or {}
+        missing = [k for k in ("background", "reference", "box") if not comp.get(k)]
+        if missing:
+            raise AttnCtrlError("primecomposer needs --background, --reference and --box x,y,w,h (missing: "
+                                + ", ".join("--" + m for m in missing) + ")")
+        for key in ("background", "reference", "reference_mask"):
+            if comp.get(key) and not Path(comp[key]).is_file():
+                raise AttnCtrlError(f"--{key.replace('_', '-')} file {comp[key]} does not exist")
+        x, y, w, h = comp["box"]
+        composer = pipelines.PrimeComposerPipeline.from_pipe(pipe)
+        options = _options(method)
+
+        def generate(prompt=prompt, **kw):
+            kw.pop("negative_prompt", None)
+            return composer(comp["background"], comp["reference"], comp.get("reference_mask"),
+                            location=(x, y, x + w, y + h), prompt=prompt, **kw, **options)
+
+        return generate, None
+    if name == "clora":
+        _unexpected(inputs, {"loras"}, name)
+        if not inputs.loras:
+            raise AttnCtrlError("clora needs --lora PATH:WORD:PROMPT (one per LoRA)")
+        prompts, loras, concepts, mask_words = clora_inputs(prompt, inputs.loras)
+        clora = pipelines.CLoRAPipeline.from_pipe(pipe)
+        for path in loras[1:]:
+            clora.load_lora(path)  # a missing or mismatched file fails now, before any generation
+        options = _options(method)
+
+        def generate(prompt=None, **kw):
+            kw.pop("num_images_per_prompt", None)
+            return clora(prompts, loras, concepts, mask_words, **kw, **options)
+
+        return generate, None
+    if name == "irdiffusion":
+        _unexpected(inputs, {"subjects"}, name)
+        if not inputs.subjects:
+            raise AttnCtrlError("irdiffusion needs --subject WORD=IMAGE[:MASK][:PROMPT][@REGION] (or WORD=prompt)")
+        subjects = [parse_subject(spec, i) for i, spec in enumerate(inputs.subjects)]
+        wrapper = pipelines.IRDiffusionPipeline.from_pipe(pipe)
+        options = _options(method, drop=())
+        return (lambda **kw: wrapper(subjects=subjects, **kw, **options)), None
+    if getattr(method, "pipeline", None):  # FreeCustom, MagicFace
+        _unexpected(inputs, {"references"}, name)
+        if not inputs.references:
+            raise AttnCtrlError(f"{name} needs reference images: --ref IMAGE[:MASK][:PROMPT]")
+        references = [parse_reference(spec, i) for i, spec in enumerate(inputs.references)]
+        for i, ref in enumerate(references):
+            ref.load(i)  # a bad image or mask fails now, before any generation
+        wrapper = getattr(pipelines, method.pipeline).from_pipe(pipe)
+        options = _options(method, drop=())
+        return (lambda **kw: wrapper(references=references, **kw, **options)), None
+    _unexpected(inputs, set(), name)
+    handle: Handle = apply(pipe, method)
+    try:
+        handle.check_prompt(prompt)
+    except Exception:
+        handle.remove()
+        raise
+    return pipe, handle

@@ -1,0 +1,216 @@
+"""``DiTCtrlPipeline``: multi-prompt long video on CogVideoX (2B sincos and 5B RoPE families).
+
+    dc = attnctrl.pipelines.DiTCtrlPipeline.from_pipe(cogvideox_pipe)
+    video = dc(["a knight walks in a forest", "a knight rides a horse in a forest"], num_frames=49).frames[0]
+
+The long latent is covered by overlapping segments of ``num_frames`` frames (spec §3): each prompt gets one segment
+(``1 + longer_mid_segment`` for middle prompts) and ``num_transition_blocks`` segments with linearly interpolated
+text embeddings lie between two prompts. Every step (spec §4): each adjacent pair of segments is denoised jointly,
+the later one reading the earlier one's keys and values in the sharing window (``kv_steps`` x ``kv_layers``); the
+model outputs are blended over the overlaps with triangular per-frame weights ``min((2i+1)/F, 2-(2i+1)/F)``; one
+scheduler step runs on the whole long latent. Because CogVideoX predicts ``v`` and ``x0 = a_t x_t - b_t v`` is affine
+with a shared ``t``, blending the CFG-guided ``v`` equals the official blending of ``x0``. A single prompt is
+exactly ``CogVideoXPipeline``.
+
+De-duplication (spec §12, the default): outside the sharing window every segment is computed once per step instead
+of once per pair it belongs to (a middle segment twice); its output enters the blend with the same multiplicity, in
+the same order, so the result equals the naive pair loop (up to float rounding of different batch sizes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.controller import apply
+from ..core.errors import AttnCtrlError, UnsupportedModelError
+from ..core.families import detect_family
+from ..core.tokens import token_indices
+from ..processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
+from .freecustom import _Bound
+
+__all__ = ["DiTCtrlPipeline", "plan_segments", "triangular_weights"]
+
+
+def plan_segments(n_prompts: int, transitions: int, longer_mid: int) -> list[tuple[int, int, float]]:
+    """Segments as ``(prompt_a, prompt_b, w)``: the embedding is ``(1 - w) c_a + w c_b`` (spec §3)."""
+    segments = []
+    for i in range(n_prompts):
+        reps = 1 + (longer_mid if 0 < i < n_prompts - 1 else 0)
+        segments += [(i, i, 0.0)] * reps
+        if i < n_prompts - 1:
+            segments += [(i, i + 1, (j + 1) / (transitions + 1)) for j in range(transitions)]
+    return segments
+
+
+def triangular_weights(frames: int) -> torch.Tensor:
+    """``w_i = min((2i+1)/F, 2 - (2i+1)/F)`` for ``i = 0..F-1`` (spec §4)."""
+    i = torch.arange(frames, dtype=torch.float64)
+    return torch.minimum((2 * i + 1) / frames, 2 - (2 * i + 1) / frames)
+
+
+class DiTCtrlPipeline:
+    """See the module docstring; ``.pipe`` is the wrapped ``CogVideoXPipeline``."""
+
+    def __init__(self, pipe):
+        family = detect_family(getattr(pipe, "transformer", None) or torch.nn.Module())
+        if family.name != "cogvideox":
+            raise UnsupportedModelError("DiTCtrlPipeline needs a CogVideoX pipeline")
+        self.pipe = pipe
+
+    @classmethod
+    def from_pipe(cls, pipe):
+        return cls(pipe.pipe if isinstance(pipe, DiTCtrlPipeline) else pipe)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    @torch.no_grad()
+    def __call__(self, prompts, negative_prompt: str = "", num_frames: int | None = None, height=None, width=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
+                 eta: float = 0.0, generator=None, output_type: str = "pil", return_dict: bool = True,
+                 max_sequence_length: int = 226, **options):
+        from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
+        from diffusers.schedulers import CogVideoXDPMScheduler
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        config = DiTCtrl(**options)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise AttnCtrlError("prompts must be a non-empty list of non-empty strings")
+        tcfg = pipe.transformer.config
+        height = int(height or tcfg.sample_height * pipe.vae_scale_factor_spatial)
+        width = int(width or tcfg.sample_width * pipe.vae_scale_factor_spatial)
+        num_frames = int(num_frames or tcfg.sample_frames)
+        kw = dict(negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  use_dynamic_cfg=use_dynamic_cfg, eta=eta, generator=generator, output_type=output_type,
+                  return_dict=return_dict, max_sequence_length=max_sequence_length)
+        if len(prompts) == 1:  # exactly the base pipeline
+            return pipe(prompts[0], **kw)
+        vt = pipe.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % vt:
+            raise AttnCtrlError(f"num_frames per segment must be {vt}k + 1, got {num_frames}")
+        if tcfg.patch_size_t is not None:
+            raise UnsupportedModelError("DiTCtrl supports CogVideoX 1.0 (2B / 5B), not the 1.5 temporal patching")
+        seg = (num_frames - 1) // vt + 1
+        if config.overlap >= seg:
+            raise AttnCtrlError(f"overlap ({config.overlap} latent frames) must be smaller than a segment ({seg})")
+        segments = plan_segments(len(prompts), config.num_transition_blocks, config.longer_mid_segment)
+        n_seg = len(segments)
+        stride = seg - config.overlap
+        total = seg + (n_seg - 1) * stride
+        tokens = self._subject_tokens(prompts, config)
+        device = pipe._execution_device
+
+        cond, uncond = [], []
+        for p in prompts:
+            pe, ne = pipe.encode_prompt(p, negative_prompt, True, num_videos_per_prompt=1,
+                                        max_sequence_length=max_sequence_length, device=device)
+            cond.append(pe)
+            uncond.append(ne)
+        seg_cond = [(1 - w) * cond[a] + w * cond[b] for a, b, w in segments]
+        seg_uncond = [uncond[a] if w < 0.5 else uncond[b] for a, b, w in segments]
+        seg_tokens = [tokens[a] if w < 0.5 else tokens[b] for a, b, w in segments] if tokens else None
+
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        shape = (1, total, tcfg.in_channels, height // pipe.vae_scale_factor_spatial,
+                 width // pipe.vae_scale_factor_spatial)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=cond[0].dtype)
+        latents = latents * pipe.scheduler.init_noise_sigma
+        rope = (pipe._prepare_rotary_positional_embeddings(height, width, seg, device)
+                if tcfg.use_rotary_positional_embeddings else None)
+        extra = pipe.prepare_extra_step_kwargs(generator, eta)
+        weights = triangular_weights(seg).to(device=device, dtype=torch.float32).view(1, seg, 1, 1, 1)
+        blocks = len(pipe.transformer.transformer_blocks)
+        lo, hi = config.layer_range(blocks)
+        layer_names = {f"transformer_blocks.{b}.attn1.processor" for b in range(lo, min(hi, blocks))}
+        state = DiTCtrlState(range(*config.kv_steps), layer_names, config.mask_guided, config.mask_threshold)
+        handle = apply(pipe, _Bound(config=config, run=state, processor=DiTCtrlAttnProcessor))
+        tiles = [slice(k * stride, k * stride + seg) for k in range(n_seg)]
+        self.passes_per_step = []
+        old_x0 = None
+        try:
+            with pipe.progress_bar(total=len(timesteps)) as bar:
+                for i, t in enumerate(timesteps):
+                    state.step = i
+                    g = guidance_scale
+                    if use_dynamic_cfg:  # as CogVideoXPipeline (spec §2: t is the scheduler timestep)
+                        g = 1 + guidance_scale * ((1 - math.cos(math.pi * ((num_inference_steps - t.item())
+                                                                            / num_inference_steps) ** 5.0)) / 2)
+                    sharing = i in state.steps and bool(layer_names)
+                    passes = 0
+                    outputs = {}  # (pair k, member 0/1) -> guided v of that segment in that pair
+                    if config.dedupe and not sharing:
+                        single = {}
+                        for k in range(n_seg):
+                            state.begin_pass(False)
+                            single[k] = self._run([latents[:, tiles[k]]], [seg_uncond[k]], [seg_cond[k]], t, g, rope)[0]
+                            passes += 1
+                        for k in range(n_seg - 1):
+                            outputs[(k, 0)], outputs[(k, 1)] = single[k], single[k + 1]
+                    else:
+                        for k in range(n_seg - 1):
+                            state.begin_pass(True, *((seg_tokens[k], seg_tokens[k + 1]) if seg_tokens else ((), ())))
+                            v_s, v_t = self._run([latents[:, tiles[k]], latents[:, tiles[k + 1]]],
+                                                 [seg_uncond[k], seg_uncond[k + 1]], [seg_cond[k], seg_cond[k + 1]],
+                                                 t, g, rope)
+                            outputs[(k, 0)], outputs[(k, 1)] = v_s, v_t
+                            passes += 2
+                    state.begin_pass(False)
+                    self.passes_per_step.append(passes)
+                    acc = torch.zeros(shape, device=device, dtype=torch.float32)
+                    wsum = torch.zeros((1, total, 1, 1, 1), device=device, dtype=torch.float32)
+                    for k in range(n_seg - 1):  # the naive pair order, whatever was computed
+                        for member, tile in ((0, tiles[k]), (1, tiles[k + 1])):
+                            acc[:, tile] += weights * outputs[(k, member)]
+                            wsum[:, tile] += weights
+                    v = acc / wsum
+                    if isinstance(pipe.scheduler, CogVideoXDPMScheduler):
+                        latents, old_x0 = pipe.scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None,
+                                                              latents, **extra, return_dict=False)
+                    else:
+                        latents = pipe.scheduler.step(v, t, latents, **extra, return_dict=False)[0]
+                    latents = latents.to(cond[0].dtype)
+                    bar.update()
+        finally:
+            handle.remove()
+        self.last_plan = {"segments": n_seg, "segment_frames": seg, "latent_frames": total, "stride": stride,
+                          "pixel_frames": (total - 1) * vt + 1}
+        if output_type == "latent":
+            video = latents
+        else:
+            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type=output_type)
+        if not return_dict:
+            return (video,)
+        return CogVideoXPipelineOutput(frames=video)
+
+    def _run(self, xs, uncond, cond, t, g, rope) -> list[torch.Tensor]:
+        """One transformer call on segments ``xs`` with CFG; returns each segment's guided ``v`` (float32)."""
+        pipe = self.pipe
+        x = torch.cat(xs + xs)  # [uc items..., c items...]
+        x = pipe.scheduler.scale_model_input(x, t)
+        embeds = torch.cat(uncond + cond)
+        out = pipe.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
+                               image_rotary_emb=rope, return_dict=False)[0].float()
+        n = len(xs)
+        return [out[j][None] + g * (out[n + j][None] - out[j][None]) for j in range(n)]
+
+    def _subject_tokens(self, prompts, config: DiTCtrl):
+        if not config.subject_words:
+            return None
+        words = list(config.subject_words)
+        if len(words) == 1:
+            words = words * len(prompts)
+        if len(words) != len(prompts):
+            raise AttnCtrlError(f"subject_words: give one word for all prompts or one per prompt ({len(prompts)})")
+        out = []
+        for i, (p, w) in enumerate(zip(prompts, words)):
+            try:
+                out.append(token_indices(self.pipe.tokenizer, p, w))
+            except AttnCtrlError as e:
+                raise type(e)(f"prompt {i + 1}: {e}") from None
+        return out
