@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,7 +80,7 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "subjects": list(request.subjects) or None,
         "loras": list(request.loras) or None,
         "composition": request.composition,
-        "scheduler_config": dict(pipe.scheduler.config),
+        "scheduler_config": {k: v for k, v in sorted(dict(pipe.scheduler.config).items()) if not k.startswith("_")},
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "versions": {"attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
@@ -131,15 +130,13 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
         for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):
             seed = (request.seed + i) % 2**32
             generator = torch.Generator("cpu").manual_seed(seed)
-            started = time.perf_counter()
             out = generate(**kwargs, generator=generator, output_type="pil")
-            seconds = time.perf_counter() - started
             stem = f"{counter + i:05d}-{seed}-{slug(request.prompts[0])}"
             if is_video:
                 frames = out.frames[0]
                 size = frames[0].size
                 record = settings_record(request, pipe, seed, steps, guidance, size,
-                                         {"num_frames": len(frames), "seconds": round(seconds, 3)})
+                                         {"num_frames": len(frames)})
                 yield save_video(request.output / f"{stem}.mp4", frames)
                 if request.gif:
                     yield save_gif(request.output / f"{stem}.gif", frames)
@@ -147,7 +144,7 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
                     yield save_json(request.output / f"{stem}.json", record)
                 continue
             image = out.images[0]
-            record = settings_record(request, pipe, seed, steps, guidance, image.size, {"seconds": round(seconds, 3)})
+            record = settings_record(request, pipe, seed, steps, guidance, image.size, {})
             yield save_png(request.output / f"{stem}.png", image, record, metadata=request.metadata)
             if handle is not None:
                 for name, artifact in handle.artifacts(0, image=image).items():

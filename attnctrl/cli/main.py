@@ -139,6 +139,43 @@ def generate(model, prompts, negative_prompt, seed, steps, guidance, width, heig
         click.echo(str(path))
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("jobs", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="RUN.yaml: defaults for every job.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--resume", is_flag=True, help="Skip outputs that are complete (file + sidecar) and finish the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--dry-run", is_flag=True, help="Only print the expanded tasks and their output names.")
+@click.option("--seeds", help="Comma-separated seeds for every job (overrides the job files).")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: the config's, else auto).")
+@click.option("--dtype", default=None, help="fp32, fp16, bf16 (default: the config's, else auto).")
+@click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
+@user_errors
+def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, no_metadata) -> None:
+    """Run a job file (JSONL, or a YAML/JSON list) over every method; resumable and reproducible."""
+    _quiet_libraries()
+    from .batch import run_batch
+
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.ClickException(f"--seeds {seeds!r}: give comma-separated integers") from None
+    try:
+        counts = run_batch(jobs, output, config_path, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                           seeds=seed_list, device=device, dtype=dtype, metadata=False if no_metadata else None,
+                           echo=lambda m: click.echo(m))
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished outputs are complete, nothing partial was left; run again with --resume",
+                   err=True)
+        sys.exit(130)
+    if not dry_run:
+        click.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+        if counts.get("error"):
+            sys.exit(1)
+
+
 @cli.command("train-toy", context_settings=CONTEXT)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, "
               "scene pool, and the final diffusers folder in OUTPUT/model).")
