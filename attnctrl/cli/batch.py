@@ -178,7 +178,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             torch.cuda.reset_peak_memory_stats()
         entry = {"index": task.index, "job_line": task.line, "seed": task.seed, "variant": task.variant,
                  "output": None, "status": "ok"}
-        handle = None
+        prepared = None
         try:
             key = (job.model, dtype, device)
             if key not in pipes:
@@ -191,7 +191,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
                 hashes.setdefault(f, _sha256(f))
             config = method_config(job.method, {**job.options, **task.variant})
             references, subjects, loras, comp = _resolved_specs(job, base)
-            generate, handle = prepare(pipe, config, MethodInputs(job.prompts, references, subjects, loras, comp))
+            prepared = prepare(pipe, config, MethodInputs(job.prompts, references, subjects, loras, comp))
             defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
             steps = job.steps or defaults.get("num_inference_steps", 50)
             guidance = job.guidance if job.guidance is not None else defaults.get("guidance_scale")
@@ -206,7 +206,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
                     kwargs[name] = value
             if job.num_frames:
                 kwargs["num_frames"] = job.num_frames
-            result = generate(**kwargs, generator=torch.Generator("cpu").manual_seed(task.seed), output_type="pil")
+            result = prepared.generate(**kwargs, generator=torch.Generator("cpu").manual_seed(task.seed), output_type="pil")
             seconds = time.perf_counter() - started
             rerun = job.model_dump(exclude_defaults=True)
             rerun.update(seeds=[task.seed], options={**job.options, **task.variant})
@@ -229,9 +229,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
                 name = f"{stem}.png"
                 record = settings_record(fake, pipe, task.seed, steps, guidance, image.size, {})
                 save_png(out / name, image, record, metadata=metadata)
-                if handle is not None:
-                    for art, im in handle.artifacts(0, image=image).items():
-                        save_png(out / f"{stem}-{art}.png", im, record, metadata=metadata)
+                for art, im in prepared.artifacts(image).items():
+                    save_png(out / f"{stem}-{art}.png", im, record, metadata=metadata)
             save_json(out / f"{stem}.json", {"jobs": [rerun], "output": name, "record": record})
             entry.update(output=name, seconds=round(seconds, 3), peak_memory_mb=round(_peak_mb(), 1))
             counts["ok"] += 1
@@ -245,8 +244,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             counts["error"] += 1
             echo(f"job {jobs_path}:{task.line} seed {task.seed} failed: {entry['error']}")
         finally:
-            if handle is not None:
-                handle.remove()
+            if prepared is not None:
+                prepared.close()
         with open(manifest, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
     if world > 1:  # file-based barrier: works under accelerate launch and torchrun, with or without a GPU
@@ -284,6 +283,7 @@ class _Request:
         self.prompts = tuple(job.prompts)
         self.negative_prompt = job.negative_prompt
         self.method = method
+        self.plugins = ()
         self.references = tuple(job.references)
         self.subjects = tuple(job.subjects)
         self.loras = tuple(job.loras)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from ..core.controller import Method
 from ..core.errors import AttnCtrlError
 from .runners import MethodInputs, prepare
 
-__all__ = ["GenerateRequest", "run_generate", "slug", "settings_record"]
+__all__ = ["GenerateRequest", "Output", "run_generate", "slug", "settings_record"]
 
 
 @dataclass
@@ -39,6 +40,17 @@ class GenerateRequest:
     loras: tuple[str, ...] = ()  # "PATH:WORD:PROMPT" for CLoRA
     composition: dict | None = None  # PrimeComposer: background, reference, reference_mask, box (x, y, w, h)
     gif: bool = False  # videos: also write a GIF
+    plugins: tuple[Method, ...] = ()  # further plugin methods applied beside ``method`` (AgentAttention, CLEAR)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One written file: ``kind`` is ``image``, ``video``, ``gif``, ``metadata`` or ``artifact`` (named ``name``)."""
+
+    path: Path
+    kind: str
+    seed: int
+    name: str = ""
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -55,6 +67,23 @@ def _next_counter(folder: Path) -> int:
 def _call_defaults(pipe) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _spec(item):
+    """A reference / subject for the JSON record: a spec string as given, or an object's fields (paths as text)."""
+    if isinstance(item, str):
+        return item
+    out = {}
+    for f in fields(item):
+        v = getattr(item, f.name)
+        if is_dataclass(v):
+            v = _spec(v)
+        elif isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        elif not isinstance(v, (str, int, float, tuple, list, type(None))):
+            v = f"<{type(v).__name__}>"  # an in-memory image or mask
+        out[f.name] = v
+    return out
 
 
 def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, size, extra: dict) -> dict:
@@ -76,10 +105,11 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
         "model": getattr(pipe, "attnctrl_model_id", None),
         "method": method.name if method is not None else None,
         "method_options": asdict(method) if method is not None else None,
-        "references": list(request.references) or None,
-        "subjects": list(request.subjects) or None,
+        "references": [_spec(r) for r in request.references] or None,
+        "subjects": [_spec(s) for s in request.subjects] or None,
         "loras": list(request.loras) or None,
         "composition": request.composition,
+        "plugins": [{"method": p.name, "options": asdict(p)} for p in request.plugins] or None,
         "scheduler_config": {k: v for k, v in sorted(dict(pipe.scheduler.config).items()) if not k.startswith("_")},
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
@@ -88,15 +118,18 @@ def settings_record(request: GenerateRequest, pipe, seed: int, steps, guidance, 
     }
 
 
-def run_generate(request: GenerateRequest) -> Iterator[Path]:
-    """Generate ``request.num_images`` outputs; yields each written path (images, videos, method artifacts)."""
+def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
+    """Generate ``request.num_images`` outputs; yields each written file (images, videos, method artifacts).
+
+    ``pipe``: an already loaded pipeline (else ``request.model`` is loaded)."""
     from tqdm.auto import tqdm
 
     from .. import load_pipeline
     from ..io import save_gif, save_json, save_png, save_video
     from ..models import recommended_settings
 
-    pipe = load_pipeline(request.model, dtype=request.dtype, device=request.device)
+    if pipe is None:
+        pipe = load_pipeline(request.model, dtype=request.dtype, device=request.device)
     pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
     defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
     is_video = "num_frames" in defaults
@@ -123,32 +156,31 @@ def run_generate(request: GenerateRequest) -> Iterator[Path]:
 
     inputs = MethodInputs(list(request.prompts), list(request.references), list(request.subjects),
                           list(request.loras), request.composition)
-    generate, handle = prepare(pipe, request.method, inputs)
+    prepared = prepare(pipe, request.method, inputs, plugins=request.plugins)
     request.output.mkdir(parents=True, exist_ok=True)
     counter = _next_counter(request.output)
     try:
         for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):
             seed = (request.seed + i) % 2**32
             generator = torch.Generator("cpu").manual_seed(seed)
-            out = generate(**kwargs, generator=generator, output_type="pil")
+            out = prepared.generate(**kwargs, generator=generator, output_type="pil")
             stem = f"{counter + i:05d}-{seed}-{slug(request.prompts[0])}"
             if is_video:
                 frames = out.frames[0]
                 size = frames[0].size
                 record = settings_record(request, pipe, seed, steps, guidance, size,
                                          {"num_frames": len(frames)})
-                yield save_video(request.output / f"{stem}.mp4", frames)
+                yield Output(save_video(request.output / f"{stem}.mp4", frames), "video", seed)
                 if request.gif:
-                    yield save_gif(request.output / f"{stem}.gif", frames)
+                    yield Output(save_gif(request.output / f"{stem}.gif", frames), "gif", seed)
                 if request.metadata:
-                    yield save_json(request.output / f"{stem}.json", record)
+                    yield Output(save_json(request.output / f"{stem}.json", record), "metadata", seed)
                 continue
             image = out.images[0]
             record = settings_record(request, pipe, seed, steps, guidance, image.size, {})
-            yield save_png(request.output / f"{stem}.png", image, record, metadata=request.metadata)
-            if handle is not None:
-                for name, artifact in handle.artifacts(0, image=image).items():
-                    yield save_png(request.output / f"{stem}-{name}.png", artifact, record, metadata=request.metadata)
+            yield Output(save_png(request.output / f"{stem}.png", image, record, metadata=request.metadata), "image", seed)
+            for name, artifact in prepared.artifacts(image).items():
+                path = save_png(request.output / f"{stem}-{name}.png", artifact, record, metadata=request.metadata)
+                yield Output(path, "artifact", seed, name)
     finally:
-        if handle is not None:
-            handle.remove()
+        prepared.close()

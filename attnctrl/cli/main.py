@@ -1,4 +1,4 @@
-"""The ``attnctrl`` command line: ``info`` and ``generate`` (later: ``batch``, ``ui``, ``bench``).
+"""The ``attnctrl`` command line: ``info``, ``generate``, ``batch``, ``ui``, ``train-toy`` and ``distill``.
 
 User errors (bad options, unknown model, word not in prompt, ...) print one line ``Error: ...`` and exit with
 status 1; a traceback means a bug in attnctrl.
@@ -135,8 +135,8 @@ def generate(model, prompts, negative_prompt, seed, steps, guidance, width, heig
         dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
         subjects=tuple(subjects), loras=tuple(loras), composition=composition, gif=gif,
     )
-    for path in run_generate(request):
-        click.echo(str(path))
+    for output in run_generate(request):
+        click.echo(str(output.path))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -246,6 +246,28 @@ def distill_clear_cmd(model, radius, down_factor, data, generate, prompts, steps
         log=lambda m: click.echo(m, err=True),
     )
     click.echo(str(path))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-m", "--model", default=None, help="Model selected when the page opens [default: the embedded default]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link (needs internet; off by default).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Folder for the outputs [default: a new temporary folder].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
+@user_errors
+def ui(model, host, port, share, output, device, dtype) -> None:
+    """Start the web app (needs the extra: pip install 'attnctrl[ui]')."""
+    _quiet_libraries()
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise click.ClickException("the web app needs gradio: pip install 'attnctrl[ui]'") from None
+    from ..ui import launch
+
+    launch(model=model, host=host, port=port or None, share=share, output=output, device=device, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,22 +15,73 @@ from pathlib import Path
 from ..core.controller import Handle, Method, apply
 from ..core.errors import AttnCtrlError
 
-__all__ = ["MethodInputs", "prepare", "parse_reference", "parse_subject", "clora_inputs"]
+__all__ = ["MethodInputs", "Prepared", "prepare", "parse_reference", "parse_subject", "clora_inputs"]
 
 
 @dataclass
 class MethodInputs:
     prompts: list[str]
-    references: list[str] = field(default_factory=list)  # "IMAGE[:MASK][:PROMPT]"
-    subjects: list[str] = field(default_factory=list)  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]" or "WORD=prompt"
+    references: list = field(default_factory=list)  # "IMAGE[:MASK][:PROMPT]" or Reference objects
+    subjects: list = field(default_factory=list)  # "WORD=IMAGE[:MASK][:PROMPT][@REGION]", "WORD=prompt" or Subjects
     loras: list[str] = field(default_factory=list)  # "PATH:WORD:PROMPT"
     composition: dict | None = None  # background, reference, reference_mask, box (x, y, w, h)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` returns: ``generate(**pipeline_kwargs)`` makes one output; ``close()`` removes whatever
+    was applied; ``artifacts(image)`` gives the method's maps or masks of the last generation as PIL images."""
+
+    generate: object
+    handles: list = field(default_factory=list)  # plugin handles (removed by close)
+    wrapper: object = None  # the method's pipeline wrapper, for its masks
+    words: list[str] = field(default_factory=list)  # names of the masks a wrapper keeps
+
+    def artifacts(self, image, index: int = 0) -> dict:
+        """``{name: PIL image}``: heat maps (AttentionMaps), segmentations (MagicFace), fusion masks (CLoRA),
+        subject regions (IR-Diffusion), each blended over ``image``."""
+        out = {}
+        for handle in self.handles:
+            out.update(handle.artifacts(index, image=image))
+        masks = None
+        w = self.wrapper
+        if w is not None and getattr(w, "last_masks", None) is not None:  # CLoRA: branch 0 is the base prompt
+            masks = w.last_masks[1:]
+        elif w is not None and getattr(w, "last_subject_masks", None) is not None:  # IR-Diffusion
+            masks = w.last_subject_masks
+        elif w is not None and getattr(getattr(w, "last_run", None), "concept", None) is not None:  # MagicFace
+            masks = w.last_run.reference_masks()
+        if masks is not None:
+            out.update(mask_overlays(image, masks, self.words))
+        return out
+
+    def close(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles.clear()
+
+
+def mask_overlays(image, masks, names) -> dict:
+    """Each of ``masks`` ``(N, h, w)`` resized (nearest) to ``image`` and blended over it: ``{"mask-NAME": PIL}``."""
+    import torch
+
+    from ..processors.attention_maps import heat_overlay
+
+    m = torch.as_tensor(masks).float().cpu()[:, None]
+    m = torch.nn.functional.interpolate(m, size=(image.height, image.width), mode="nearest")[:, 0].numpy()
+    out = {}
+    for i, mask in enumerate(m):
+        name = names[i] if i < len(names) else str(i + 1)
+        out[f"mask-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-') or i + 1}"] = heat_overlay(image, mask, 0.5)
+    return out
 
 
 def parse_reference(spec: str, index: int):
     """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons)."""
     from ..pipelines import Reference
 
+    if isinstance(spec, Reference):
+        return spec
     image, _, rest = spec.partition(":")
     mask, _, prompt = rest.partition(":")
     if not image:
@@ -47,6 +98,8 @@ def parse_subject(spec: str, index: int):
     ``REGION`` is a box ``x0,y0,x1,y1`` (pixels or fractions) or a mask file."""
     from ..pipelines import Subject
 
+    if isinstance(spec, Subject):
+        return spec
     word, eq, rest = spec.partition("=")
     if not eq or not word.strip() or not rest.strip():
         raise AttnCtrlError(f"--subject {spec!r}: give WORD=IMAGE[:MASK][:PROMPT][@REGION] or WORD=prompt")
@@ -114,16 +167,33 @@ def _unexpected(inputs: MethodInputs, allowed: set[str], name: str) -> None:
         raise AttnCtrlError(f"several prompts are for --method ditctrl; {name or 'plain generation'} takes one")
 
 
-def prepare(pipe, method: Method | None, inputs: MethodInputs):
-    """``(generate, handle)``: ``generate(**pipeline_kwargs)`` makes one output; ``handle`` is set for plugin methods
-    (remove it when done)."""
+def prepare(pipe, method: Method | None, inputs: MethodInputs, plugins=()) -> Prepared:
+    """Check ``inputs`` for ``method`` and get ready to generate (see :class:`Prepared`).
+
+    ``plugins`` are further plugin configs (AgentAttention, CLEAR) applied for the whole generation, e.g. beside a
+    pipeline method; two methods that act on the same layers raise :class:`~attnctrl.core.errors.LayerConflictError`.
+    """
+    handles = []
+    try:
+        for plugin in plugins:
+            handles.append(apply(pipe, plugin))
+        prepared = _prepare(pipe, method, inputs)
+    except Exception:
+        for h in reversed(handles):
+            h.remove()
+        raise
+    prepared.handles[:0] = handles
+    return prepared
+
+
+def _prepare(pipe, method: Method | None, inputs: MethodInputs) -> Prepared:
     from .. import pipelines
 
     name = method.name if method is not None else None
     prompt = inputs.prompts[0]
     if method is None:
         _unexpected(inputs, set(), "")
-        return pipe, None
+        return Prepared(pipe)
     if name == "ditctrl":
         _unexpected(inputs, {"prompts"}, name)
         wrapper = pipelines.DiTCtrlPipeline.from_pipe(pipe)
@@ -133,7 +203,7 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
             kw.pop("num_images_per_prompt", None)
             return wrapper(list(inputs.prompts), **kw, **options)
 
-        return generate, None
+        return Prepared(generate, wrapper=wrapper)
     if name == "primecomposer":
         _unexpected(inputs, {"composition"}, name)
         comp = inputs.composition or {}
@@ -153,7 +223,7 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
             return composer(comp["background"], comp["reference"], comp.get("reference_mask"),
                             location=(x, y, x + w, y + h), prompt=prompt, **kw, **options)
 
-        return generate, None
+        return Prepared(generate, wrapper=composer)
     if name == "clora":
         _unexpected(inputs, {"loras"}, name)
         if not inputs.loras:
@@ -168,7 +238,7 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
             kw.pop("num_images_per_prompt", None)
             return clora(prompts, loras, concepts, mask_words, **kw, **options)
 
-        return generate, None
+        return Prepared(generate, wrapper=clora, words=[w[0] for w in mask_words[1:]])
     if name == "irdiffusion":
         _unexpected(inputs, {"subjects"}, name)
         if not inputs.subjects:
@@ -176,7 +246,8 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
         subjects = [parse_subject(spec, i) for i, spec in enumerate(inputs.subjects)]
         wrapper = pipelines.IRDiffusionPipeline.from_pipe(pipe)
         options = _options(method, drop=())
-        return (lambda **kw: wrapper(subjects=subjects, **kw, **options)), None
+        return Prepared(lambda **kw: wrapper(subjects=subjects, **kw, **options), wrapper=wrapper,
+                        words=[s.word for s in subjects])
     if getattr(method, "pipeline", None):  # FreeCustom, MagicFace
         _unexpected(inputs, {"references"}, name)
         if not inputs.references:
@@ -186,7 +257,8 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
             ref.load(i)  # a bad image or mask fails now, before any generation
         wrapper = getattr(pipelines, method.pipeline).from_pipe(pipe)
         options = _options(method, drop=())
-        return (lambda **kw: wrapper(references=references, **kw, **options)), None
+        words = list(getattr(method, "ref_words", None) or [r.name for r in references])
+        return Prepared(lambda **kw: wrapper(references=references, **kw, **options), wrapper=wrapper, words=words)
     _unexpected(inputs, set(), name)
     handle: Handle = apply(pipe, method)
     try:
@@ -194,4 +266,4 @@ def prepare(pipe, method: Method | None, inputs: MethodInputs):
     except Exception:
         handle.remove()
         raise
-    return pipe, handle
+    return Prepared(pipe, handles=[handle])

@@ -1,0 +1,306 @@
+"""The attnctrl web app: one ``gr.Blocks`` with a tab per method over a shared model, prompt and output area.
+
+The work is done by the same code as ``attnctrl generate`` (:func:`attnctrl.cli.generate.run_generate`): the app only
+turns widget values into a method config and its inputs (:class:`~attnctrl.cli.runners.MethodInputs`), so a picture
+made here can be re-made from its PNG metadata with the CLI. Every output is a file in the app's output folder,
+written with its metadata, so the gallery's download button gives the PNG with its settings.
+
+Errors a user can fix (a bad mask, a missing LoRA, a model that is not available offline, a prompt without the
+named word) come back as ``gr.Error`` messages in the page; anything else is logged and shown as an internal error.
+The server keeps running either way. One generation runs at a time (``concurrency_limit=1``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..core.errors import AttnCtrlError
+from ..models.loading import DEFAULT_MODEL
+
+__all__ = ["Settings", "Result", "App", "build_app", "launch", "MODEL_CHOICES", "editor_inputs"]
+
+logger = logging.getLogger("attnctrl.ui")
+
+#: Models offered in the model box (any local folder or cached hub id can be typed in too).
+MODEL_CHOICES = ["toyworld", "tiny-sd15", "tiny-sd21", "tiny-sdxl", "tiny-flux", "tiny-cogvideox"]
+SLOTS = 3  # reference / subject / LoRA slots per tab
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+@dataclass
+class Settings:
+    """The controls shared by every tab. ``None`` steps / guidance / size mean the model's recommended values."""
+
+    model: str = DEFAULT_MODEL
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    randomize: bool = False
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    count: int = 1
+    compare: bool = False  # also generate without the method, same seed (before/after)
+    agent: bool = False
+    agent_ratio: float = 0.4
+    agent_agent_ratio: float = 0.95
+    clear: bool = False
+    clear_radius: int = 8
+    num_frames: int | None = None  # video models: frames per clip (DiTCtrl: per segment)
+
+    def plugins(self) -> tuple:
+        from ..methods import CLEAR, AgentAttention
+
+        out = []
+        if self.agent:
+            out.append(AgentAttention(ratio=self.agent_ratio, agent_ratio=self.agent_agent_ratio))
+        if self.clear:
+            out.append(CLEAR(radius=int(self.clear_radius)))
+        return tuple(out)
+
+
+@dataclass
+class Result:
+    """What one press of Generate returns."""
+
+    images: list[tuple[str, str]] = field(default_factory=list)  # (path, caption with the seed)
+    video: str | None = None
+    before_after: tuple[str, str] | None = None
+    artifacts: list[tuple[str, str]] = field(default_factory=list)  # maps and masks (path, caption)
+    files: list[str] = field(default_factory=list)  # everything written, for download
+    seed: int = 0
+    info: str = ""
+
+
+def _number(value, name: str, kind=float, minimum=None):
+    """A widget number, or None when empty; a clear error when it is not a number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise AttnCtrlError(f"{name} must be a number, got {value!r}") from None
+    if kind is int and float(value) != number:
+        raise AttnCtrlError(f"{name} must be a whole number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise AttnCtrlError(f"{name} must be at least {minimum}, got {value}")
+    return number
+
+
+def options_json(text: str | None) -> dict:
+    """The 'More options (JSON)' box: an object of method options, or empty."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AttnCtrlError(f"More options: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise AttnCtrlError('More options must be a JSON object such as {"start_step": 2}')
+    return value
+
+
+def method_config(name: str | None, knobs: dict, more: str | None = None):
+    """The validated config of method ``name`` from the tab's knobs (None values skipped) and its JSON box."""
+    from ..io.jobs import method_config as validated
+
+    if name is None:
+        return None
+    options = {k: v for k, v in knobs.items() if v is not None}
+    options.update(options_json(more))
+    return validated(name, options)
+
+
+class App:
+    """The app's state: the output folder and the loaded pipeline (one model at a time, loaded lazily)."""
+
+    def __init__(self, model: str | None = None, output: str | Path | None = None, device: str = "auto",
+                 dtype: str = "auto"):
+        self.default_model = model or DEFAULT_MODEL
+        self.output = Path(output) if output else Path(tempfile.mkdtemp(prefix="attnctrl-ui-"))
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.device, self.dtype = device, dtype
+        self._pipe = None
+        self._model_id: str | None = None
+        self._lock = threading.Lock()
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    def pipeline(self, model: str | None):
+        """The pipeline of ``model`` (the previous one is released first, to keep one model in memory)."""
+        from ..models.loading import load_pipeline
+
+        model = (model or "").strip() or self.default_model
+        if self._model_id != model:
+            self._pipe = None
+            self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device)
+            self._pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
+            self._model_id = model
+        return self._pipe
+
+    # -- uploaded inputs ------------------------------------------------------------------------------------------
+    def save_input(self, image: Image.Image, kind: str) -> str:
+        """Write an uploaded image (or mask) under ``output/inputs`` by content hash; the path goes in the record."""
+        folder = self.output / "inputs"
+        folder.mkdir(exist_ok=True)
+        digest = hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest()[:16]
+        path = folder / f"{kind}-{digest}.png"
+        if not path.exists():
+            image.save(path)
+        return str(path)
+
+    def editor_reference(self, value, index: int, label: str) -> tuple[str, str | None] | None:
+        """``(image path, mask path or None)`` from an image editor value; None when the slot is empty."""
+        pair = editor_inputs(value, f"{label} {index + 1}")
+        if pair is None:
+            return None
+        image, mask = pair
+        return self.save_input(image, "image"), (self.save_input(mask, "mask") if mask is not None else None)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def generate(self, settings: Settings, method=None, inputs=None) -> Result:
+        """Generate ``settings.count`` outputs with ``method`` (a config or None) and its ``inputs``."""
+        from ..cli.generate import GenerateRequest, run_generate
+        from ..cli.runners import MethodInputs
+
+        prompt = settings.prompt.strip()
+        inputs = inputs or MethodInputs([prompt])
+        if not any(p.strip() for p in inputs.prompts):
+            raise AttnCtrlError("write a prompt first")
+        count = _number(settings.count, "Batch count", int, 1) or 1
+        seed = random.SystemRandom().randrange(2**32) if settings.randomize else (
+            _number(settings.seed, "Seed", int, 0) or 0)
+        seed %= 2**32
+        request = GenerateRequest(
+            prompts=tuple(inputs.prompts), negative_prompt=settings.negative_prompt.strip() or None, seed=seed,
+            steps=_number(settings.steps, "Steps", int, 1), guidance=_number(settings.guidance, "Guidance", float, 0),
+            width=_number(settings.width, "Width", int, 8), height=_number(settings.height, "Height", int, 8),
+            num_images=count, output=self.output, device=self.device, dtype=self.dtype, method=method,
+            references=tuple(inputs.references), subjects=tuple(inputs.subjects), loras=tuple(inputs.loras),
+            composition=inputs.composition, plugins=settings.plugins(), gif=False,
+            num_frames=_number(settings.num_frames, "Frames", int, 1),
+        )
+        result = Result(seed=seed)
+        started = time.perf_counter()
+        with self._lock:
+            pipe = self.pipeline(settings.model)
+            for out in run_generate(request, pipe=pipe):
+                result.files.append(str(out.path))
+                if out.kind == "image":
+                    result.images.append((str(out.path), f"seed {out.seed}"))
+                elif out.kind == "video":
+                    result.video = str(out.path)
+                elif out.kind == "artifact":
+                    result.artifacts.append((str(out.path), f"{out.name} (seed {out.seed})"))
+            seconds = time.perf_counter() - started
+            if settings.compare and (method is not None or request.plugins):
+                if result.video is not None:
+                    raise AttnCtrlError("before/after is for images; untick it for videos")
+                plain = GenerateRequest(prompts=(prompt or inputs.prompts[0],), negative_prompt=request.negative_prompt,
+                                        seed=seed, steps=request.steps, guidance=request.guidance,
+                                        width=result_size(result, request.width, 0),
+                                        height=result_size(result, request.height, 1),
+                                        output=self.output / "without-method", device=self.device, dtype=self.dtype)
+                before = next(o for o in run_generate(plain, pipe=pipe) if o.kind == "image")
+                result.before_after = (str(before.path), result.images[0][0])
+                result.files.append(str(before.path))
+        names = [method.name] if method is not None else []
+        names += [p.name for p in request.plugins]
+        result.info = (f"**{len(result.images) or (1 if result.video else 0)} output(s)** with "
+                       f"{' + '.join(names) or 'no method'} on `{self._model_id}`, seed {seed}"
+                       f"{f'..{seed + count - 1}' if count > 1 else ''}, {seconds:.1f} s: "
+                       f"`{Path(result.files[0]).name if result.files else ''}` ... in `{self.output}`.")
+        return result
+
+
+def result_size(result: Result, given, axis: int):
+    """The before image must match the after image's size (a method may pick it from its references)."""
+    if not result.images:
+        return given
+    with Image.open(result.images[0][0]) as im:
+        return im.size[axis]
+
+
+def editor_inputs(value, label: str) -> tuple[Image.Image, Image.Image | None] | None:
+    """``(RGB image, L mask or None)`` from a ``gr.ImageEditor`` value (or a plain image / path).
+
+    The mask is where the user painted (the union of the layers' alpha); no paint means no mask (the whole image)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        value = {"background": value, "layers": []}
+    if isinstance(value, Image.Image):
+        value = {"background": value, "layers": []}
+    if not isinstance(value, dict):
+        raise AttnCtrlError(f"{label}: unexpected image value {type(value).__name__}")
+    background = value.get("background")
+    if background is None:
+        if value.get("layers"):
+            raise AttnCtrlError(f"{label}: a mask was painted but no image was uploaded")
+        return None
+    image = _as_image(background, label)
+    mask = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(_as_image(layer, label, "RGBA"))[..., 3]
+        if alpha.shape != (image.height, image.width):
+            raise AttnCtrlError(f"{label}: the painted mask is {alpha.shape[1]}x{alpha.shape[0]} but the image is "
+                                f"{image.width}x{image.height}")
+        painted = alpha > 0
+        mask = painted if mask is None else mask | painted
+    if mask is not None and not mask.any():
+        mask = None
+    return image.convert("RGB"), (Image.fromarray((mask * 255).astype(np.uint8)) if mask is not None else None)
+
+
+def _as_image(value, label: str, mode: str = "RGBA") -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert(mode)
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value).convert(mode)
+    if isinstance(value, (str, Path)):
+        try:
+            with Image.open(value) as im:
+                return im.convert(mode)
+        except OSError as e:
+            raise AttnCtrlError(f"{label}: cannot read image {value}: {e}") from None
+    raise AttnCtrlError(f"{label}: unexpected image value {type(value).__name__}")
+
+
+def default_options(name: str) -> str:
+    """Markdown table of a method's options and defaults (shown under 'More options')."""
+    from .. import methods
+
+    cls = methods.get(name)
+    rows = [f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |" for f in fields(cls)]
+    return "| option | default | meaning |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def build_app(app: App | None = None):
+    """The ``gr.Blocks`` of the web app (see :mod:`attnctrl.ui.tabs`)."""
+    from .tabs import build
+
+    return build(app or App())
+
+
+def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           output: str | None = None, device: str = "auto", dtype: str = "auto", **kwargs):
+    """Start the app (blocks until stopped unless ``prevent_thread_lock=True``)."""
+    app = App(model, output, device, dtype)
+    demo = build_app(app)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(app.output)],
+                       **kwargs)

@@ -1,0 +1,268 @@
+"""The web app: its functions on the tiny SD 1.5 (one App, one model load), then the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from attnctrl.core.errors import AttnCtrlError  # noqa: E402
+from attnctrl.ui import App, Settings, build_app  # noqa: E402
+from attnctrl.ui import inputs as tabs  # noqa: E402
+from attnctrl.ui.app import editor_inputs, method_config, options_json  # noqa: E402
+from attnctrl.ui.tabs import COMMON, _handler, _user_errors  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "attnctrl" / "assets" / "examples"
+MODEL = os.environ.get("ATTNCTRL_UI_TEST_MODEL", "tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    app = App(MODEL, tmp_path_factory.mktemp("ui"))
+    app.pipeline(MODEL)
+    return app
+
+
+def settings(**kw) -> Settings:
+    return Settings(**{"model": MODEL, "prompt": "a red circle on the left and a blue square on the right",
+                       "steps": 2, **kw})
+
+
+def layer(size, box) -> Image.Image:
+    """An editor layer with paint (alpha 200) inside ``box``."""
+    rgba = np.zeros((size[1], size[0], 4), np.uint8)
+    x0, y0, x1, y1 = box
+    rgba[y0:y1, x0:x1] = (255, 0, 0, 200)
+    return Image.fromarray(rgba)
+
+
+def star_editor():
+    image = Image.open(EXAMPLES / "striped-green-star.png")
+    mask = np.asarray(Image.open(EXAMPLES / "striped-green-star-mask.png").convert("L")) > 127
+    rgba = np.zeros((*mask.shape, 4), np.uint8)
+    rgba[mask] = (255, 0, 0, 160)
+    return {"background": image, "layers": [Image.fromarray(rgba)], "composite": None}, mask
+
+
+# -- pure functions -------------------------------------------------------------------------------------------------
+def test_editor_mask_is_the_painted_area():
+    image = Image.new("RGB", (32, 24), "white")
+    got_image, mask = editor_inputs({"background": image, "layers": [layer((32, 24), (4, 2, 10, 8))]}, "Ref 1")
+    assert got_image.size == (32, 24)
+    expected = np.zeros((24, 32), bool)
+    expected[2:8, 4:10] = True
+    np.testing.assert_array_equal(np.asarray(mask) > 0, expected)
+    # two layers: the union; no paint: no mask (the whole image); nothing uploaded: an empty slot
+    _, mask2 = editor_inputs({"background": image, "layers": [layer((32, 24), (4, 2, 10, 8)),
+                                                              layer((32, 24), (20, 10, 30, 20))]}, "Ref 1")
+    assert (np.asarray(mask2) > 0).sum() == 6 * 6 + 10 * 10
+    assert editor_inputs({"background": image, "layers": [layer((32, 24), (0, 0, 0, 0))]}, "Ref 1")[1] is None
+    assert editor_inputs({"background": None, "layers": []}, "Ref 1") is None
+    assert editor_inputs(None, "Ref 1") is None
+
+
+def test_editor_errors_name_the_slot():
+    image = Image.new("RGB", (32, 24))
+    with pytest.raises(AttnCtrlError, match="Ref 2: the painted mask is 16x16 but the image is 32x24"):
+        editor_inputs({"background": image, "layers": [layer((16, 16), (0, 0, 4, 4))]}, "Ref 2")
+    with pytest.raises(AttnCtrlError, match="Ref 3: a mask was painted but no image"):
+        editor_inputs({"background": None, "layers": [layer((16, 16), (0, 0, 4, 4))]}, "Ref 3")
+
+
+def test_options_json_and_method_config():
+    assert options_json("") == {} and options_json(' {"start_step": 2} ') == {"start_step": 2}
+    with pytest.raises(AttnCtrlError, match="invalid JSON"):
+        options_json("{start_step: 2}")
+    with pytest.raises(AttnCtrlError, match="JSON object"):
+        options_json("[1, 2]")
+    config = method_config("freecustom", {"mask_weights": 2.5, "end_step": None}, '{"start_step": 3}')
+    assert (config.mask_weights, config.start_step, config.end_step) == (2.5, 3, None)
+    with pytest.raises(AttnCtrlError, match="unknown option 'radius' for freecustom"):
+        method_config("freecustom", {}, '{"radius": 3}')
+    with pytest.raises(AttnCtrlError, match="start_step"):
+        method_config("freecustom", {}, '{"start_step": "soon"}')
+
+
+def test_tab_inputs_reject_incomplete_slots(app):
+    s = settings()
+    editor, _ = star_editor()
+    with pytest.raises(AttnCtrlError, match="upload at least one reference image"):
+        tabs.freecustom(app, s, [None] * 3, [""] * 3)
+    with pytest.raises(AttnCtrlError, match="Reference 2 has a prompt but no image"):
+        tabs.freecustom(app, s, [editor, None, None], ["a star", "a square", ""])
+    with pytest.raises(AttnCtrlError, match="Reference 1: give the word of the prompt"):
+        tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["", "", ""])
+    with pytest.raises(AttnCtrlError, match="Subject 1: a region is x0,y0,x1,y1"):
+        tabs.irdiffusion(app, s, ["star", "", ""], [None] * 3, ["a star", "", ""], ["0.5,0,0.2,1", "", ""])
+    with pytest.raises(AttnCtrlError, match="Subject 2 .circle.: upload a reference image or write a reference"):
+        tabs.irdiffusion(app, s, ["star", "circle", ""], [None] * 3, ["a star", "", ""], ["", "", ""])
+    with pytest.raises(AttnCtrlError, match="LoRA 1: upload the LoRA file"):
+        tabs.clora(app, s, [None] * 3, ["sks dog", "", ""], ["a sks dog", "", ""])
+    with pytest.raises(AttnCtrlError, match="LoRA 1: file .* is missing"):
+        tabs.clora(app, s, ["/nonexistent/dog.safetensors", None, None], ["sks dog", "", ""], ["a sks dog", "", ""])
+    with pytest.raises(AttnCtrlError, match="upload a background image"):
+        tabs.primecomposer(app, s, None, editor, 0, 0, 10, 10)
+    with pytest.raises(AttnCtrlError, match="width and height > 0"):
+        tabs.primecomposer(app, s, Image.new("RGB", (64, 64)), editor, 0, 0, 0, 10)
+    with pytest.raises(AttnCtrlError, match="at least two prompts"):
+        tabs.ditctrl(app, s, "one prompt only")
+
+
+def test_tab_inputs_build_the_method_and_its_inputs(app):
+    s = settings()
+    editor, mask = star_editor()
+    config, inputs = tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["star", "", ""], 2.0, 0.5)
+    assert (config.name, config.ref_words, config.mask_weights, config.inject_step) == ("magicface", ("star",), 2.0,
+                                                                                        0.5)
+    (ref,) = inputs.references
+    assert ref.prompt == "a star" and Path(ref.image).is_file() and Path(ref.mask).is_file()
+    np.testing.assert_array_equal(np.asarray(Image.open(ref.mask)) > 0, mask)  # the painted mask, saved losslessly
+    config, inputs = tabs.irdiffusion(app, s, ["star", "square", ""], [editor, None, None], ["", "a square", ""],
+                                      ["0,0,0.5,1", "", ""], 0.8)
+    assert config.mutual_lambda == 0.8
+    assert [(x.word, x.region, x.reference is not None, x.prompt) for x in inputs.subjects] == [
+        ("star", (0.0, 0.0, 0.5, 1.0), True, ""), ("square", None, False, "a square")]
+    config, inputs = tabs.ditctrl(app, s, "a car on a road\n\n  a car on snow  \n", 1)
+    assert inputs.prompts == ["a car on a road", "a car on snow"] and config.num_transition_blocks == 1
+    assert tabs.plain(app, s, "")[0] is None
+    assert tabs.plain(app, s, "circle, square")[0].words == ("circle", "square")
+
+
+# -- generation -----------------------------------------------------------------------------------------------------
+def test_generate_gallery_seeds_metadata_and_maps(app):
+    s = settings(seed=7, count=2)
+    result = app.generate(s, *tabs.plain(app, s, "circle"))
+    assert [caption for _, caption in result.images] == ["seed 7", "seed 8"]
+    assert result.seed == 7 and "seed 7..8" in result.info
+    first = Image.open(result.images[0][0])
+    record = json.loads(first.text["attnctrl"])  # the download is the PNG with its settings
+    assert (record["seed"], record["steps"], record["method"], record["prompt"]) == (7, 2, "attention-maps", s.prompt)
+    assert "parameters" in first.text
+    assert [caption for _, caption in result.artifacts] == ["attn-circle (seed 7)", "attn-circle (seed 8)"]
+    assert all(Path(p).is_file() for p in result.files)
+    # the same seed again gives the same pixels
+    again = app.generate(settings(seed=7), *tabs.plain(app, s, "circle"))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(Image.open(again.images[0][0])))
+
+
+def test_random_seed_is_reported_and_reusable(app):
+    s = settings(randomize=True)
+    result = app.generate(s, None, None)
+    assert 0 <= result.seed < 2**32 and result.images[0][1] == f"seed {result.seed}"
+    reused = app.generate(settings(seed=result.seed), None, None)
+    np.testing.assert_array_equal(np.asarray(Image.open(result.images[0][0])),
+                                  np.asarray(Image.open(reused.images[0][0])))
+
+
+def test_before_after_is_the_same_seed_without_the_method(app):
+    s = settings(seed=3, compare=True, agent=True)
+    result = app.generate(s, None, None)
+    before, after = result.before_after
+    plain = app.generate(settings(seed=3), None, None)
+    np.testing.assert_array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(plain.images[0][0])))
+    assert after == result.images[0][0]
+    assert json.loads(Image.open(after).text["attnctrl"])["plugins"][0]["method"] == "agent"
+
+
+def test_reference_method_runs_and_shows_its_segmentation(app):
+    s = settings(prompt="a striped green star")
+    editor, _ = star_editor()
+    result = app.generate(s, *tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["star", "", ""]))
+    assert len(result.images) == 1 and [c for _, c in result.artifacts] == ["mask-star (seed 0)"]
+
+
+def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = _handler(app, "plain", [object(), object()])
+    values = [getattr(settings(model="no-such-org/no-such-model"), k) for k in COMMON] + ["", ""]
+    with pytest.raises(gr.Error, match="no-such-org/no-such-model"):
+        run(None, *values)
+    values = [getattr(settings(prompt="   "), k) for k in COMMON] + ["", ""]
+    with pytest.raises(gr.Error, match="write a prompt first"):
+        run(None, *values)
+    values = [getattr(settings(), k) for k in COMMON] + ["elephant", ""]
+    with pytest.raises(gr.Error, match="elephant"):
+        run(None, *values)
+
+    def boom():
+        raise RuntimeError("kaput")
+
+    with pytest.raises(gr.Error, match="internal error .RuntimeError: kaput"):
+        _user_errors(boom)
+    values = [getattr(settings(), k) for k in COMMON] + ["", ""]
+    gallery, *_rest, seed = run(None, *values)  # after all that, a good request still works
+    assert len(gallery) == 1 and seed == 0
+
+
+# -- the page in a browser ------------------------------------------------------------------------------------------
+def _chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("ATTNCTRL_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium is not installed (apt-get install chromium chromium-driver)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_end_to_end(app, tmp_path):
+    chromium = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = build_app(app)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(app.output)])
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")  # the queue's stream never goes idle
+            page.locator("#prompt textarea").wait_for(timeout=60_000)
+            page.get_by_text("Advanced").click()
+            page.get_by_label("Steps").fill("3")
+            page.get_by_label("Heat maps of words (comma-separated, optional)").fill("circle")
+            # 1. text to image with AttentionMaps: the gallery shows the image with its seed, the maps appear
+            page.locator("#generate-plain").click()
+            page.locator("#gallery img").first.wait_for(timeout=120_000)
+            page.locator("#artifacts img").first.wait_for(timeout=30_000)
+            assert "attention-maps" in page.locator("#info").inner_text()
+            # 2. an invalid input: a page error message, and the server lives on
+            page.get_by_role("tab", name="PrimeComposer").click()
+            page.locator("#generate-primecomposer").click()
+            page.get_by_text("upload a background image").first.wait_for(timeout=30_000)
+            # 3. FreeCustom from its example (references with painted masks), then Generate with our steps
+            page.get_by_role("tab", name="FreeCustom").click()
+            rows = page.locator("tr").filter(has_text="a dotted blue square in the middle")
+            rows.locator("visible=true").first.click()
+            info = page.locator("#info")
+            page.wait_for_function("document.querySelector('#info').innerText.includes('freecustom')",
+                                   timeout=240_000)
+            page.locator("#gallery img").first.wait_for(timeout=30_000)
+            before = info.inner_text()
+            page.locator("#generate-freecustom").click()
+            page.wait_for_function("t => document.querySelector('#info').innerText.includes('freecustom') && "
+                                   "document.querySelector('#info').innerText !== t", arg=before, timeout=240_000)
+            page.locator("#gallery img").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            if os.environ.get("ATTNCTRL_SCREENSHOT"):
+                page.screenshot(path=os.environ["ATTNCTRL_SCREENSHOT"], full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000
