@@ -57,3 +57,11 @@ def _no_leftover_methods():
         if leftover:
             attnctrl.remove(pipe)
             pytest.fail(f"test left methods applied: {leftover}")
+
+
+@pytest.fixture
+def no_grad():
+    """Autograd off for one test (modules opt in with ``pytestmark = pytest.mark.usefixtures("no_grad")``); the
+    global mode is restored afterwards, so later modules that train or differentiate are not affected."""
+    with torch.no_grad():
+        yield

@@ -14,7 +14,7 @@ from attnctrl.kernels.token_merge import bipartite_plan
 from attnctrl.methods import AgentAttention
 from attnctrl.processors.agent import agent_attention
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 SIZE = {"height": 256, "width": 256}  # 32 x 32 latent: 1024 tokens at full resolution
 
 

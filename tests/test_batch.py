@@ -99,20 +99,31 @@ def _run(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _ok(args) -> bool:
+    proc = _run(args)
+    proc.communicate(timeout=600)
+    return proc.returncode == 0
+
+
 def test_resume_after_a_kill_gives_the_same_files(tmp_path):
-    seeds = "0,1,2,3"
+    # slow enough per output (30 steps at 256 px) that the interrupt lands while outputs are still missing
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"model": "tiny-sd15", "prompt": "a photo of a cat", "seeds": list(range(8)),
+                                "steps": 30, "width": 256, "height": 256}) + "\n")
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert _run([str(JOBS / "plain.jsonl"), "-o", str(full), "--seeds", seeds]).wait(timeout=600) == 0
-    proc = _run([str(JOBS / "plain.jsonl"), "-o", str(killed), "--seeds", seeds])
+    assert _ok([str(jobs), "-o", str(full)])
+    proc = _run([str(jobs), "-o", str(killed)])
     deadline = time.time() + 300
     while time.time() < deadline and len(list(killed.glob("*.png"))) < 2:
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err
+    assert len(list(killed.glob("*.png"))) < 8
     assert not [p for p in killed.iterdir() if ".tmp" in p.name]  # nothing partial
-    assert _run([str(JOBS / "plain.jsonl"), "-o", str(killed), "--seeds", seeds, "--resume"]).wait(timeout=600) == 0
+    assert _ok([str(jobs), "-o", str(killed), "--resume"])
     names = sorted(p.name for p in full.iterdir() if p.suffix in (".png", ".json") and p.name != "run.json")
+    assert len(names) == 16
     assert names == sorted(p.name for p in killed.iterdir() if p.suffix in (".png", ".json") and p.name != "run.json")
     for name in names:
         if name.endswith(".png"):

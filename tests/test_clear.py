@@ -16,7 +16,7 @@ from attnctrl.kernels.local_attention import LocalSpec, dense_mask, local_attent
 from attnctrl.methods import CLEAR
 from attnctrl.processors.clear import clear_weight_keys
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def qkv(spec: LocalSpec, b=1, h=2, d=8, seed=0):

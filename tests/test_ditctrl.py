@@ -16,7 +16,7 @@ from attnctrl.pipelines.ditctrl import plan_segments, triangular_weights
 from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 KW = dict(num_frames=9, num_inference_steps=4, overlap=1, num_transition_blocks=1, kv_steps=(1, 3),
           output_type="np")
 

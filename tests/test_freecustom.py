@@ -17,7 +17,7 @@ from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.reference import ReferenceRun
 from attnctrl.processors.freecustom import FreeCustom, MRSAAttnProcessor
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 SIZE = 128  # latent 16 x 16: attention grids 16, 8, 4, 2
 
 

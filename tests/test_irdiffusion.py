@@ -17,7 +17,7 @@ from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.irdiffusion import IRRun, disjoint
 from attnctrl.processors.irdiffusion import IRAttnProcessor, IRDiffusion
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 REFS = [Reference(image(1), box_mask(8, 8, 56, 56), "a red circle"),
         Reference(image(2), box_mask(64, 64, 120, 120), "a striped square")]
 # target regions: left and right halves (disjoint), at 128 x 128 px

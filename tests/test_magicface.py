@@ -23,7 +23,7 @@ from attnctrl.processors.magicface import (
     smooth3,
 )
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 PROMPT = "a woman wearing a hat"
 
 

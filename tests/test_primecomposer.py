@@ -17,7 +17,7 @@ from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.primecomposer import composition_geometry, exceptional_embedding
 from attnctrl.processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 SIZE = 128
 
 

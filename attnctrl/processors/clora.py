@@ -52,7 +52,7 @@ def nt_xent(samples: torch.Tensor, labels: torch.Tensor, temperature: float = 0.
     eye = torch.eye(len(labels), dtype=torch.bool, device=samples.device)
     positive = same & ~eye
     if not torch.any(positive):
-        raise AttnCtrlError("CLoRA's contrastive loss needs a concept named in at least two prompts")
+        raise AttnCtrlError("CLoRA's contrastive loss needs a positive pair: a concept named in at least two prompts")
     negative = ~same
     sim = sim - sim.max().detach()  # stability, as the library
     neg_sum = (torch.exp(sim) * negative).sum(1, keepdim=True)  # (S, 1)

@@ -19,7 +19,7 @@ from attnctrl.core.attention import (
     sdpa,
 )
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def dense(q, k, v, bias=None, scale=None):
