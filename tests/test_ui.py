@@ -6,6 +6,10 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from attnctrl.core.errors import AttnCtrlError  # noqa: E402
-from attnctrl.ui import App, Settings, build_app  # noqa: E402
+from attnctrl.ui import App, Settings  # noqa: E402
 from attnctrl.ui import inputs as tabs  # noqa: E402
 from attnctrl.ui.app import editor_inputs, method_config, options_json  # noqa: E402
 from attnctrl.ui.tabs import COMMON, _handler, _user_errors  # noqa: E402
@@ -218,15 +222,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_page_end_to_end(app, tmp_path):
+def _serve(port: int, output: Path, log: Path) -> subprocess.Popen:
+    """``attnctrl ui`` in its own process (as a user starts it), once it answers on ``port``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "attnctrl", "ui", "--model", MODEL, "--port", str(port), "-o",
+                             str(output)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"attnctrl ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"attnctrl ui did not answer within 180 s:\n{log.read_text()[-3000:]}")
+
+
+def test_page_end_to_end(tmp_path):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = build_app(app)
-    demo.queue(default_concurrency_limit=1)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(app.output)])
+    server = _serve(port, tmp_path / "outputs", tmp_path / "server.log")
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
@@ -264,5 +282,10 @@ def test_page_end_to_end(app, tmp_path):
                 page.screenshot(path=os.environ["ATTNCTRL_SCREENSHOT"], full_page=True)
             browser.close()
     finally:
-        demo.close()
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert list((tmp_path / "outputs").rglob("*.png"))  # the outputs went where -o said
