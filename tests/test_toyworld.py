@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attnctrl.models.toyworld import (
     HELD_OUT,
@@ -101,3 +102,22 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+
+
+def test_shipped_model_is_the_offline_default(monkeypatch):
+    import attnctrl
+    from attnctrl.models import DEFAULT_MODEL, recommended_settings, toyworld_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert DEFAULT_MODEL == "toyworld"
+    files = [p for p in toyworld_path().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    pipe = attnctrl.load_pipeline()  # the default, from inside the package
+    assert recommended_settings(pipe)["height"] == 64
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a red circle on the left", "a red circle on the left"], num_inference_steps=2, output_type="np",
+               generator=[torch.Generator().manual_seed(0) for _ in range(2)])
+    assert out.images.shape == (2, 64, 64, 3) and np.isfinite(out.images).all()
+    np.testing.assert_array_equal(out.images[0], out.images[1])
+    tok = pipe.tokenizer
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in ("red", "circle", "sks"))

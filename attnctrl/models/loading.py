@@ -28,7 +28,7 @@ from .tiny import TINY_FAMILIES, tiny_pipeline
 __all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device", "recommended_settings", "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
-DEFAULT_MODEL = "tiny-sd15"
+DEFAULT_MODEL = "toyworld"
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
