@@ -25,6 +25,7 @@ from attnctrl.ui.app import editor_inputs, method_config, options_json  # noqa: 
 from attnctrl.ui.tabs import COMMON, _handler, _user_errors  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "attnctrl" / "assets" / "examples"
+# ATTNCTRL_UI_TEST_MODEL=toyworld ATTNCTRL_UI_TEST_STEPS=25 ATTNCTRL_SCREENSHOT=docs/ui.png makes the README picture
 MODEL = os.environ.get("ATTNCTRL_UI_TEST_MODEL", "tiny-sd15")
 
 
@@ -240,6 +241,10 @@ def _serve(port: int, output: Path, log: Path) -> subprocess.Popen:
     pytest.fail(f"attnctrl ui did not answer within 180 s:\n{log.read_text()[-3000:]}")
 
 
+#: no gradio progress read-out ("processing | 0.8s", "4/25 steps", ETA bars) anywhere on the page
+IDLE = "!document.querySelector('.progress-text, .eta-bar, .progress-level')"
+
+
 def test_page_end_to_end(tmp_path):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -253,7 +258,7 @@ def test_page_end_to_end(tmp_path):
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")  # the queue's stream never goes idle
             page.locator("#prompt textarea").wait_for(timeout=60_000)
             page.get_by_text("Advanced").click()
-            page.get_by_label("Steps").fill("3")
+            page.get_by_label("Steps").fill(os.environ.get("ATTNCTRL_UI_TEST_STEPS", "3"))
             page.get_by_label("Heat maps of words (comma-separated, optional)").fill("circle")
             # 1. text to image with AttentionMaps: the gallery shows the image with its seed, the maps appear
             page.locator("#generate-plain").click()
@@ -269,13 +274,14 @@ def test_page_end_to_end(tmp_path):
             rows = page.locator("tr").filter(has_text="a dotted blue square in the middle")
             rows.locator("visible=true").first.click()
             info = page.locator("#info")
-            page.wait_for_function("document.querySelector('#info').innerText.includes('freecustom')",
-                                   timeout=240_000)
+            page.wait_for_function(f"(() => {{ const s = document.querySelector('#info').innerText; "
+                                   f"return s.includes('freecustom') && {IDLE}; }})()", timeout=240_000)
             page.locator("#gallery img").first.wait_for(timeout=30_000)
             before = info.inner_text()
             page.locator("#generate-freecustom").click()
-            page.wait_for_function("t => document.querySelector('#info').innerText.includes('freecustom') && "
-                                   "document.querySelector('#info').innerText !== t", arg=before, timeout=240_000)
+            page.wait_for_function(f"t => {{ const s = document.querySelector('#info').innerText; "
+                                   f"return s.includes('freecustom') && s !== t && {IDLE}; }}", arg=before,
+                                   timeout=240_000)
             page.locator("#gallery img").first.wait_for(timeout=30_000)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             if os.environ.get("ATTNCTRL_SCREENSHOT"):
@@ -289,3 +295,11 @@ def test_page_end_to_end(tmp_path):
             server.kill()
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs").rglob("*.png"))  # the outputs went where -o said
+
+
+def test_widgets_never_shown_send_none_and_mean_the_defaults():
+    from attnctrl.ui.tabs import widget_settings
+
+    values = {k: None for k in COMMON} | {"prompt": "a red circle", "seed": 3, "steps": 0}
+    s = widget_settings([values[k] for k in COMMON])
+    assert (s.prompt, s.negative_prompt, s.steps, s.seed) == ("a red circle", "", None, 3)

@@ -169,6 +169,9 @@ def _unflatten(groups, values):
 def widget_settings(values) -> Settings:
     """Settings from the widgets' values; 0 in steps, guidance, size and frames means the model's value."""
     given = dict(zip(COMMON, values))
+    for key in ("prompt", "negative_prompt", "model"):  # a widget never shown (closed accordion) sends None
+        if given.get(key) is None:
+            given.pop(key, None)
     for key in ("steps", "guidance", "width", "height", "num_frames"):
         if not given.get(key):
             given[key] = None
