@@ -112,7 +112,8 @@ def test_resume_after_a_kill_gives_the_same_files(tmp_path):
                                 "steps": 30, "width": 256, "height": 256}) + "\n")
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _ok([str(jobs), "-o", str(full)])
-    proc = _run([str(jobs), "-o", str(killed)])
+    # Ctrl-C in a terminal; under `nohup` or `cmd &` SIGINT arrives ignored and would be inherited, so restore it
+    proc = _run([str(jobs), "-o", str(killed)], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and len(list(killed.glob("*.png"))) < 2:
         time.sleep(0.05)
