@@ -44,7 +44,7 @@ def test_load_pipeline_references(tmp_path):
     ("does-not-exist", "not available offline"),
     ("org/not-cached-model", "not in the Hugging Face cache"),
     ("tiny-sd9", "unknown tiny model"),
-    ("not a model!", "neither a tiny model"),
+    ("not a model!", "neither toyworld, a tiny model"),
 ])
 def test_unavailable_models_fail_with_one_sentence(ref, msg):
     with pytest.raises(ModelNotAvailableError, match=msg) as e:

@@ -154,7 +154,7 @@ def _load(model: str, dtype):
             ) from e
     if not _HUB_ID.match(model):
         raise ModelNotAvailableError(
-            f"model {model!r} is neither a tiny model, an existing folder or file, nor a hub id like 'org/name'"
+            f"model {model!r} is neither toyworld, a tiny model, an existing folder or file, nor a hub id like 'org/name'"
         )
     try:
         return _from_pretrained(model, dtype, local_only=True)
@@ -168,7 +168,7 @@ def _load(model: str, dtype):
         hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
         raise ModelNotAvailableError(
-            f"model {model!r} is not available offline: it is not a tiny model ({tiny}), not a local folder or "
+            f"model {model!r} is not available offline: it is not toyworld or a tiny model ({tiny}), not a local folder or "
             f"file, and not in the Hugging Face cache under {hf_home}"
             f"{'' if offline else ' (the hub could not be reached either)'}; download it where there is network "
             f"(`hf download {model}`) or pass a local path"
