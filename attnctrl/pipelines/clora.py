@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.controller import MethodState, apply
-from ..core.errors import AttnCtrlError, UnsupportedModelError
-from ..core.families import detect_family
+from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
 from ..processors.clora import CLoRA, CrossAttnRecorder, lora_masks, min_max, nt_xent
+from .base import MethodPipeline
 from .freecustom import _Bound
 
 __all__ = ["CLoRAPipeline", "CLoRAState"]
@@ -62,22 +62,10 @@ class CLoRAState(MethodState):
         return out
 
 
-class CLoRAPipeline:
+class CLoRAPipeline(MethodPipeline):
     """See the module docstring; ``.pipe`` is the wrapped SD 1.x/2.x or SDXL pipeline."""
 
-    def __init__(self, pipe):
-        family = detect_family(getattr(pipe, "unet", None) or torch.nn.Module())
-        if family.name not in CLoRA.families:
-            raise UnsupportedModelError("CLoRAPipeline supports SD 1.x/2.x and SDXL UNets")
-        self.pipe = pipe
-        self.xl = family.name == "sdxl"
-
-    @classmethod
-    def from_pipe(cls, pipe):
-        return cls(pipe.pipe if isinstance(pipe, CLoRAPipeline) else pipe)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+    config_class = CLoRA
 
     # -- LoRAs -------------------------------------------------------------------------------------------------------
     def load_lora(self, path, adapter_name: str | None = None) -> str:

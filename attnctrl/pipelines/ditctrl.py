@@ -25,9 +25,9 @@ import torch
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError, UnsupportedModelError
-from ..core.families import detect_family
 from ..core.tokens import token_indices
 from ..processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
+from .base import MethodPipeline
 from .freecustom import _Bound
 
 __all__ = ["DiTCtrlPipeline", "plan_segments", "triangular_weights"]
@@ -50,21 +50,10 @@ def triangular_weights(frames: int) -> torch.Tensor:
     return torch.minimum((2 * i + 1) / frames, 2 - (2 * i + 1) / frames)
 
 
-class DiTCtrlPipeline:
+class DiTCtrlPipeline(MethodPipeline):
     """See the module docstring; ``.pipe`` is the wrapped ``CogVideoXPipeline``."""
 
-    def __init__(self, pipe):
-        family = detect_family(getattr(pipe, "transformer", None) or torch.nn.Module())
-        if family.name != "cogvideox":
-            raise UnsupportedModelError("DiTCtrlPipeline needs a CogVideoX pipeline")
-        self.pipe = pipe
-
-    @classmethod
-    def from_pipe(cls, pipe):
-        return cls(pipe.pipe if isinstance(pipe, DiTCtrlPipeline) else pipe)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+    config_class = DiTCtrl
 
     @torch.no_grad()
     def __call__(self, prompts, negative_prompt: str = "", num_frames: int | None = None, height=None, width=None,

@@ -19,9 +19,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..core.controller import Controller, Method, apply
-from ..core.errors import AttnCtrlError, UnsupportedModelError
-from ..core.families import detect_family
+from ..core.errors import AttnCtrlError
 from ..processors.freecustom import FreeCustom, MRSAAttnProcessor
+from .base import MethodPipeline
 from .reference import Reference, ReferenceRun
 
 __all__ = ["ReferencePipeline", "FreeCustomPipeline"]
@@ -60,30 +60,11 @@ def _slice_target(out, n: int):
     return out[:1]
 
 
-class ReferencePipeline:
-    """Base of the multi-reference pipelines: wraps a diffusers pipeline (``.pipe``) and delegates the rest to it."""
+class ReferencePipeline(MethodPipeline):
+    """Base of the multi-reference pipelines (FreeCustom, MagicFace, IR-Diffusion)."""
 
     config_class: type[Method] = FreeCustom
     processor_class: type = MRSAAttnProcessor
-
-    def __init__(self, pipe):
-        family = detect_family(getattr(pipe, "unet", None) or torch.nn.Module())
-        if family.name not in self.config_class.families:
-            raise UnsupportedModelError(f"{type(self).__name__} supports SD 1.x/2.x and SDXL UNets")
-        self.pipe = pipe
-
-    @classmethod
-    def from_pipe(cls, pipe, **kwargs):
-        """Wrap ``pipe`` (its components are shared, nothing is copied)."""
-        if isinstance(pipe, ReferencePipeline):
-            pipe = pipe.pipe
-        return cls(pipe, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.pipe).__name__})"
 
     def _size(self, kwargs) -> tuple[int, int]:
         pipe = self.pipe

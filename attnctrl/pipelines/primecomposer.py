@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..core.controller import apply
-from ..core.errors import AttnCtrlError, UnsupportedModelError
-from ..core.families import detect_family
+from ..core.errors import AttnCtrlError
 from ..core.masks import box_mask, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
+from .base import MethodPipeline
 from .dpm_solver import DPMSolverPP
 from .freecustom import _Bound
 from .reference import _load_image
@@ -118,22 +118,10 @@ def exceptional_embedding(pipe, token_id: int = 7788):
         return embeds, None
 
 
-class PrimeComposerPipeline:
+class PrimeComposerPipeline(MethodPipeline):
     """See the module docstring; ``.pipe`` is the wrapped SD 1.x/2.x or SDXL pipeline."""
 
-    def __init__(self, pipe):
-        family = detect_family(getattr(pipe, "unet", None) or torch.nn.Module())
-        if family.name not in PrimeComposer.families:
-            raise UnsupportedModelError("PrimeComposerPipeline supports SD 1.x/2.x and SDXL UNets")
-        self.pipe = pipe
-        self.xl = family.name == "sdxl"
-
-    @classmethod
-    def from_pipe(cls, pipe):
-        return cls(pipe.pipe if isinstance(pipe, PrimeComposerPipeline) else pipe)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+    config_class = PrimeComposer
 
     def _encode(self, prompt: str, device):
         pipe = self.pipe

@@ -80,6 +80,16 @@ class MRSAAttnProcessor(AttnCtrlProcessor):
         return out
 
 
+def per_reference(mask_weights, n: int) -> tuple[float, ...]:
+    """One mask weight per reference (a single value is shared); raises unless one or ``n`` values are given."""
+    w = mask_weights if isinstance(mask_weights, tuple) else (mask_weights,)
+    if len(w) == 1:
+        return w * n
+    if len(w) != n:
+        raise AttnCtrlError(f"{len(w)} mask weights given for {n} reference(s); give one, or one per reference")
+    return w
+
+
 @dataclass(frozen=True)
 class FreeCustom(Method):
     """FreeCustom settings (used by :class:`attnctrl.pipelines.FreeCustomPipeline`, which supplies the references).
@@ -121,13 +131,7 @@ class FreeCustom(Method):
             raise AttnCtrlError(f"mask_mode must be 'add' or 'multiply', not {self.mask_mode!r}")
 
     def weights(self, n: int) -> tuple[float, ...]:
-        """One weight per reference (a single value is shared); raises if more weights than references."""
-        w = self.mask_weights if isinstance(self.mask_weights, tuple) else (self.mask_weights,)
-        if len(w) == 1:
-            return w * n
-        if len(w) != n:
-            raise AttnCtrlError(f"{len(w)} mask weights given for {n} reference(s); give one, or one per reference")
-        return w
+        return per_reference(self.mask_weights, n)
 
     def create_state(self, ctl, layers):
         raise AttnCtrlError(

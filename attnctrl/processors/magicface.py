@@ -38,6 +38,7 @@ from ..core.controller import Controller, Method
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
+from .freecustom import per_reference
 
 __all__ = ["MagicFace", "MagicFaceAttnProcessor", "GAUSSIAN_3", "smooth3", "segment", "region_rate"]
 
@@ -197,12 +198,7 @@ class MagicFace(Method):
             raise AttnCtrlError(f"upscale must be >= 1, got {self.upscale}")
 
     def weights(self, n: int) -> tuple[float, ...]:
-        w = self.mask_weights if isinstance(self.mask_weights, tuple) else (self.mask_weights,)
-        if len(w) == 1:
-            return w * n
-        if len(w) != n:
-            raise AttnCtrlError(f"{len(w)} mask weights given for {n} reference(s); give one, or one per reference")
-        return w
+        return per_reference(self.mask_weights, n)
 
     def scale_for(self, n: int) -> float:
         return self.ca_scale if self.ca_scale is not None else (0.9 if n == 1 else 0.6)

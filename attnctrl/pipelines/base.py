@@ -1,0 +1,46 @@
+"""The wrapper every method pipeline shares: it holds a diffusers pipeline and delegates everything else to it."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.controller import Method
+from ..core.errors import UnsupportedModelError
+from ..core.families import detect_family
+
+__all__ = ["MethodPipeline"]
+
+_FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX", "cogvideox": "CogVideoX"}
+
+
+class MethodPipeline:
+    """Wraps a loaded diffusers pipeline (``.pipe``; its modules are shared, nothing is copied).
+
+    Subclasses set ``config_class``, whose ``families`` are the denoisers the method supports; any other model
+    raises :class:`UnsupportedModelError` here, before any work.
+    """
+
+    config_class: type[Method]
+
+    def __init__(self, pipe):
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or torch.nn.Module()
+        family = detect_family(denoiser)
+        if family.name not in self.config_class.families:
+            names = " and ".join(_FAMILY_NAMES.get(f, f) for f in self.config_class.families)
+            raise UnsupportedModelError(f"{type(self).__name__} supports {names} pipelines, not "
+                                        f"{type(pipe).__name__} ({family.name})")
+        self.pipe = pipe
+        self.xl = family.name == "sdxl"
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs):
+        """Wrap ``pipe`` (or the pipeline inside another method pipeline)."""
+        return cls(pipe.pipe if isinstance(pipe, MethodPipeline) else pipe, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "pipe":  # not set yet (failed __init__, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.pipe).__name__})"
