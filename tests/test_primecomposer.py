@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,23 @@ def test_box_at_the_image_edge_and_bad_inputs():
         pc(bg, obj, obj_mask(), prompt="a cat")
     with pytest.raises(AttnCtrlError, match="domain"):
         PrimeComposer(domain="photo")
+
+
+def test_toyworld_object_lands_in_the_box_and_nothing_else_changes():
+    """On the trained model (same domain): the reference's colour and pattern inside the box, background exact."""
+    from attnctrl.models.toyworld import score
+
+    ex = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
+    pipe = attnctrl.load_pipeline("toyworld")
+    pipe.set_progress_bar_config(disable=True)
+    image = PrimeComposerPipeline.from_pipe(pipe)(
+        ex / "composition-background.png", ex / "striped-green-star.png", ex / "striped-green-star-mask.png",
+        location=(36, 16, 60, 44), prompt="a yellow triangle on the left and a star on the right", domain="same",
+        rca_words=["star"], generator=torch.Generator().manual_seed(0)).images[0]
+    got = np.asarray(image).astype(int)
+    background = np.asarray(Image.open(ex / "composition-background.png").convert("RGB")).astype(int)
+    outside = np.ones(got.shape[:2], bool)
+    outside[16:44, 36:60] = False
+    assert np.abs(got - background)[outside].max() == 0
+    triangle, star = score(image, "a yellow triangle on the left and a striped green star on the right")["objects"]
+    assert triangle["colour"] and triangle["shape"] and star["found"] and star["colour"] and star["pattern"]

@@ -125,7 +125,7 @@ def clora(app: App, s: Settings, files, words, prompts, step_size=20.0, mask_thr
     return config, MethodInputs([s.prompt], loras=specs)
 
 
-def primecomposer(app: App, s: Settings, background, reference, x, y, w, h, more: str = ""):
+def primecomposer(app: App, s: Settings, background, reference, x, y, w, h, domain: str = "cross", more: str = ""):
     """PrimeComposer: a background, an object image (+ painted mask) and the box to put it in."""
     if background is None:
         raise AttnCtrlError("upload a background image")
@@ -138,7 +138,8 @@ def primecomposer(app: App, s: Settings, background, reference, x, y, w, h, more
         raise AttnCtrlError("give the box as x, y, width, height in pixels of the background, width and height > 0")
     bg = app.save_input(_load(background, "Background"), "background")
     composition = {"background": bg, "reference": pair[0], "reference_mask": pair[1], "box": box}
-    return method_config("primecomposer", {}, more), MethodInputs([s.prompt], composition=composition)
+    return (method_config("primecomposer", {"domain": domain or "cross"}, more),
+            MethodInputs([s.prompt], composition=composition))
 
 
 def _load(value, label):

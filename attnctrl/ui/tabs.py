@@ -301,12 +301,15 @@ def _tab(app: App, key: str, name: str | None):
             y = gr.Number(0, label="Box y")
             w = gr.Number(None, label="Box width")
             h = gr.Number(None, label="Box height")
+        domain = gr.Radio(["same", "cross"], value="cross", label="Domain",
+                          info="same: object and background alike (photo into photo, toyworld into toyworld); "
+                               "cross: a photo object into a painting, sketch or cartoon")
         more = _more(name)
-        groups = [background, obj, x, y, w, h, more]
+        groups = [background, obj, x, y, w, h, domain, more]
         if comp is not None:
             bx = comp["box_xywh"]
             examples = [[comp["prompt"], str(EXAMPLES / comp["background"]),
-                         _example_editor(app, Path(comp["reference"]).stem), *bx, ""]]
+                         _example_editor(app, Path(comp["reference"]).stem), *bx, "same", ""]]
     elif key == "ditctrl":
         gr.Markdown("A long video from several prompts (CogVideoX models, e.g. `tiny-cogvideox` or "
                     "`THUDM/CogVideoX-2b`): one prompt per line, a segment each, with smooth transitions.")
