@@ -135,10 +135,13 @@ def test_two_processes_give_the_union_of_a_single_run(tmp_path):
     assert [len(split_tasks(list(range(7)), r, 3)) for r in range(3)] == [3, 2, 2]
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_batch(JOBS / "plain.jsonl", single, progress=False, echo=lambda m: None)
-    env = [{**ENV, "RANK": str(r), "WORLD_SIZE": "2"} for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "attnctrl", "batch", str(JOBS / "plain.jsonl"), "-o", str(multi)],
-                              env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for e in env]
-    assert all(p.wait(timeout=600) == 0 for p in procs)
+    # a real launcher: torchrun starts 2 processes with RANK / WORLD_SIZE (what accelerate launch does on GPUs; its
+    # --cpu mode starts a single process)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "attnctrl.cli.main", "batch", str(JOBS / "plain.jsonl"), "-o", str(multi)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((multi / "run.json").read_text())["processes"] == 2
     files = sorted(p.name for p in single.glob("*.png"))
     assert files == sorted(p.name for p in multi.glob("*.png"))
     for name in files:  # same pixels up to the thread count's rounding
