@@ -258,3 +258,15 @@ def test_generate_cli_with_clear(tmp_path):
     result = CliRunner().invoke(cli, ["generate", "-p", "a cat", "--steps", "1", "--method", "clear", "-o",
                                       str(tmp_path)])
     assert result.exit_code != 0 and "does not support the Stable Diffusion" in result.output
+
+
+def test_auto_backend_follows_the_measured_costs():
+    from attnctrl.kernels.local_attention import choose_backend
+
+    cpu = torch.device("cpu")
+    assert choose_backend(LocalSpec(height=16, width=16, text_len=8, radius=3), cpu) == "dense"  # small grid
+    assert choose_backend(LocalSpec(height=64, width=64, text_len=512, radius=8), cpu) == "tiled"
+    assert choose_backend(LocalSpec(height=64, width=64, text_len=512, radius=32), cpu) == "dense"  # big window
+    assert choose_backend(LocalSpec(height=128, width=128, text_len=512, radius=8), cpu) == "tiled"
+    assert choose_backend(LocalSpec(height=256, width=256, text_len=512, radius=64), cpu) == "tiled"  # mask too big
+    assert choose_backend(LocalSpec(height=8, width=8, text_len=4, radius=20), cpu) == "full"

@@ -17,8 +17,8 @@ Backends, all equal to the same dense reference (tested):
   and GPU, differentiable; memory is bounded by processing a few tile rows at a time;
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask over tile-ordered tokens (image tokens permuted
   into 8 x 16 tiles, so a 128-token block is a compact 2-D patch), compiled once per shape on CUDA;
-* ``auto``: the stock full attention when the disc covers the whole image (exact), else ``flex`` on CUDA, ``tiled``
-  for large grids and ``dense`` for small ones.
+* ``auto``: the stock full attention when the disc covers the whole image (exact), else ``flex`` on CUDA; on CPU
+  ``dense`` for small grids or windows that are large against the sequence, ``tiled`` otherwise (measured costs).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = ["LocalSpec", "local_attention", "dense_mask", "tile_utilisation", "BA
 
 BACKENDS = ("auto", "dense", "tiled", "flex")
 _DENSE_MAX_TOKENS = 1024  # auto: up to this many image tokens the dense mask is cheaper than tiling
+_DENSE_MASK_MAX_KEYS = 20_000  # auto never builds a boolean mask larger than this squared (400 MB)
 _CHUNK_ELEMENTS = 1 << 24  # gathered key elements per tiled chunk (64 MiB in fp32)
 
 
@@ -261,7 +262,12 @@ def choose_backend(spec: LocalSpec, device: torch.device) -> str:
         return "full"
     if device.type == "cuda" and _flex_available():
         return "flex"
-    return "dense" if spec.n_image <= _DENSE_MAX_TOKENS else "tiled"
+    if spec.n_image <= _DENSE_MAX_TOKENS:
+        return "dense"
+    # tiling pays while its key window is small against the sequence (measured on CPU with benchmarks/clear.py:
+    # 64x64 grid, r = 8 / 16 tiled x1.18 / x0.69 vs dense x0.82 / x0.59; r = 32 tiled x0.24 vs dense x0.86)
+    win = _tile_size(spec) + 2 * (math.ceil(spec.radius) - 1)
+    return "dense" if 3 * win * win >= spec.n_key and spec.n_key <= _DENSE_MASK_MAX_KEYS else "tiled"
 
 
 def local_attention(q, k, v, spec: LocalSpec, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
