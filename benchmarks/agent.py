@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _variants import in_own_process
 
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -87,9 +86,7 @@ def unet_benchmark(sizes, repeat) -> None:
     for size in sizes:
         results = {}
         for variant in names:
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--size", str(size), "--repeat",
-                                  str(repeat)], capture_output=True, text=True, check=True)
-            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[variant] = in_own_process(__file__, variant, "--size", size, "--repeat", repeat)
         base = results["plain"]["seconds"]
         print(f"  {size}x{size} ({(size // 8) ** 2} tokens at level 0):")
         for variant, label in names.items():

@@ -21,13 +21,12 @@ import argparse
 import contextlib
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _variants import in_own_process
 
 
 def _peak_mb(before: int) -> float:
@@ -110,12 +109,10 @@ def main() -> None:
     names = ["base"] + [f"clora-{n}-{m}" for n in (2, 3) for m in ("update", "fuse", "graphs")]
     res = {}
     for name in names:
-        out = subprocess.run([sys.executable, __file__, "--variant", name, "--model", a.model, "--size", str(a.size),
-                              "--steps", str(a.steps)], capture_output=True, text=True)
-        if out.returncode:
-            print(f"  {name}: failed\n{out.stderr[-2000:]}")
-            continue
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        try:
+            res[name] = in_own_process(__file__, name, "--model", a.model, "--size", a.size, "--steps", a.steps)
+        except RuntimeError as e:  # one failing variant does not hide the others
+            print(f"  {e}")
     b = res["base"]
     for name, r in res.items():
         print(f"  {name:<16} {r['per_step'] * 1e3:9.1f} ms/step  x{r['per_step'] / b['per_step']:5.2f} of base   "

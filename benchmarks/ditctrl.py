@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _variants import in_own_process, rss_growth_gib
 
 
 def pipeline_benchmark(steps: int) -> None:
@@ -90,7 +89,7 @@ def run_variant(name: str, video: int, heads: int) -> dict:
     t = time.perf_counter()
     (ours if name == "ours" else dense)(*args)
     return {"seconds": time.perf_counter() - t,
-            "peak_gib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20}
+            "peak_gib": rss_growth_gib(before)}
 
 
 def main() -> None:
@@ -108,9 +107,7 @@ def main() -> None:
     print(f"\nmask-guided target attention, 226 text + {a.video_tokens} video tokens, 4 rows, {a.heads} heads x 64, fp32")
     res = {}
     for name in ("dense", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--variant", name, "--video-tokens", str(a.video_tokens),
-                              "--heads", str(a.heads)], capture_output=True, text=True, check=True)
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[name] = in_own_process(__file__, name, "--video-tokens", a.video_tokens, "--heads", a.heads)
     for name, label in (("dense", "dense masks + full maps (official)"), ("ours", "ours: LSE columns + LSE merges")):
         r = res[name]
         print(f"  {label:<36} {r['seconds']:7.2f} s   peak +{r['peak_gib']:.2f} GiB")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _variants import in_own_process, rss_growth_gib
 
 
 def inputs(side: int, subjects: int):
@@ -68,7 +67,7 @@ def run_variant(name, side, subjects, repeat):
     fn = ours if name == "ours" else dense
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn(*args)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+    peak = rss_growth_gib(before)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -92,9 +91,7 @@ def main() -> None:
           f"blocks), 2 target rows, 8 heads x 40, fp32, {torch.get_num_threads()} CPU threads")
     res = {}
     for name in ("dense", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--variant", name, "--side", str(a.side), "--subjects",
-                              str(a.subjects), "--repeat", str(a.repeat)], capture_output=True, text=True, check=True)
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[name] = in_own_process(__file__, name, "--side", a.side, "--subjects", a.subjects, "--repeat", a.repeat)
     for name, label in (("dense", "dense mask + explicit softmax"), ("ours", "ours: query groups, key-only bias")):
         r = res[name]
         print(f"  {label:<36} {r['seconds'] * 1e3:9.1f} ms  x{res['dense']['seconds'] / r['seconds']:5.2f}   "

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _variants import in_own_process, rss_growth_gib
 
 
 def inputs(latent: int, refs: int, dtype):
@@ -50,7 +49,7 @@ def run_variant(name: str, latent: int, refs: int, repeat: int) -> dict:
     fn = ours if name == "ours" else explicit
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn(q, k, v, bias)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20  # KiB -> GiB
+    peak = rss_growth_gib(before)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -74,9 +73,8 @@ def main() -> None:
           f"8 heads x 40, fp32, {torch.get_num_threads()} CPU threads")
     results = {}
     for name in ("explicit", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--variant", name, "--latent", str(args.latent), "--refs",
-                              str(args.refs), "--repeat", str(args.repeat)], capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = in_own_process(__file__, name, "--latent", args.latent, "--refs", args.refs, "--repeat",
+                                       args.repeat)
     base = results["explicit"]
     for name, label in (("explicit", "explicit softmax (official form)"), ("ours", "ours: SDPA + key-only bias")):
         r = results[name]
