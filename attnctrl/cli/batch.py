@@ -27,7 +27,7 @@ import torch
 from ..core.errors import AttnCtrlError
 from ..io.jobs import Task, expand, load_jobs, load_run_config, method_config, resolve
 from ..io.metadata import save_json, save_png, save_video
-from .generate import _call_defaults, settings_record, slug
+from .generate import GenerateRequest, _call_defaults, settings_record, slug
 from .runners import MethodInputs, prepare
 
 __all__ = ["run_batch", "task_stem", "is_video_task"]
@@ -217,17 +217,17 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             for k in ("background", "reference", "reference_mask"):
                 if rerun.get(k):
                     rerun[k] = comp[k]
-            fake = _Request(job, config)
+            request = _request(job, config)
             if video:
                 frames = result.frames[0]
                 name = f"{stem}.mp4"
                 save_video(out / name, frames)
-                record = settings_record(fake, pipe, task.seed, steps, guidance, frames[0].size,
+                record = settings_record(request, pipe, task.seed, steps, guidance, frames[0].size,
                                          {"num_frames": len(frames)})
             else:
                 image = result.images[0]
                 name = f"{stem}.png"
-                record = settings_record(fake, pipe, task.seed, steps, guidance, image.size, {})
+                record = settings_record(request, pipe, task.seed, steps, guidance, image.size, {})
                 save_png(out / name, image, record, metadata=metadata)
                 for art, im in prepared.artifacts(image).items():
                     save_png(out / f"{stem}-{art}.png", im, record, metadata=metadata)
@@ -276,17 +276,10 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     return counts
 
 
-class _Request:
-    """The subset of a generate request that :func:`settings_record` reads."""
-
-    def __init__(self, job, method):
-        self.prompts = tuple(job.prompts)
-        self.negative_prompt = job.negative_prompt
-        self.method = method
-        self.plugins = ()
-        self.references = tuple(job.references)
-        self.subjects = tuple(job.subjects)
-        self.loras = tuple(job.loras)
-        self.composition = ({"background": job.background, "reference": job.reference,
-                             "reference_mask": job.reference_mask, "box": job.box} if job.background else None)
-
+def _request(job, method) -> GenerateRequest:
+    """The generate request a job amounts to, for :func:`settings_record` (one definition of a request's fields)."""
+    composition = ({"background": job.background, "reference": job.reference, "reference_mask": job.reference_mask,
+                    "box": job.box} if job.background else None)
+    return GenerateRequest(prompts=tuple(job.prompts), negative_prompt=job.negative_prompt, method=method,
+                           references=tuple(job.references), subjects=tuple(job.subjects), loras=tuple(job.loras),
+                           composition=composition)
