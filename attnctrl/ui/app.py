@@ -239,9 +239,7 @@ def editor_inputs(value, label: str) -> tuple[Image.Image, Image.Image | None] |
     The mask is where the user painted (the union of the layers' alpha); no paint means no mask (the whole image)."""
     if value is None:
         return None
-    if isinstance(value, (str, Path)):
-        value = {"background": value, "layers": []}
-    if isinstance(value, Image.Image):
+    if isinstance(value, (str, Path, Image.Image)):  # a plain image: no painted layers
         value = {"background": value, "layers": []}
     if not isinstance(value, dict):
         raise AttnCtrlError(f"{label}: unexpected image value {type(value).__name__}")

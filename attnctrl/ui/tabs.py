@@ -178,34 +178,26 @@ def widget_settings(values) -> Settings:
     return Settings(**given)
 
 
-def _handler(app: App, key: str, groups):
-    fn = TABS[key][2]
+def _generate(app: App, key: str, settings: Settings, args) -> Result:
+    """One generation from a tab: its widgets' values -> method config and inputs -> :meth:`App.generate`."""
+    config, inputs = TABS[key][2](app, settings, *args)
+    return app.generate(settings, config, inputs)
 
+
+def _handler(app: App, key: str, groups):
     def run(progress=gr.Progress(track_tqdm=True), *values):  # noqa: B008 (gradio reads the default)
         settings = widget_settings(values[:len(COMMON)])
         args = _unflatten(groups, values[len(COMMON):])
-
-        def work():
-            config, inputs = fn(app, settings, *args)
-            return app.generate(settings, config, inputs)
-
-        return _outputs(_user_errors(work))
+        return _outputs(_user_errors(lambda: _generate(app, key, settings, args)))
 
     run.__name__ = f"generate_{key}"
     return run
 
 
 def _example_handler(app: App, key: str, groups):
-    fn = TABS[key][2]
-
     def run(prompt, *values):
         settings = Settings(model=app.default_model, prompt=prompt)
-
-        def work():
-            config, inputs = fn(app, settings, *_unflatten(groups, values))
-            return app.generate(settings, config, inputs)
-
-        result = _user_errors(work)
+        result = _user_errors(lambda: _generate(app, key, settings, _unflatten(groups, values)))
         return result.images, result.artifacts, result.info
 
     run.__name__ = f"example_{key}"
