@@ -43,14 +43,7 @@ class Prepared:
         out = {}
         for handle in self.handles:
             out.update(handle.artifacts(index, image=image))
-        masks = None
-        w = self.wrapper
-        if w is not None and getattr(w, "last_masks", None) is not None:  # CLoRA: branch 0 is the base prompt
-            masks = w.last_masks[1:]
-        elif w is not None and getattr(w, "last_subject_masks", None) is not None:  # IR-Diffusion
-            masks = w.last_subject_masks
-        elif w is not None and getattr(getattr(w, "last_run", None), "concept", None) is not None:  # MagicFace
-            masks = w.last_run.reference_masks()
+        masks = self.wrapper.shown_masks() if self.wrapper is not None else None
         if masks is not None:
             out.update(mask_overlays(image, masks, self.words))
         return out

@@ -42,5 +42,9 @@ class MethodPipeline:
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
+    def shown_masks(self):
+        """Masks of the last call worth showing a user, ``(N, h, w)`` (one per subject / LoRA / reference), or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.pipe).__name__})"

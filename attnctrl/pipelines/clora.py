@@ -67,6 +67,11 @@ class CLoRAPipeline(MethodPipeline):
 
     config_class = CLoRA
 
+    def shown_masks(self):
+        """The fusion masks of the LoRA branches (branch 0, the base prompt, holds the background)."""
+        masks = getattr(self, "last_masks", None)
+        return None if masks is None else masks[1:]
+
     # -- LoRAs -------------------------------------------------------------------------------------------------------
     def load_lora(self, path, adapter_name: str | None = None) -> str:
         """Load a LoRA file through diffusers' PEFT path; returns its adapter name (the file stem by default)."""

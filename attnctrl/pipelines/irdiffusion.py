@@ -159,6 +159,10 @@ class IRDiffusionPipeline(ReferencePipeline):
     processor_class = IRAttnProcessor
     run_class = IRRun
 
+    def shown_masks(self):
+        """The subjects' target regions of the last call."""
+        return getattr(self, "last_subject_masks", None)
+
     def _attention_mask(self, prompts: list[str], words: list[str], generators, kwargs) -> torch.Tensor:
         """Generate ``prompts`` plainly and return, per prompt, the Otsu-binarised cross-attention map of its word."""
         height, width = kwargs["height"], kwargs["width"]

@@ -129,6 +129,11 @@ class MagicFacePipeline(ReferencePipeline):
     processor_class = MagicFaceAttnProcessor
     run_class = MagicFaceRun
 
+    def shown_masks(self):
+        """The segmentation of each reference's concept in the target (once the blend phase has run)."""
+        run = getattr(self, "last_run", None)
+        return run.reference_masks() if run is not None and run.concept is not None else None
+
     def _validate(self, config: MagicFace, prompt: str, references) -> list[list[int]]:
         words = list(config.ref_words)
         if len(words) != len(references):
