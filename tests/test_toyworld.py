@@ -121,3 +121,36 @@ def test_shipped_model_is_the_offline_default(monkeypatch):
     np.testing.assert_array_equal(out.images[0], out.images[1])
     tok = pipe.tokenizer
     assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in ("red", "circle", "sks"))
+
+
+def test_concept_scenes_name_the_concept_by_its_placeholder_only():
+    from attnctrl.models.toyworld.lora import concept_scene
+
+    for seed in range(50):
+        scene = concept_scene(np.random.default_rng(seed), "sks", ("blue", "square", "dotted"))
+        assert "sks" in scene.caption.split() and "dotted blue square" not in scene.caption
+        assert sum((o.colour, o.shape, o.pattern) == ("blue", "square", "dotted") for o in scene.objects) == 1
+        assert score(render(scene), scene.caption.replace("sks", "dotted blue square"))["all"]
+    again = concept_scene(np.random.default_rng(3), "sks", ("blue", "square", "dotted"))
+    assert again.caption == concept_scene(np.random.default_rng(3), "sks", ("blue", "square", "dotted")).caption
+
+
+def test_concept_lora_trains_saves_and_loads_through_the_public_path(tmp_path):
+    import attnctrl
+    from attnctrl.models.toyworld.lora import train_concept_lora
+
+    pipe = attnctrl.load_pipeline("toyworld")
+    pipe.set_progress_bar_config(disable=True)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="placeholder"):
+        train_concept_lora(pipe, "red", ("blue", "square", "dotted"), tmp_path / "x.safetensors", steps=1)
+    with torch.enable_grad():
+        path = train_concept_lora(pipe, "sks", ("blue", "square", "dotted"), tmp_path / "sks.safetensors", steps=2,
+                                  batch=2, log=lambda m: None)
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # untouched
+    kw = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    plain = pipe("a sks", **kw).images
+    pipe.load_lora_weights(str(path), adapter_name="sks")
+    tuned = pipe("a sks", **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    assert np.abs(plain - tuned).max() > 1e-4  # trained B != 0: the LoRA changes the output

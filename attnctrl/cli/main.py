@@ -185,7 +185,7 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
               help="Procedural scenes drawn once and reused (with flips).")
-@click.option("--vae-minutes", type=click.FloatRange(0.05), default=10.0, show_default=True,
+@click.option("--vae-minutes", type=click.FloatRange(0.05), default=20.0, show_default=True,
               help="Training time of the autoencoder, part of --minutes.")
 def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
     """Train the toyworld text-to-image model from scratch on CPU."""

@@ -9,7 +9,7 @@ An SD-style latent diffusion model built only from standard diffusers/transforme
   16x16 and 8x8 and in the 4x4 mid block, 4 heads, cross_attention_dim 128).
 
 Recipe: a fixed pool of procedurally drawn scenes (:mod:`.world`, held-out colour-shape combinations excluded), the
-VAE first (L1 + MSE + 1e-6 KL), then the latents of the pool are cached and the UNet and text encoder are trained
+VAE first (20 minutes: at 10 it confuses yellow/orange and red/orange; the log reports its colour fidelity) (L1 + MSE + 1e-6 KL), then the latents of the pool are cached and the UNet and text encoder are trained
 with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting, 10 % caption dropout for
 classifier-free guidance, horizontal flips (with "left"/"right" swapped in the caption), AdamW with warm-up and a
 cosine decay over the time budget, and EMA weights (0.999), which are what gets saved. Training is resumable from
@@ -45,7 +45,7 @@ MAX_TOKENS = 32
 @dataclass
 class TrainConfig:
     minutes: float = 90.0  # training-time budget, across resumes
-    vae_minutes: float = 10.0
+    vae_minutes: float = 20.0
     pool_size: int = 32768
     batch: int = 32
     vae_batch: int = 16
@@ -250,8 +250,20 @@ class _Trainer:
         rec = self.vae.decode(self.lat_mean[:64].float()).sample
         psnr = -10 * math.log10(F.mse_loss(rec, self._pixels(torch.arange(64))).item() / 4)
         self.elapsed += time.perf_counter() - started
-        self.log(f"vae done: pool encoded, scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB")
+        self.log(f"vae done: pool encoded, scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB, "
+                 f"right colour on reconstructions {self._colour_fidelity(rec):.0%}")
         self.phase = "unet"
+
+    def _colour_fidelity(self, rec: torch.Tensor) -> float:
+        """Fraction of objects whose colour :func:`score` reads right on VAE reconstructions of pool scenes."""
+        from PIL import Image
+
+        from .score import score
+
+        pixels = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+        hits = [obj["colour"] for image, caption in zip(pixels, self.captions)
+                for obj in score(Image.fromarray(image), caption)["objects"]]
+        return sum(hits) / max(1, len(hits))
 
     # -- UNet + text encoder -------------------------------------------------------------------------------------
     def _tokens(self, captions: list[str]) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Concept LoRAs for the toyworld model: teach a placeholder word (``sks``, ``zwx``, ...) one object.
+
+``python -m attnctrl.models.toyworld.lora [DIR] [--steps N]`` trains the two example LoRAs of
+:data:`CONCEPTS` into ``DIR`` (default ``attnctrl/assets/examples``) as ``toyworld-<word>-lora.safetensors``:
+a PEFT ``LoraConfig`` (rank 8 on ``to_q/to_k/to_v/to_out.0`` of the UNet; text encoder frozen) fitted with the
+base model's own objective (epsilon prediction, min-SNR-5) on procedurally drawn scenes in which one object is the
+concept and the caption names it by the placeholder word only ("a sks on the left and a red circle on the right").
+The files are in the layout ``load_lora_weights`` reads; they are the CLoRA examples of the CLI and the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..lora import LORA_TARGETS
+from .world import COLOURS, SHAPES, Scene, caption_of, render, sample_scene
+
+__all__ = ["CONCEPTS", "concept_scene", "train_concept_lora"]
+
+#: placeholder word -> (colour, shape, pattern) of the object it stands for
+CONCEPTS: dict[str, tuple[str, str, str]] = {
+    "sks": ("blue", "square", "dotted"),
+    "zwx": ("green", "star", "striped"),
+}
+
+
+def concept_scene(rng: np.random.Generator, word: str, concept: tuple[str, str, str]) -> Scene:
+    """A scene of 1-2 objects, one of which is ``concept``; its caption calls that object ``word``."""
+    colour, shape, pattern = concept
+    while True:
+        scene = sample_scene(rng, n_objects=int(rng.choice([1, 2], p=[0.5, 0.5])))
+        if all((o.colour, o.shape) != (colour, shape) for o in scene.objects):
+            break
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    obj.colour, obj.shape, obj.pattern = colour, shape, pattern
+    scene.said_sides = True
+    caption = caption_of(scene)
+    phrase = f"{pattern} {colour} {shape}" if pattern != "plain" else f"{colour} {shape}"
+    scene.caption = caption.replace(phrase, word)
+    return scene
+
+
+def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, steps: int = 400, batch: int = 8,
+                       rank: int = 8, lr: float = 1e-3, seed: int = 0,
+                       log: Callable[[str], None] = print) -> Path:
+    """Fit a LoRA on ``pipe.unet`` that draws ``concept`` for ``word``; save it to ``path`` (``.safetensors``)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    if word in COLOURS or word in SHAPES or len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
+        raise ValueError(f"{word!r} is not a single placeholder token of this tokenizer")
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)  # the pipeline's own UNet stays untouched
+    vae, text_encoder, scheduler = pipe.vae, pipe.text_encoder, pipe.scheduler
+    name = f"concept_{word}"
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS),
+                                init_lora_weights="gaussian"), adapter_name=name)
+    unet.set_adapters([name])
+    params = [p for n, p in unet.named_parameters() if name in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=5.0) / snr
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    unet.train()
+    for step in range(steps):
+        scenes = [concept_scene(rng, word, concept) for _ in range(batch)]
+        pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            latents = vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+            ids = pipe.tokenizer([s.caption for s in scenes], padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            context = text_encoder(ids)[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (batch,), generator=gen)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log(f"{word}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.perf_counter() - started:.0f} s")
+    state = get_peft_model_state_dict(unet, adapter_name=name)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(str(path.parent), unet_lora_layers=state, weight_name=path.name,
+                                 safe_serialization=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a command
+    import attnctrl
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", default=str(Path(__file__).parents[2] / "assets" / "examples"))
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    pipe = attnctrl.load_pipeline("toyworld")
+    for i, (word, concept) in enumerate(CONCEPTS.items()):
+        out = Path(args.folder) / f"toyworld-{word}-lora.safetensors"
+        train_concept_lora(pipe, word, concept, out, steps=args.steps, seed=i)
+        colour, shape, pattern = concept
+        print(f"wrote {out}: {word} = a {pattern} {colour} {shape}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
