@@ -142,8 +142,10 @@ def test_concept_lora_trains_saves_and_loads_through_the_public_path(tmp_path):
     pipe = attnctrl.load_pipeline("toyworld")
     pipe.set_progress_bar_config(disable=True)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    with pytest.raises(ValueError, match="placeholder"):
-        train_concept_lora(pipe, "red", ("blue", "square", "dotted"), tmp_path / "x.safetensors", steps=1)
+    for taken in ("red", "left", "not-a-word"):
+        with pytest.raises(ValueError, match="placeholder"):
+            train_concept_lora(pipe, taken, ("blue", "square", "dotted"), tmp_path / "x.safetensors", steps=1)
+    assert not (tmp_path / "x.safetensors").exists()
     with torch.enable_grad():
         path = train_concept_lora(pipe, "sks", ("blue", "square", "dotted"), tmp_path / "sks.safetensors", steps=2,
                                   batch=2, log=lambda m: None)
@@ -154,3 +156,14 @@ def test_concept_lora_trains_saves_and_loads_through_the_public_path(tmp_path):
     pipe.load_lora_weights(str(path), adapter_name="sks")
     tuned = pipe("a sks", **{**kw, "generator": torch.Generator().manual_seed(0)}).images
     assert np.abs(plain - tuned).max() > 1e-4  # trained B != 0: the LoRA changes the output
+
+
+def test_train_toy_refuses_a_vae_budget_that_leaves_the_unet_no_time(tmp_path):
+    from click.testing import CliRunner
+
+    from attnctrl.cli.main import cli
+
+    for args in (["--minutes", "5"], ["--minutes", "5", "--vae-minutes", "6"]):  # the recipe's VAE takes 20
+        result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), *args])
+        assert result.exit_code == 1 and "fewer than" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "run").exists()  # nothing written

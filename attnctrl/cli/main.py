@@ -185,19 +185,18 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
               help="Procedural scenes drawn once and reused (with flips).")
-@click.option("--vae-minutes", type=click.FloatRange(0.05), default=20.0, show_default=True,
-              help="Training time of the autoencoder, part of --minutes.")
+@click.option("--vae-minutes", type=click.FloatRange(0.05), default=None,
+              help="Training time of the autoencoder, part of --minutes.  [default: the recipe's, 20]")
 def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
     """Train the toyworld text-to-image model from scratch on CPU."""
     _quiet_libraries()
     from ..models.toyworld.train import train
 
-    if vae_minutes >= minutes and not resume:
-        raise click.ClickException("--vae-minutes must be smaller than --minutes (the UNet needs time too)")
+    overrides = {} if vae_minutes is None else {"vae_minutes": vae_minutes}
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), seed=seed,
-                     pool_size=pool_size, vae_minutes=vae_minutes)
-    except FileExistsError as e:
+                     pool_size=pool_size, **overrides)
+    except (FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(path))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["random_lora", "LORA_TARGETS"]
+__all__ = ["random_lora", "save_unet_lora", "LORA_TARGETS"]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -32,6 +32,11 @@ def random_lora(pipe, path, rank: int = 4, seed: int = 0, scale: float = 0.5) ->
         state = get_peft_model_state_dict(unet, adapter_name=name)
     finally:
         unet.delete_adapters(name)
+    return save_unet_lora(pipe, state, path)
+
+
+def save_unet_lora(pipe, state: dict, path) -> Path:
+    """Write a UNet LoRA state dict (PEFT's ``get_peft_model_state_dict``) to ``path`` with ``save_lora_weights``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(str(path.parent), unet_lora_layers=state, weight_name=path.name,

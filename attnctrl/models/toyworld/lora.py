@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..lora import LORA_TARGETS
-from .world import COLOURS, SHAPES, Scene, caption_of, render, sample_scene
+from ..lora import LORA_TARGETS, save_unet_lora
+from .train import min_snr_weights
+from .world import PLACEHOLDERS, VOCABULARY, Scene, caption_of, render, sample_scene
 
 __all__ = ["CONCEPTS", "concept_scene", "train_concept_lora"]
 
@@ -55,21 +56,18 @@ def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, ste
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    if word in COLOURS or word in SHAPES or len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
+    if (word in VOCABULARY and word not in PLACEHOLDERS) or len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
         raise ValueError(f"{word!r} is not a single placeholder token of this tokenizer")
     unet = copy.deepcopy(pipe.unet).requires_grad_(False)  # the pipeline's own UNet stays untouched
     vae, text_encoder, scheduler = pipe.vae, pipe.text_encoder, pipe.scheduler
     name = f"concept_{word}"
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS),
-                                init_lora_weights="gaussian"), adapter_name=name)
-    unet.set_adapters([name])
+                                init_lora_weights="gaussian"), adapter_name=name)  # and makes it active
     params = [p for n, p in unet.named_parameters() if name in n]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=5.0) / snr
+    weights = min_snr_weights(scheduler)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
@@ -83,7 +81,7 @@ def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, ste
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             context = text_encoder(ids)[0]
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, len(alphas), (batch,), generator=gen)
+        t = torch.randint(0, len(weights), (batch,), generator=gen)
         pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
         for g in opt.param_groups:
@@ -93,12 +91,7 @@ def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, ste
         opt.step()
         if (step + 1) % 50 == 0:
             log(f"{word}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.perf_counter() - started:.0f} s")
-    state = get_peft_model_state_dict(unet, adapter_name=name)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    type(pipe).save_lora_weights(str(path.parent), unet_lora_layers=state, weight_name=path.name,
-                                 safe_serialization=True)
-    return path
+    return save_unet_lora(pipe, get_peft_model_state_dict(unet, adapter_name=name), path)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a command

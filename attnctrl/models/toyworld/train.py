@@ -9,8 +9,9 @@ An SD-style latent diffusion model built only from standard diffusers/transforme
   16x16 and 8x8 and in the 4x4 mid block, 4 heads, cross_attention_dim 128).
 
 Recipe: a fixed pool of procedurally drawn scenes (:mod:`.world`, held-out colour-shape combinations excluded), the
-VAE first (20 minutes: at 10 it confuses yellow/orange and red/orange; the log reports its colour fidelity) (L1 + MSE + 1e-6 KL), then the latents of the pool are cached and the UNet and text encoder are trained
-with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting, 10 % caption dropout for
+VAE first (L1 + MSE + 1e-6 KL; 20 minutes: at 10 it confuses yellow/orange and red/orange, and the log reports the
+colour fidelity of its reconstructions), then the latents of the pool are cached and the UNet and text encoder are
+trained with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting, 10 % caption dropout for
 classifier-free guidance, horizontal flips (with "left"/"right" swapped in the caption), AdamW with warm-up and a
 cosine decay over the time budget, and EMA weights (0.999), which are what gets saved. Training is resumable from
 ``DIR/checkpoint.pt``; the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from .world import IMAGE_SIZE, VOCABULARY, make_scene, render
 
-__all__ = ["TrainConfig", "train", "toy_tokenizer", "build_models", "save_pipeline", "RECOMMENDED"]
+__all__ = ["TrainConfig", "train", "toy_tokenizer", "build_models", "save_pipeline", "min_snr_weights", "RECOMMENDED"]
 
 #: generation settings stored with the model (``attnctrl.json``) and used by attnctrl's surfaces by default
 RECOMMENDED = {"num_inference_steps": 25, "guidance_scale": 5.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -139,6 +140,12 @@ def _scheduler():
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
+def min_snr_weights(scheduler, gamma: float = 5.0) -> torch.Tensor:
+    """Per-timestep loss weights of min-SNR-gamma for epsilon prediction: ``min(SNR_t, gamma) / SNR_t``."""
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | None = None) -> Path:
@@ -280,8 +287,7 @@ class _Trainer:
         self.unet.train()
         self.text_encoder.train()
         alphas = self.scheduler.alphas_cumprod
-        snr = alphas / (1 - alphas)
-        weights = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma)
         gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
         budget = cfg.minutes * 60
         unet_start = cfg.vae_minutes * 60
@@ -404,11 +410,14 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     evaluations are not counted); resuming with a larger value continues the same run.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
     cfg = TrainConfig(minutes=minutes, **overrides)
+    if not resume and cfg.vae_minutes >= cfg.minutes:
+        raise ValueError(f"the VAE's {cfg.vae_minutes} minutes must be fewer than the {cfg.minutes} in all "
+                         f"(the UNet needs time too)")
+    out.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(out, cfg, log)
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
