@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import attention_with_lse, merge_attention
+from ..core.attention import attention_with_lse
 from ..core.errors import AttnCtrlError
 
 __all__ = ["LocalSpec", "local_attention", "dense_mask", "tile_utilisation", "BACKENDS", "pool_keys"]
@@ -150,7 +150,7 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
                                                       scale=scale))
     q_img = q[:, :, t_len : t_len + n]
     context = None
-    if t_len or spec.pooled:  # image rows vs text + pooled keys, merged below by log-sum-exp
+    if t_len or spec.pooled:  # image rows vs text + pooled keys; the window results are merged into it in place
         k_ctx = torch.cat([k[:, :, :t_len], k[:, :, t_len + n :]], dim=2)
         v_ctx = torch.cat([v[:, :, :t_len], v[:, :, t_len + n :]], dim=2)
         out_c, lse_c = attention_with_lse(q_img, k_ctx, v_ctx, scale=scale)
@@ -158,7 +158,8 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
 
     def grid(x, before, after):  # (B, h, HW, D) -> (B, h, H', W', D), zero-padded; D stays innermost
         x = x.reshape(b, heads, height, width, d)
-        return F.pad(x, (0, 0, before, after + wp - width, before, after + hp - height))
+        bottom, right = after + hp - height, after + wp - width
+        return F.pad(x, (0, 0, before, right, before, bottom)) if before or bottom or right else x
 
     # windows are views (B, h, nTy, nTx, D, s, s); one copy per chunk gathers them with D innermost
     q_til = grid(q_img, 0, 0).unfold(2, tile, tile).unfold(3, tile, tile)
@@ -171,7 +172,7 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
         return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(b * rows * n_tx, heads, size * size, d)
 
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * n_tx * heads * win * win * d))
-    out_img = q.new_empty(b, heads, hp, wp, d)
+    out_img = context[0] if context is not None else q.new_empty(b, heads, hp, wp, d)
     for r0 in range(0, n_ty, rows_per_chunk):
         r1 = min(n_ty, r0 + rows_per_chunk)
         rows = r1 - r0
@@ -184,18 +185,15 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
         out_w, lse_w = attention_with_lse(qc, kc, vc, mask, scale)
         out_w = out_w.reshape(b, rows, n_tx, heads, tile, tile, d).permute(0, 3, 1, 4, 2, 5, 6)
         out_w = out_w.reshape(b, heads, rows * tile, wp, d)
-        if context is not None:
-            lse_w = lse_w.reshape(b, rows, n_tx, heads, tile, tile).permute(0, 3, 1, 4, 2, 5)
-            lse_w = lse_w.reshape(b, heads, rows * tile, wp)
-            y0, y1 = r0 * tile, min(height, r1 * tile)
-            out_c, lse_c = context
-            merged, _ = merge_attention([
-                (out_w[:, :, : y1 - y0, :width], lse_w[:, :, : y1 - y0, :width]),
-                (out_c[:, :, y0:y1], lse_c[:, :, y0:y1]),
-            ])
-            out_img[:, :, y0:y1, :width] = merged
-        else:
-            out_img[:, :, r0 * tile : r1 * tile] = out_w
+        y0, y1 = r0 * tile, min(height, r1 * tile)
+        if context is None:
+            out_img[:, :, y0 : r1 * tile] = out_w
+            continue
+        # exact two-part softmax merge: out = out_c + (out_w - out_c) * exp(lse_w - logaddexp(lse_w, lse_c));
+        # every image query sees at least its own key, so lse_w is finite (lse_c is -inf only with no context keys)
+        lse_w = lse_w.reshape(b, rows, n_tx, heads, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(b, heads, rows * tile, wp)
+        weight = torch.sigmoid(lse_w[:, :, : y1 - y0, :width] - context[1][:, :, y0:y1])
+        out_img[:, :, y0:y1].lerp_(out_w[:, :, : y1 - y0, :width], weight.unsqueeze(-1).to(out_img.dtype))
     outputs.append(out_img[:, :, :height, :width].reshape(b, heads, n, d))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 

@@ -1,6 +1,6 @@
 """Concept LoRAs for the toyworld model: teach a placeholder word (``sks``, ``zwx``, ...) one object.
 
-``python -m attnctrl.models.toyworld.lora [DIR] [--steps N]`` trains the two example LoRAs of
+``python -m attnctrl.models.toyworld.lora [DIR] [--steps N] [--model M]`` trains the two example LoRAs of
 :data:`CONCEPTS` into ``DIR`` (default ``attnctrl/assets/examples``) as ``toyworld-<word>-lora.safetensors``:
 a PEFT ``LoraConfig`` (rank 8 on ``to_q/to_k/to_v/to_out.0`` of the UNet; text encoder frozen) fitted with the
 base model's own objective (epsilon prediction, min-SNR-5) on procedurally drawn scenes in which one object is the
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a command
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default=str(Path(__file__).parents[2] / "assets" / "examples"))
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--model", default="toyworld", help="base model (default: the shipped toyworld model)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    pipe = attnctrl.load_pipeline("toyworld")
+    pipe = attnctrl.load_pipeline(args.model)
     for i, (word, concept) in enumerate(CONCEPTS.items()):
         out = Path(args.folder) / f"toyworld-{word}-lora.safetensors"
         train_concept_lora(pipe, word, concept, out, steps=args.steps, seed=i)

@@ -47,6 +47,8 @@ MAX_TOKENS = 32
 class TrainConfig:
     minutes: float = 90.0  # training-time budget, across resumes
     vae_minutes: float = 20.0
+    # UNet widths per level; every level but the last has self- and cross-attention (latent 16, 8, 4 tokens a side)
+    unet_channels: tuple[int, ...] = (64, 128, 128, 128)
     pool_size: int = 32768
     batch: int = 32
     vae_batch: int = 16
@@ -107,7 +109,7 @@ def toy_tokenizer(model_max_length: int = MAX_TOKENS):
     return tok
 
 
-def build_models(tokenizer, seed: int = 0):
+def build_models(tokenizer, seed: int = 0, unet_channels: tuple[int, ...] = TrainConfig.unet_channels):
     """Fresh (random) VAE, text encoder and UNet of the toyworld architecture."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -128,8 +130,9 @@ def build_models(tokenizer, seed: int = 0):
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (len(unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1), cross_attention_dim=128,
         attention_head_dim=4, norm_num_groups=32,
     )
     return vae, text_encoder, unet
@@ -177,7 +180,7 @@ class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
         self.tokenizer = toy_tokenizer()
-        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.seed)
+        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.seed, cfg.unet_channels)
         self.scheduler = _scheduler()
         self.phase = "pool"
         self.elapsed = 0.0
@@ -418,11 +421,11 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
         raise ValueError(f"the VAE's {cfg.vae_minutes} minutes must be fewer than the {cfg.minutes} in all "
                          f"(the UNet needs time too)")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = _Trainer(out, cfg, log)
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
+    if state is not None:  # the run's own settings (architecture included); only the budget changes
         cfg = TrainConfig(**{**state["config"], "minutes": minutes})
-        trainer.cfg = cfg
+    trainer = _Trainer(out, cfg, log)
+    if state is not None:
         trainer.restore(state)
         log(f"resumed at {trainer.elapsed / 60:.1f} min, phase {trainer.phase}, step {trainer.step}")
     trainer.build_pool()
