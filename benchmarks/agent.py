@@ -1,6 +1,6 @@
 """AgentAttention benchmark: SD 1.5-sized UNet forward, one attention layer, and the effect on toyworld.
 
-    python benchmarks/agent.py [--sizes 512,1024] [--repeat 2] [--skip-unet] [--skip-layer] [--skip-toyworld]
+    python benchmarks/agent.py [--sizes 512,1024] [--repeat 2] [--skip-unet] [--skip-layer] [--skip-toyworld] [--toyworld-model M]
 
 1. A full UNet forward (the real SD 1.5 config with random weights, CFG batch 2; fp32 on CPU, fp16 on CUDA) at
    512x512 and 1024x1024 latents-equivalent with (a) the plain diffusers processor, (b) tomesd ratio 0.4,
@@ -132,13 +132,13 @@ def layer_benchmark(repeat) -> None:
         print(f"  N = {n:5d}: SDPA {base * 1e3:8.1f} ms   agent phase {ours * 1e3:8.1f} ms   x{base / ours:5.2f}")
 
 
-def toyworld_benchmark() -> None:
+def toyworld_benchmark(model: str = "toyworld") -> None:
     import attnctrl
     from attnctrl.methods import AgentAttention
     from attnctrl.models.toyworld.bench import benchmark_captions, evaluate
 
     try:
-        pipe = attnctrl.load_pipeline("toyworld")
+        pipe = attnctrl.load_pipeline(model)
     except attnctrl.ModelNotAvailableError as e:
         print(f"\ntoyworld: skipped ({e})")
         return
@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("--skip-unet", action="store_true")
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-toyworld", action="store_true")
+    p.add_argument("--toyworld-model", default="toyworld", help="model of the toyworld part (a folder or name)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -177,7 +178,7 @@ def main() -> None:
     if not args.skip_layer:
         layer_benchmark(args.repeat)
     if not args.skip_toyworld:
-        toyworld_benchmark()
+        toyworld_benchmark(args.toyworld_model)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,17 @@ def tiny(family: str):
     return _CACHE[family]
 
 
+def toyworld():
+    """The shipped toyworld pipeline, loaded once per session (tests must leave it as they found it)."""
+    if "toyworld" not in _CACHE:
+        import attnctrl
+
+        pipe = attnctrl.load_pipeline("toyworld")
+        pipe.set_progress_bar_config(disable=True)
+        _CACHE["toyworld"] = pipe
+    return _CACHE["toyworld"]
+
+
 def denoiser_of(pipe):
     return getattr(pipe, "unet", None) or pipe.transformer
 

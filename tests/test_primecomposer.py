@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import denoiser_of, tiny
+from conftest import denoiser_of, tiny, toyworld
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
@@ -192,9 +192,7 @@ def test_toyworld_object_lands_in_the_box_and_nothing_else_changes():
     from attnctrl.models.toyworld import score
 
     ex = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
-    pipe = attnctrl.load_pipeline("toyworld")
-    pipe.set_progress_bar_config(disable=True)
-    image = PrimeComposerPipeline.from_pipe(pipe)(
+    image = PrimeComposerPipeline.from_pipe(toyworld())(
         ex / "composition-background.png", ex / "striped-green-star.png", ex / "striped-green-star-mask.png",
         location=(36, 16, 60, 44), prompt="a yellow triangle on the left and a star on the right", domain="same",
         rca_words=["star"], generator=torch.Generator().manual_seed(0)).images[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import toyworld
 
 from attnctrl.models.toyworld import (
     HELD_OUT,
@@ -136,11 +137,9 @@ def test_concept_scenes_name_the_concept_by_its_placeholder_only():
 
 
 def test_concept_lora_trains_saves_and_loads_through_the_public_path(tmp_path):
-    import attnctrl
     from attnctrl.models.toyworld.lora import train_concept_lora
 
-    pipe = attnctrl.load_pipeline("toyworld")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = toyworld()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     for taken in ("red", "left", "not-a-word"):
         with pytest.raises(ValueError, match="placeholder"):
@@ -154,7 +153,10 @@ def test_concept_lora_trains_saves_and_loads_through_the_public_path(tmp_path):
     kw = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     plain = pipe("a sks", **kw).images
     pipe.load_lora_weights(str(path), adapter_name="sks")
-    tuned = pipe("a sks", **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    try:
+        tuned = pipe("a sks", **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    finally:
+        pipe.delete_adapters("sks")
     assert np.abs(plain - tuned).max() > 1e-4  # trained B != 0: the LoRA changes the output
 
 
