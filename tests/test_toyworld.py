@@ -95,10 +95,11 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     from attnctrl import load_pipeline
     from attnctrl.models.toyworld.train import train
 
-    out = train(tmp_path, minutes=0.12, pool_size=64, vae_minutes=0.05, final_eval=False, log=lambda m: None)
+    small = dict(pool_size=64, batch=4, vae_batch=4, vae_minutes=0.05)  # small steps: robust on a busy machine
+    out = train(tmp_path, minutes=0.12, final_eval=False, log=lambda m: None, **small)
     with pytest.raises(FileExistsError):
-        train(tmp_path, minutes=0.12, pool_size=64, vae_minutes=0.05, log=lambda m: None)
-    out = train(tmp_path, minutes=0.16, resume=True, final_eval=False, log=lambda m: None)
+        train(tmp_path, minutes=0.12, log=lambda m: None, **small)
+    out = train(tmp_path, minutes=0.25, resume=True, final_eval=False, log=lambda m: None)
     pipe = load_pipeline(str(out))
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
