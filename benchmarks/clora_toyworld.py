@@ -3,17 +3,17 @@
     python benchmarks/clora_toyworld.py [--seeds 8] [--steps 25] [--model M --loras DIR]
 
 The LoRAs are the shipped examples ``assets/examples/toyworld-{sks,zwx}-lora.safetensors`` (written by
-``python -m attnctrl.models.toyworld.lora``): ``sks`` = a dotted blue square, ``zwx`` = a striped green star.
+``python -m attnctrl.models.toyworld.lora``): "sks square" = a dotted blue square, "zwx star" = a striped green star.
 
 * ``naive``: the base pipeline with both adapters active (``set_adapters(["sks", "zwx"], [1, 1])``), prompt
-  "a sks on the left and a zwx on the right".
-* ``clora``: :class:`~attnctrl.pipelines.CLoRAPipeline` with three branches: the plain prompt "a square on the left
-  and a star on the right" and one prompt per LoRA in which its word replaces its object; the concepts pair
-  square/sks and star/zwx, each LoRA's mask is its word.
-* ``single-sks`` / ``single-zwx``: each LoRA alone on "a sks" / "a zwx" (did the LoRA learn its concept at all).
+  "a sks square on the left and a zwx star on the right".
+* ``clora``: :class:`~attnctrl.pipelines.CLoRAPipeline` with the inputs the CLI builds from
+  ``--lora toyworld-sks-lora.safetensors:"sks square":"a sks square on the left and a star on the right"`` (and the
+  same for zwx) on the prompt "a square on the left and a star on the right".
+* ``single-sks`` / ``single-zwx``: each LoRA alone on "a sks square" / "a zwx star" (did the LoRA learn its concept).
 
-The checker (:func:`attnctrl.models.toyworld.score`, matching by colour) reports, over the seeds, how often it finds
-each concept (right colour and shape) and both in the same image; ``+pattern`` also asks for the right pattern.
+The checker (:func:`attnctrl.models.toyworld.score.detect`) reports, over the seeds, how often each concept (its
+shape in its colour) is drawn, how often both are in the same image, and both with their patterns too.
 """
 
 from __future__ import annotations
@@ -25,23 +25,26 @@ from pathlib import Path
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
-TARGET = "a dotted blue square and a striped green star"
 
 
-def _rates(images, caption: str) -> dict:
-    from attnctrl.models.toyworld import score
+CONCEPTS = {"sks": ("square", "blue", "dotted"), "zwx": ("star", "green", "striped")}
 
-    found = [[o["colour"] and o["shape"] for o in score(im, caption)["objects"]] for im in images]
-    strict = [[o["colour"] and o["shape"] and o["pattern"] for o in score(im, caption)["objects"]] for im in images]
-    n = len(images)
-    out = {f"concept {i + 1}": sum(f[i] for f in found) / n for i in range(len(found[0]))}
-    out["all"] = sum(all(f) for f in found) / n
-    out["all +pattern"] = sum(all(f) for f in strict) / n
+
+def _rates(images, words) -> dict:
+    from attnctrl.models.toyworld.score import detect
+
+    found = [{(o.shape, o.colour): o.pattern for o in detect(im)} for im in images]
+    out = {}
+    for w in words:
+        out[w] = sum((CONCEPTS[w][0], CONCEPTS[w][1]) in f for f in found) / len(images)
+    out["both"] = sum(all((CONCEPTS[w][0], CONCEPTS[w][1]) in f for w in words) for f in found) / len(images)
+    out["both +pattern"] = sum(all(f.get(CONCEPTS[w][:2]) == CONCEPTS[w][2] for w in words) for f in found) / len(images)
     return out
 
 
 def main() -> None:
     import attnctrl
+    from attnctrl.cli.runners import clora_inputs
     from attnctrl.pipelines import CLoRAPipeline
 
     parser = argparse.ArgumentParser()
@@ -53,32 +56,34 @@ def main() -> None:
     args = parser.parse_args()
     pipe = attnctrl.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    for word in ("sks", "zwx"):
-        pipe.load_lora_weights(str(Path(args.loras) / f"toyworld-{word}-lora.safetensors"), adapter_name=word)
+    folder = Path(args.loras)
+    for word in CONCEPTS:
+        pipe.load_lora_weights(str(folder / f"toyworld-{word}-lora.safetensors"), adapter_name=word)
     kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
     seeds = range(args.seeds)
     results = {}
 
-    for word, caption in (("sks", "a dotted blue square"), ("zwx", "a striped green star")):
+    for word in CONCEPTS:
         pipe.set_adapters([word])
-        images = [pipe(f"a {word}", generator=torch.Generator().manual_seed(s), **kw).images[0] for s in seeds]
-        results[f"single-{word}"] = _rates(images, caption)
+        prompt = f"a {word} {CONCEPTS[word][0]}"
+        images = [pipe(prompt, generator=torch.Generator().manual_seed(s), **kw).images[0] for s in seeds]
+        results[f"single-{word}"] = _rates(images, [word])
 
     started = time.perf_counter()
     pipe.set_adapters(["sks", "zwx"], adapter_weights=[1.0, 1.0])
-    naive = [pipe("a sks on the left and a zwx on the right", generator=torch.Generator().manual_seed(s), **kw).images[0]
-             for s in seeds]
-    results["naive"] = {**_rates(naive, TARGET), "s/image": (time.perf_counter() - started) / len(naive)}
+    naive = [pipe("a sks square on the left and a zwx star on the right", generator=torch.Generator().manual_seed(s),
+                  **kw).images[0] for s in seeds]
+    results["naive"] = {**_rates(naive, CONCEPTS), "s/image": (time.perf_counter() - started) / len(naive)}
 
+    prompts, _, concepts, mask_words = clora_inputs("a square on the left and a star on the right", [
+        f"{folder / 'toyworld-sks-lora.safetensors'}:sks square:a sks square on the left and a star on the right",
+        f"{folder / 'toyworld-zwx-lora.safetensors'}:zwx star:a square on the left and a zwx star on the right",
+    ])
     clora = CLoRAPipeline.from_pipe(pipe)
     started = time.perf_counter()
-    composed = [clora(
-        prompts=["a square on the left and a star on the right", "a sks on the left and a star on the right",
-                 "a square on the left and a zwx on the right"],
-        loras=[None, "sks", "zwx"], concepts=[["square", "sks", "square"], ["star", "star", "zwx"]],
-        mask_words=[[], ["sks"], ["zwx"]], generator=torch.Generator().manual_seed(s), **kw,
-    ).images[0] for s in seeds]
-    results["clora"] = {**_rates(composed, TARGET), "s/image": (time.perf_counter() - started) / len(composed)}
+    composed = [clora(prompts=prompts, loras=[None, "sks", "zwx"], concepts=concepts, mask_words=mask_words,
+                      generator=torch.Generator().manual_seed(s), **kw).images[0] for s in seeds]
+    results["clora"] = {**_rates(composed, CONCEPTS), "s/image": (time.perf_counter() - started) / len(composed)}
 
     print(f"toyworld, {args.seeds} seeds, {args.steps} steps, guidance {args.guidance}")
     for name, r in results.items():

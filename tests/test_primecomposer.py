@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,7 @@ def test_box_at_the_image_edge_and_bad_inputs():
         PrimeComposer(domain="photo")
 
 
+@functools.cache
 def _toyworld_composite():
     ex = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
     image = PrimeComposerPipeline.from_pipe(toyworld())(

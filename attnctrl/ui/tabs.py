@@ -282,6 +282,11 @@ def _tab(app: App, key: str, name: str | None):
             threshold = gr.Slider(0, 1, 0.3, step=0.05, label="Mask threshold")
         more = _more(name)
         groups = [files, words, prompts, step, threshold, more]
+        loras = [EXAMPLES / f"toyworld-{w}-lora.safetensors" for w in ("sks", "zwx")]
+        if all(p.is_file() for p in loras):  # sks square = a dotted blue square, zwx star = a striped green star
+            examples = [["a square on the left and a star on the right", str(loras[0]), str(loras[1]), None,
+                         "sks square", "zwx star", "", "a sks square on the left and a star on the right",
+                         "a square on the left and a zwx star on the right", "", 20.0, 0.3, ""]]
     elif key == "primecomposer":
         gr.Markdown("Put an object into a background: paint over the object in its image, then give the box "
                     "(pixels of the background) it goes into.")

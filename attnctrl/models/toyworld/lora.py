@@ -4,7 +4,9 @@
 :data:`CONCEPTS` into ``DIR`` (default ``attnctrl/assets/examples``) as ``toyworld-<word>-lora.safetensors``:
 a PEFT ``LoraConfig`` (rank 8 on ``to_q/to_k/to_v/to_out.0`` of the UNet; text encoder frozen) fitted with the
 base model's own objective (epsilon prediction, min-SNR-5) on procedurally drawn scenes in which one object is the
-concept and the caption names it by the placeholder word only ("a sks on the left and a red circle on the right").
+concept and the caption names it by the placeholder word and its class noun only, the DreamBooth convention ("a sks
+square on the left and a red circle on the right": no colour, no pattern), so the CLI's ``PATH:"sks square":PROMPT``
+trigger finds the class noun "square" in the other prompts.
 The files are in the layout ``load_lora_weights`` reads; they are the CLoRA examples of the CLI and the app.
 """
 
@@ -34,7 +36,7 @@ CONCEPTS: dict[str, tuple[str, str, str]] = {
 
 
 def concept_scene(rng: np.random.Generator, word: str, concept: tuple[str, str, str]) -> Scene:
-    """A scene of 1-2 objects, one of which is ``concept``; its caption calls that object ``word``."""
+    """A scene of 1-2 objects, one of which is ``concept``; its caption calls that object ``word`` + its shape."""
     colour, shape, pattern = concept
     while True:
         scene = sample_scene(rng, n_objects=int(rng.choice([1, 2], p=[0.5, 0.5])))
@@ -45,7 +47,7 @@ def concept_scene(rng: np.random.Generator, word: str, concept: tuple[str, str, 
     scene.said_sides = True
     caption = caption_of(scene)
     phrase = f"{pattern} {colour} {shape}" if pattern != "plain" else f"{colour} {shape}"
-    scene.caption = caption.replace(phrase, word)
+    scene.caption = caption.replace(phrase, f"{word} {shape}")
     return scene
 
 
