@@ -125,7 +125,7 @@ def test_shipped_model_is_the_offline_default(monkeypatch):
     assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in ("red", "circle", "sks"))
 
 
-def test_concept_scenes_name_the_concept_by_its_placeholder_only():
+def test_concept_scenes_name_the_concept_by_its_placeholder_and_class_noun_only():
     from attnctrl.models.toyworld.lora import concept_scene
 
     for seed in range(50):
