@@ -100,7 +100,13 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     with pytest.raises(FileExistsError):
         train(tmp_path, minutes=0.12, log=lambda m: None, **small)
     out = train(tmp_path, minutes=0.25, resume=True, final_eval=False, log=lambda m: None)
+    assert load_pipeline(str(out)).scheduler.config.beta_end == 0.02  # the recipe's schedule
+    with pytest.raises(ValueError, match="architecture"):
+        train(tmp_path, minutes=0.3, resume=True, log=lambda m: None, unet_channels=(32, 64))
+    # a resumed run keeps its settings; an explicit override (a new noise schedule) is saved with the model
+    out = train(tmp_path, minutes=0.3, resume=True, final_eval=False, log=lambda m: None, beta_end=0.015)
     pipe = load_pipeline(str(out))
+    assert pipe.scheduler.config.beta_end == 0.015 and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (64, 64)

@@ -192,10 +192,11 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
     _quiet_libraries()
     from ..models.toyworld.train import train
 
-    overrides = {} if vae_minutes is None else {"vae_minutes": vae_minutes}
+    overrides = {} if resume else {"seed": seed, "pool_size": pool_size}  # a resumed run keeps its own
+    if vae_minutes is not None:
+        overrides["vae_minutes"] = vae_minutes
     try:
-        path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), seed=seed,
-                     pool_size=pool_size, **overrides)
+        path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
     except (FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(path))

@@ -57,6 +57,9 @@ class TrainConfig:
     warmup_steps: int = 300
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
+    # (sqrt(alpha_bar) = 0.068) for the model to read the layout from the noise and ignore the caption's side.
+    beta_end: float = 0.02
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_minutes: float = 10.0
@@ -138,11 +141,12 @@ def build_models(tokenizer, seed: int = 0, unet_channels: tuple[int, ...] = Trai
     return vae, text_encoder, unet
 
 
-def _scheduler():
+def _scheduler(beta_end: float = TrainConfig.beta_end):
+    """The training schedule; sampling starts at t = 999 ("trailing" spacing) where the training noise is purest."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    return DDIMScheduler(beta_start=0.00085, beta_end=beta_end, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, timestep_spacing="trailing", num_train_timesteps=1000)
 
 
 def min_snr_weights(scheduler, gamma: float = 5.0) -> torch.Tensor:
@@ -151,13 +155,14 @@ def min_snr_weights(scheduler, gamma: float = 5.0) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | None = None) -> Path:
+def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | None = None,
+                  beta_end: float = TrainConfig.beta_end) -> Path:
     """Save a standard diffusers ``StableDiffusionPipeline`` folder with fp16 weights and ``attnctrl.json``."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(), tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).half(), scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        unet=copy.deepcopy(unet).half(), scheduler=_scheduler(beta_end), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     path = Path(path)
@@ -181,7 +186,7 @@ class _Trainer:
         self.out, self.cfg, self.log = out, cfg, log
         self.tokenizer = toy_tokenizer()
         self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.seed, cfg.unet_channels)
-        self.scheduler = _scheduler()
+        self.scheduler = _scheduler(cfg.beta_end)
         self.phase = "pool"
         self.elapsed = 0.0
         self.step = 0
@@ -344,7 +349,8 @@ class _Trainer:
 
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.ema_text, tokenizer=self.tokenizer, unet=self.ema_unet,
-            scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            scheduler=_scheduler(self.cfg.beta_end), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -410,7 +416,9 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     """Train (or resume training) into ``out_dir``; returns the path of the saved diffusers folder ``out_dir/model``.
 
     ``minutes`` is the training-time budget across resumes (building the scene pool, checkpoints and the periodic
-    evaluations are not counted); resuming with a larger value continues the same run.
+    evaluations are not counted); resuming with a larger value continues the same run. On resume the run keeps its
+    own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise schedule;
+    the architecture cannot change).
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
@@ -422,8 +430,11 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
                          f"(the UNet needs time too)")
     out.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
-    if state is not None:  # the run's own settings (architecture included); only the budget changes
-        cfg = TrainConfig(**{**state["config"], "minutes": minutes})
+    if state is not None:  # the run's own settings (architecture included) but the budget and explicit overrides
+        if "unet_channels" in overrides:
+            raise ValueError("a resumed run keeps its architecture (unet_channels)")
+        older = {"beta_end": 0.012}  # runs saved before the setting existed used SD's schedule
+        cfg = TrainConfig(**{**older, **state["config"], **overrides, "minutes": minutes})
     trainer = _Trainer(out, cfg, log)
     if state is not None:
         trainer.restore(state)
@@ -442,6 +453,7 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     entry = trainer.quick_eval() if cfg.final_eval else None
     info = {"trained_minutes": round(trainer.elapsed / 60, 1), "steps": trainer.step, "vae_steps": trainer.vae_step,
             "config": asdict(cfg), "last_eval": entry}
-    path = save_pipeline(out / "model", trainer.vae, trainer.ema_text, trainer.tokenizer, trainer.ema_unet, info)
+    path = save_pipeline(out / "model", trainer.vae, trainer.ema_text, trainer.tokenizer, trainer.ema_unet, info,
+                         beta_end=cfg.beta_end)
     log(f"saved {path}")
     return path
