@@ -51,7 +51,7 @@ def concept_scene(rng: np.random.Generator, word: str, concept: tuple[str, str, 
     return scene
 
 
-def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, steps: int = 400, batch: int = 8,
+def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, steps: int = 800, batch: int = 8,
                        rank: int = 8, lr: float = 1e-3, seed: int = 0,
                        log: Callable[[str], None] = print) -> Path:
     """Fit a LoRA on ``pipe.unet`` that draws ``concept`` for ``word``; save it to ``path`` (``.safetensors``)."""
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a command
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default=str(Path(__file__).parents[2] / "assets" / "examples"))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--model", default="toyworld", help="base model (default: the shipped toyworld model)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
