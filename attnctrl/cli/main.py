@@ -181,7 +181,7 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
               "scene pool, and the final diffusers folder in OUTPUT/model).")
 @click.option("--minutes", type=click.FloatRange(0.1), default=90.0, show_default=True,
               help="Training-time budget, across resumes.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT (raise --minutes to train longer).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT with its own settings (raise --minutes to train longer).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
               help="Procedural scenes drawn once and reused (with flips).")

@@ -58,7 +58,8 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
-    # (sqrt(alpha_bar) = 0.068) for the model to read the layout from the noise and ignore the caption's side.
+    # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
+    # highest noise levels (measured in docs/toyworld.md).
     beta_end: float = 0.02
     ema_decay: float = 0.999
     seed: int = 0
