@@ -27,24 +27,23 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
 
 
-CONCEPTS = {"sks": ("square", "blue", "dotted"), "zwx": ("star", "green", "striped")}
-
-
 def _rates(images, words) -> dict:
+    """Fractions of images with each word's concept (its shape in its colour), with both, and both with patterns."""
+    from attnctrl.models.toyworld.lora import CONCEPTS
     from attnctrl.models.toyworld.score import detect
 
-    found = [{(o.shape, o.colour): o.pattern for o in detect(im)} for im in images]
-    out = {}
-    for w in words:
-        out[w] = sum((CONCEPTS[w][0], CONCEPTS[w][1]) in f for f in found) / len(images)
-    out["both"] = sum(all((CONCEPTS[w][0], CONCEPTS[w][1]) in f for w in words) for f in found) / len(images)
-    out["both +pattern"] = sum(all(f.get(CONCEPTS[w][:2]) == CONCEPTS[w][2] for w in words) for f in found) / len(images)
+    found = [{(o.colour, o.shape): o.pattern for o in detect(im)} for im in images]
+    n = len(images)
+    out = {w: sum(CONCEPTS[w][:2] in f for f in found) / n for w in words}
+    out["both"] = sum(all(CONCEPTS[w][:2] in f for w in words) for f in found) / n
+    out["both +pattern"] = sum(all(f.get(CONCEPTS[w][:2]) == CONCEPTS[w][2] for w in words) for f in found) / n
     return out
 
 
 def main() -> None:
     import attnctrl
     from attnctrl.cli.runners import clora_inputs
+    from attnctrl.models.toyworld.lora import CONCEPTS
     from attnctrl.pipelines import CLoRAPipeline
 
     parser = argparse.ArgumentParser()
@@ -65,7 +64,7 @@ def main() -> None:
 
     for word in CONCEPTS:
         pipe.set_adapters([word])
-        prompt = f"a {word} {CONCEPTS[word][0]}"
+        prompt = f"a {word} {CONCEPTS[word][1]}"
         images = [pipe(prompt, generator=torch.Generator().manual_seed(s), **kw).images[0] for s in seeds]
         results[f"single-{word}"] = _rates(images, [word])
 
