@@ -176,3 +176,5 @@ def test_train_toy_refuses_a_vae_budget_that_leaves_the_unet_no_time(tmp_path):
         result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), *args])
         assert result.exit_code == 1 and "fewer than" in result.output and "Traceback" not in result.output
         assert not (tmp_path / "run").exists()  # nothing written
+    result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), "--resume", "--seed", "3"])
+    assert result.exit_code == 1 and "keeps its own --seed" in result.output and not (tmp_path / "run").exists()

@@ -181,7 +181,8 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
               "scene pool, and the final diffusers folder in OUTPUT/model).")
 @click.option("--minutes", type=click.FloatRange(0.1), default=90.0, show_default=True,
               help="Training-time budget, across resumes.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT with its own settings (raise --minutes to train longer).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in OUTPUT with its own settings (raise --minutes to train longer).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
               help="Procedural scenes drawn once and reused (with flips).")
@@ -192,7 +193,12 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
     _quiet_libraries()
     from ..models.toyworld.train import train
 
-    overrides = {} if resume else {"seed": seed, "pool_size": pool_size}  # a resumed run keeps its own
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("seed", "pool_size")
+             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if resume and given:
+        raise click.ClickException(f"a resumed run keeps its own {' and '.join(given)}; leave them out with --resume")
+    overrides = {} if resume else {"seed": seed, "pool_size": pool_size}
     if vae_minutes is not None:
         overrides["vae_minutes"] = vae_minutes
     try:
