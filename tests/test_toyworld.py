@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,44 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+
+
+def test_loss_weights_keep_the_clean_image_error_weighted_at_high_noise():
+    from attnctrl.models.toyworld.train import _scheduler, min_snr_weights
+
+    sch = _scheduler()
+    snr = sch.alphas_cumprod / (1 - sch.alphas_cumprod)
+    plain, floored = min_snr_weights(sch, 5.0), min_snr_weights(sch, 5.0, floor=0.1)
+    torch.testing.assert_close(plain * snr, torch.clamp(snr, max=5.0))  # min-SNR: clean-image weight min(SNR, 5)
+    torch.testing.assert_close(floored * snr, torch.clamp(snr, 0.1, 5.0))
+    assert torch.equal(plain[snr >= 0.1], floored[snr >= 0.1]) and floored[999] > 400 * plain[999]
+
+
+def test_fine_tuning_from_a_saved_folder_keeps_its_vae_and_schedule(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnctrl import load_pipeline
+    from attnctrl.models import toyworld_path
+    from attnctrl.models.toyworld.train import train
+
+    out = train(tmp_path / "ft", minutes=0.1, init="toyworld", pool_size=64, batch=2, final_eval=False,
+                log=lambda m: None)
+    shipped = toyworld_path()
+    for name in ("vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        a, b = shipped / name, out / name
+        if name.endswith(".safetensors"):
+            sa, sb = load_file(a), load_file(b)
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        else:
+            assert json.loads(a.read_text())["beta_end"] == json.loads(b.read_text())["beta_end"]
+    pipe = load_pipeline(str(out))
+    assert pipe.vae.config.scaling_factor == load_pipeline().vae.config.scaling_factor
+    config = json.loads((out / "attnctrl.json").read_text())["config"]
+    assert config["init"] == str(shipped) and config["x0_weight_floor"] == 0.1
+    with pytest.raises(ValueError, match="starting point"):
+        train(tmp_path / "ft", minutes=0.05, resume=True, init="toyworld", log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="not a toyworld model folder"):
+        train(tmp_path / "other", minutes=0.05, init=str(tmp_path), log=lambda m: None)
 
 
 def test_shipped_model_is_the_offline_default(monkeypatch):

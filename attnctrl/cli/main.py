@@ -188,8 +188,13 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
               help="Procedural scenes drawn once and reused (with flips).")
 @click.option("--vae-minutes", type=click.FloatRange(0.05), default=None,
               help="Training time of the autoencoder, part of --minutes.  [default: the recipe's, 20]")
-def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
-    """Train the toyworld text-to-image model from scratch on CPU."""
+@click.option("--init", "init", default=None, metavar="FOLDER",
+              help="Fine-tune a saved toyworld model folder (or 'toyworld', the shipped one) instead of training from "
+              "scratch; its VAE is kept.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate.  [default: the recipe's, 4e-4]")
+def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr) -> None:
+    """Train the toyworld text-to-image model on CPU, from scratch or from a saved model (--init)."""
     _quiet_libraries()
     from ..models.toyworld.train import train
 
@@ -201,9 +206,13 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes) -> None:
     overrides = {} if resume else {"seed": seed, "pool_size": pool_size}
     if vae_minutes is not None:
         overrides["vae_minutes"] = vae_minutes
+    if init is not None:
+        overrides["init"] = init
+    if lr is not None:
+        overrides["lr"] = lr
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
-    except (FileExistsError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(path))
 

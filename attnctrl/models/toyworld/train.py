@@ -57,12 +57,18 @@ class TrainConfig:
     warmup_steps: int = 300
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Floor of the clean-image loss weight: min-SNR weights the clean-image error at high noise by its SNR (2e-4 at
+    # t = 999), so the steps that decide the layout were barely trained and "left"/"right" were not learned at all
+    # (docs/toyworld.md); the floor keeps that error weighted by at least this much.
+    x0_weight_floor: float = 0.1
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
     # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
     # highest noise levels (measured in docs/toyworld.md).
     beta_end: float = 0.02
     ema_decay: float = 0.999
     seed: int = 0
+    # fine-tune a saved toyworld folder instead of training from scratch (its VAE is kept: no VAE phase)
+    init: str | None = None
     checkpoint_minutes: float = 10.0
     eval_minutes: float = 20.0
     final_eval: bool = True
@@ -150,10 +156,11 @@ def _scheduler(beta_end: float = TrainConfig.beta_end):
                          set_alpha_to_one=False, timestep_spacing="trailing", num_train_timesteps=1000)
 
 
-def min_snr_weights(scheduler, gamma: float = 5.0) -> torch.Tensor:
-    """Per-timestep loss weights of min-SNR-gamma for epsilon prediction: ``min(SNR_t, gamma) / SNR_t``."""
+def min_snr_weights(scheduler, gamma: float = 5.0, floor: float = 0.0) -> torch.Tensor:
+    """Per-timestep epsilon-loss weights ``clamp(SNR_t, floor, gamma) / SNR_t``: min-SNR-gamma (Hang et al. 2023),
+    whose clean-image weight ``min(SNR_t, gamma)`` is also kept >= ``floor`` (truncated-SNR style) at high noise."""
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, min=floor, max=gamma) / snr
 
 
 def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | None = None,
@@ -196,6 +203,24 @@ class _Trainer:
         self.opt = self.vae_opt = None
         self.scaling = 1.0
         self.history: list[dict] = []
+        if cfg.init:
+            self._load_init(Path(cfg.init))
+
+    def _load_init(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        for name, module in (("vae", self.vae), ("text_encoder", self.text_encoder), ("unet", self.unet)):
+            files = sorted((folder / name).glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"--init {folder}: no {name}/*.safetensors (not a toyworld model folder)")
+            try:
+                module.load_state_dict({k: v.float() for k, v in load_file(files[0]).items()})
+            except RuntimeError as e:
+                raise ValueError(f"--init {folder}: its {name} is not the toyworld architecture with unet_channels="
+                                 f"{self.cfg.unet_channels} ({str(e).splitlines()[0]})") from None
+        self.scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        self.phase = "vae-done"
+        self.log(f"initialised from {folder} (VAE kept, scaling factor {self.scaling:.3f})")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def build_pool(self) -> None:
@@ -254,18 +279,17 @@ class _Trainer:
     @torch.no_grad()
     def finish_vae(self) -> None:
         self.vae.eval()
-        started = time.perf_counter()
         means, logvars = [], []
         for start in range(0, len(self.captions), 256):
             post = self.vae.encode(self._pixels(torch.arange(start, min(start + 256, len(self.captions))))).latent_dist
             means.append(post.mean.half())
             logvars.append(post.logvar.half())
         self.lat_mean, self.lat_logvar = torch.cat(means), torch.cat(logvars)
-        self.scaling = float(1.0 / self.lat_mean.float().std())
+        if not self.cfg.init:
+            self.scaling = float(1.0 / self.lat_mean.float().std())
         self.vae.register_to_config(scaling_factor=self.scaling)
         rec = self.vae.decode(self.lat_mean[:64].float()).sample
         psnr = -10 * math.log10(F.mse_loss(rec, self._pixels(torch.arange(64))).item() / 4)
-        self.elapsed += time.perf_counter() - started
         self.log(f"vae done: pool encoded, scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB, "
                  f"right colour on reconstructions {self._colour_fidelity(rec):.0%}")
         self.phase = "unet"
@@ -296,7 +320,7 @@ class _Trainer:
         self.unet.train()
         self.text_encoder.train()
         alphas = self.scheduler.alphas_cumprod
-        weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma)
+        weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
         gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
         budget = cfg.minutes * 60
         unet_start = cfg.vae_minutes * 60
@@ -416,15 +440,27 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
           log: Callable[[str], None] = print, **overrides) -> Path:
     """Train (or resume training) into ``out_dir``; returns the path of the saved diffusers folder ``out_dir/model``.
 
-    ``minutes`` is the training-time budget across resumes (building the scene pool, checkpoints and the periodic
+    ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints and the periodic
     evaluations are not counted); resuming with a larger value continues the same run. On resume the run keeps its
     own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise schedule;
-    the architecture cannot change).
+    the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run from a
+    saved model instead of from scratch: its VAE is kept (no VAE phase), the UNet and text encoder are fine-tuned.
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
+    if overrides.get("init"):  # fine-tuning: the folder's architecture, no VAE phase
+        init = Path(overrides["init"])
+        if str(init) == "toyworld":
+            from ..loading import toyworld_path
+
+            init = toyworld_path()
+        if not (init / "unet" / "config.json").is_file():
+            raise FileNotFoundError(f"--init {init}: not a toyworld model folder (no unet/config.json)")
+        channels = tuple(json.loads((init / "unet" / "config.json").read_text())["block_out_channels"])
+        beta_end = json.loads((init / "scheduler" / "scheduler_config.json").read_text())["beta_end"]
+        overrides = {"beta_end": beta_end, **overrides, "init": str(init), "vae_minutes": 0.0, "unet_channels": channels}
     cfg = TrainConfig(minutes=minutes, **overrides)
     if not resume and cfg.vae_minutes >= cfg.minutes:
         raise ValueError(f"the VAE's {cfg.vae_minutes} minutes must be fewer than the {cfg.minutes} in all "
@@ -432,9 +468,9 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     if state is not None:  # the run's own settings (architecture included) but the budget and explicit overrides
-        if "unet_channels" in overrides:
-            raise ValueError("a resumed run keeps its architecture (unet_channels)")
-        older = {"beta_end": 0.012}  # runs saved before the setting existed used SD's schedule
+        if "unet_channels" in overrides or "init" in overrides:
+            raise ValueError("a resumed run keeps its architecture and starting point (unet_channels, init)")
+        older = {"beta_end": 0.012, "x0_weight_floor": 0.0}  # runs saved before these settings existed
         cfg = TrainConfig(**{**older, **state["config"], **overrides, "minutes": minutes})
     trainer = _Trainer(out, cfg, log)
     if state is not None:
@@ -445,6 +481,8 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
         trainer.phase = "vae"
     if trainer.phase == "vae":
         trainer.vae_loop()
+    if trainer.phase == "vae-done":
+        trainer.finish_vae()
     if trainer.phase == "unet":
         trainer.unet_loop()
     trainer.checkpoint()
