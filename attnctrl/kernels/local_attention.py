@@ -38,7 +38,6 @@ __all__ = ["LocalSpec", "local_attention", "dense_mask", "tile_utilisation", "BA
 BACKENDS = ("auto", "dense", "tiled", "flex")
 _DENSE_MAX_TOKENS = 1024  # auto: up to this many image tokens the dense mask is cheaper than tiling
 _DENSE_MASK_MAX_KEYS = 20_000  # auto never builds a boolean mask larger than this squared (400 MB)
-_CHUNK_ELEMENTS = 1 << 24  # gathered key elements per tiled chunk (64 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,12 @@ def _tile_size(spec: LocalSpec) -> int:
 
 @lru_cache(maxsize=16)
 def _tile_masks(spec: LocalSpec, tile: int, device: torch.device, dtype: torch.dtype):
-    """Additive masks of the tiled backend: the disc (t^2, win^2), shared by all tiles, and per-tile key validity."""
+    """Additive masks of the tiled backend, tokens of a tile and of its key window in column-major order: the disc
+    (t^2, win^2), shared by all tiles, and per-tile key validity (nTy, nTx, win^2) (-inf on the zero padding)."""
     pad = math.ceil(spec.radius) - 1
     win = tile + 2 * pad
-    qy, qx = torch.meshgrid(torch.arange(tile), torch.arange(tile), indexing="ij")
-    ky, kx = torch.meshgrid(torch.arange(win) - pad, torch.arange(win) - pad, indexing="ij")
+    qx, qy = torch.meshgrid(torch.arange(tile), torch.arange(tile), indexing="ij")
+    kx, ky = torch.meshgrid(torch.arange(win) - pad, torch.arange(win) - pad, indexing="ij")
     d2 = (qy.reshape(-1, 1) - ky.reshape(1, -1)) ** 2 + (qx.reshape(-1, 1) - kx.reshape(1, -1)) ** 2
     disc = torch.zeros(d2.shape, dtype=dtype).masked_fill_(d2 >= spec.radius**2, float("-inf"))
     n_ty, n_tx = -(-spec.height // tile), -(-spec.width // tile)
@@ -136,6 +136,9 @@ def _tile_masks(spec: LocalSpec, tile: int, device: torch.device, dtype: torch.d
 
 
 def _tiled(q, k, v, spec: LocalSpec, scale):
+    """Tiles of one tile row share a band of ``win`` key rows: the band is copied once, column-major, so that each
+    tile's ``win x win`` key window is a contiguous run of it and all windows of the row are one strided view (keys
+    copied ``win / t`` times instead of ``(win / t)^2``)."""
     b, heads, _, d = q.shape
     t_len, n, height, width = spec.text_len, spec.n_image, spec.height, spec.width
     tile = _tile_size(spec)
@@ -161,39 +164,33 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
         bottom, right = after + hp - height, after + wp - width
         return F.pad(x, (0, 0, before, right, before, bottom)) if before or bottom or right else x
 
-    # windows are views (B, h, nTy, nTx, D, s, s); one copy per chunk gathers them with D innermost
-    q_til = grid(q_img, 0, 0).unfold(2, tile, tile).unfold(3, tile, tile)
-    k_win = grid(k[:, :, t_len : t_len + n], pad, pad).unfold(2, win, tile).unfold(3, win, tile)
-    v_win = grid(v[:, :, t_len : t_len + n], pad, pad).unfold(2, win, tile).unfold(3, win, tile)
+    q_grid = grid(q_img, 0, 0)
+    k_grid, v_grid = grid(k[:, :, t_len : t_len + n], pad, pad), grid(v[:, :, t_len : t_len + n], pad, pad)
+    band_cols = wp + 2 * pad
     disc, key_bias = _tile_masks(spec, tile, q.device, q.dtype)
 
-    def per_tile(x, size):  # (B, h, rows, nTx, D, s, s) -> (B * rows * nTx, h, s*s, D)
-        rows = x.shape[2]
-        return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(b * rows * n_tx, heads, size * size, d)
+    def windows(x, y0):  # (h, H', W', D) -> a band of win key rows copied column-major (h, W', win, D), then
+        band = x[:, y0 : y0 + win].transpose(1, 2).contiguous()  # every tile's window as a view (nTx, h, win^2, D)
+        return band.as_strided((n_tx, heads, win * win, d), (tile * win * d, band_cols * win * d, d, 1))
 
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * n_tx * heads * win * win * d))
     out_img = context[0] if context is not None else q.new_empty(b, heads, hp, wp, d)
-    for r0 in range(0, n_ty, rows_per_chunk):
-        r1 = min(n_ty, r0 + rows_per_chunk)
-        rows = r1 - r0
-        qc = per_tile(q_til[:, :, r0:r1], tile)
-        kc = per_tile(k_win[:, :, r0:r1], win)
-        vc = per_tile(v_win[:, :, r0:r1], win)
-        mask = (disc.unsqueeze(0) + key_bias[r0:r1].reshape(rows * n_tx, 1, win * win)).unsqueeze(1)
-        if b > 1:
-            mask = mask.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * rows * n_tx, 1, tile * tile, win * win)
-        out_w, lse_w = attention_with_lse(qc, kc, vc, mask, scale)
-        out_w = out_w.reshape(b, rows, n_tx, heads, tile, tile, d).permute(0, 3, 1, 4, 2, 5, 6)
-        out_w = out_w.reshape(b, heads, rows * tile, wp, d)
-        y0, y1 = r0 * tile, min(height, r1 * tile)
-        if context is None:
-            out_img[:, :, y0 : r1 * tile] = out_w
-            continue
-        # exact two-part softmax merge: out = out_c + (out_w - out_c) * exp(lse_w - logaddexp(lse_w, lse_c));
-        # every image query sees at least its own key, so lse_w is finite (lse_c is -inf only with no context keys)
-        lse_w = lse_w.reshape(b, rows, n_tx, heads, tile, tile).permute(0, 3, 1, 4, 2, 5).reshape(b, heads, rows * tile, wp)
-        weight = torch.sigmoid(lse_w[:, :, : y1 - y0, :width] - context[1][:, :, y0:y1])
-        out_img[:, :, y0:y1].lerp_(out_w[:, :, : y1 - y0, :width], weight.unsqueeze(-1).to(out_img.dtype))
+    for row in range(n_ty):
+        y0, y1 = row * tile, min(height, row * tile + tile)
+        mask = (disc + key_bias[row].unsqueeze(1)).unsqueeze(1)  # (nTx, 1, t^2, win^2)
+        for i in range(b):
+            # queries of the tile row, column-major per tile: (nTx, h, t^2, D)
+            qt = q_grid[i, :, y0 : y0 + tile].reshape(heads, tile, n_tx, tile, d).permute(2, 0, 3, 1, 4)
+            qt = qt.reshape(n_tx, heads, tile * tile, d)
+            out_w, lse_w = attention_with_lse(qt, windows(k_grid[i], y0), windows(v_grid[i], y0), mask, scale)
+            out_w = out_w.reshape(n_tx, heads, tile, tile, d).permute(1, 3, 0, 2, 4).reshape(heads, tile, wp, d)
+            if context is None:
+                out_img[i, :, y0 : y0 + tile] = out_w
+                continue
+            # exact two-part softmax merge: out = out_c + (out_w - out_c) * exp(lse_w - logaddexp(lse_w, lse_c));
+            # every image query sees at least its own key, so lse_w is finite (lse_c is -inf only with no context)
+            lse_w = lse_w.reshape(n_tx, heads, tile, tile).permute(1, 3, 0, 2).reshape(heads, tile, wp)
+            weight = torch.sigmoid(lse_w[:, : y1 - y0, :width] - context[1][i, :, y0:y1])
+            out_img[i, :, y0:y1].lerp_(out_w[:, : y1 - y0, :width], weight.unsqueeze(-1).to(out_img.dtype))
     outputs.append(out_img[:, :, :height, :width].reshape(b, heads, n, d))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
