@@ -145,7 +145,7 @@ def test_fine_tuning_from_a_saved_folder_keeps_its_vae_and_schedule(tmp_path):
     pipe = load_pipeline(str(out))
     assert pipe.vae.config.scaling_factor == load_pipeline().vae.config.scaling_factor
     config = json.loads((out / "attnctrl.json").read_text())["config"]
-    assert config["init"] == str(shipped) and config["x0_weight_floor"] == 0.1
+    assert config["init"] == "toyworld" and config["x0_weight_floor"] == 0.1
     with pytest.raises(ValueError, match="starting point"):
         train(tmp_path / "ft", minutes=0.05, resume=True, init="toyworld", log=lambda m: None)
     with pytest.raises(FileNotFoundError, match="not a toyworld model folder"):

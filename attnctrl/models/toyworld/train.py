@@ -11,11 +11,12 @@ An SD-style latent diffusion model built only from standard diffusers/transforme
 Recipe: a fixed pool of procedurally drawn scenes (:mod:`.world`, held-out colour-shape combinations excluded), the
 VAE first (L1 + MSE + 1e-6 KL; 20 minutes: at 10 it confuses yellow/orange and red/orange, and the log reports the
 colour fidelity of its reconstructions), then the latents of the pool are cached and the UNet and text encoder are
-trained with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting, 10 % caption dropout for
-classifier-free guidance, horizontal flips (with "left"/"right" swapped in the caption), AdamW with warm-up and a
-cosine decay over the time budget, and EMA weights (0.999), which are what gets saved. Training is resumable from
-``DIR/checkpoint.pt``; the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that
-``StableDiffusionPipeline.from_pretrained`` loads.
+trained with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss weighting (the clean-image weight
+kept >= 0.1 at high noise), 10 % caption dropout for classifier-free guidance, horizontal flips (with "left"/"right"
+swapped in the caption), AdamW with warm-up and a cosine decay over the time budget, and EMA weights (0.999), which
+are what gets saved. Training is resumable from ``DIR/checkpoint.pt`` and can start from a saved model (``init``);
+the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that ``StableDiffusionPipeline.from_pretrained``
+loads.
 """
 
 from __future__ import annotations
@@ -179,6 +180,15 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | N
     return path
 
 
+def _init_folder(init: str) -> Path:
+    """The model folder that ``init`` names: a path, or ``"toyworld"`` for the shipped model."""
+    if str(init) == "toyworld":
+        from ..loading import toyworld_path
+
+        return toyworld_path()
+    return Path(init)
+
+
 def _swap_sides(caption: str) -> str:
     return caption.replace("left", "\0").replace("right", "left").replace("\0", "right")
 
@@ -204,7 +214,7 @@ class _Trainer:
         self.scaling = 1.0
         self.history: list[dict] = []
         if cfg.init:
-            self._load_init(Path(cfg.init))
+            self._load_init(_init_folder(cfg.init))
 
     def _load_init(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -450,17 +460,14 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
-    if overrides.get("init"):  # fine-tuning: the folder's architecture, no VAE phase
-        init = Path(overrides["init"])
-        if str(init) == "toyworld":
-            from ..loading import toyworld_path
-
-            init = toyworld_path()
+    if overrides.get("init"):  # fine-tuning: the folder's architecture and schedule, no VAE phase
+        init = _init_folder(overrides["init"])
         if not (init / "unet" / "config.json").is_file():
             raise FileNotFoundError(f"--init {init}: not a toyworld model folder (no unet/config.json)")
         channels = tuple(json.loads((init / "unet" / "config.json").read_text())["block_out_channels"])
         beta_end = json.loads((init / "scheduler" / "scheduler_config.json").read_text())["beta_end"]
-        overrides = {"beta_end": beta_end, **overrides, "init": str(init), "vae_minutes": 0.0, "unet_channels": channels}
+        overrides = {"beta_end": beta_end, **overrides, "init": str(overrides["init"]), "vae_minutes": 0.0,
+                     "unet_channels": channels}
     cfg = TrainConfig(minutes=minutes, **overrides)
     if not resume and cfg.vae_minutes >= cfg.minutes:
         raise ValueError(f"the VAE's {cfg.vae_minutes} minutes must be fewer than the {cfg.minutes} in all "
