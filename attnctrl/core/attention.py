@@ -177,10 +177,15 @@ def _math_attention_with_lse(q, k, v, bias, scale):
         s = q[..., start : start + rows, :].float() @ kt * scale
         if bias is not None:
             s = s + (bias if bias.shape[-2] == 1 else bias[..., start : start + rows, :]).float()
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(0.0)
-        outs.append((p @ v.float()).to(q.dtype))
-        lses.append(lse)
+        # softmax and log-sum-exp with rows that see no key (all -inf) giving 0 and -inf, NaN-free under autograd
+        m = s.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        total = e.sum(-1, keepdim=True)
+        empty = total == 0
+        total = torch.where(empty, torch.ones_like(total), total)
+        outs.append(((e / total) @ v.float()).to(q.dtype))
+        lses.append(torch.where(empty, float("-inf"), torch.log(total) + m).squeeze(-1))
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
@@ -188,13 +193,17 @@ def attention_with_lse(q, k, v, bias=None, scale: float | None = None) -> tuple[
     """``(softmax(q k^T * scale + bias) v, logsumexp_k(q k^T * scale + bias))``; the log-sum-exp is float32.
 
     On CPU this is PyTorch's fused flash kernel (same output as :func:`sdpa`, bit for bit); on CUDA the
-    memory-efficient kernel; elsewhere (or if a fused kernel refuses the inputs) a chunked float32 math path.
+    memory-efficient kernel; elsewhere (or if a fused kernel refuses the inputs) a chunked float32 math path. Under
+    autograd the math path always: the fused kernels' backward ignores the gradient of the log-sum-exp, which a merge
+    of partial results (:func:`merge_attention`, CLEAR's tiles) needs.
     """
     _check_qkv(q, k, v)
     scale = _default_scale(q, scale)
     mask = _as_bias(bias, q, k.shape[-2])
     if mask is not None and mask.shape[-1] == 1:
         mask = mask.expand(*mask.shape[:-1], k.shape[-2])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _math_attention_with_lse(q, k, v, mask, scale)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # the fused CPU kernel returns garbage for inputs whose head dim is strided (torch 2.13); SDPA itself copies
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

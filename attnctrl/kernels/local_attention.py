@@ -12,9 +12,10 @@ Backends, all equal to the same dense reference (tested):
 
 * ``dense``: the boolean mask above with SDPA (reference; small sizes);
 * ``tiled``: image queries grouped in ``t x t`` tiles; each tile attends to exactly the key window that can hold its
-  discs (``t + 2 (ceil(r) - 1)`` on a side) through 4-D SDPA calls with a tile mask, and to the text (+ pooled) keys
-  in one dense call; the two partial results are merged by log-sum-exp. Text rows are one dense call. Works on CPU
-  and GPU, differentiable; memory is bounded by processing a few tile rows at a time;
+  discs (``t + 2 (ceil(r) - 1)`` on a side) through one 4-D fused-attention call per tile row with a tile mask
+  (the windows are strided views of one column-major band of key rows), and to the text (+ pooled) keys in one dense
+  call; the two partial results are merged by log-sum-exp. Text rows are one dense call. Works on CPU and GPU,
+  differentiable; memory is bounded by processing one tile row at a time;
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask over tile-ordered tokens (image tokens permuted
   into 8 x 16 tiles, so a 128-token block is a compact 2-D patch), compiled once per shape on CUDA;
 * ``auto``: the stock full attention when the disc covers the whole image (exact), else ``flex`` on CUDA; on CPU
@@ -173,8 +174,8 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
         band = x[:, y0 : y0 + win].transpose(1, 2).contiguous()  # every tile's window as a view (nTx, h, win^2, D)
         return band.as_strided((n_tx, heads, win * win, d), (tile * win * d, band_cols * win * d, d, 1))
 
-    out_img = context[0] if context is not None else q.new_empty(b, heads, hp, wp, d)
-    for row in range(n_ty):
+    rows_out = [[] for _ in range(b)]  # per batch element, the merged output of each tile row (no in-place
+    for row in range(n_ty):             # writes: the fused kernels' outputs are needed by their backward)
         y0, y1 = row * tile, min(height, row * tile + tile)
         mask = (disc + key_bias[row].unsqueeze(1)).unsqueeze(1)  # (nTx, 1, t^2, win^2)
         for i in range(b):
@@ -183,15 +184,15 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
             qt = qt.reshape(n_tx, heads, tile * tile, d)
             out_w, lse_w = attention_with_lse(qt, windows(k_grid[i], y0), windows(v_grid[i], y0), mask, scale)
             out_w = out_w.reshape(n_tx, heads, tile, tile, d).permute(1, 3, 0, 2, 4).reshape(heads, tile, wp, d)
-            if context is None:
-                out_img[i, :, y0 : y0 + tile] = out_w
-                continue
-            # exact two-part softmax merge: out = out_c + (out_w - out_c) * exp(lse_w - logaddexp(lse_w, lse_c));
-            # every image query sees at least its own key, so lse_w is finite (lse_c is -inf only with no context)
-            lse_w = lse_w.reshape(n_tx, heads, tile, tile).permute(1, 3, 0, 2).reshape(heads, tile, wp)
-            weight = torch.sigmoid(lse_w[:, : y1 - y0, :width] - context[1][i, :, y0:y1])
-            out_img[i, :, y0:y1].lerp_(out_w[:, : y1 - y0, :width], weight.unsqueeze(-1).to(out_img.dtype))
-    outputs.append(out_img[:, :, :height, :width].reshape(b, heads, n, d))
+            out_w = out_w[:, : y1 - y0, :width]
+            if context is not None:
+                # exact two-part softmax merge: out = out_c + (out_w - out_c) * exp(lse_w - logaddexp(lse_w, lse_c));
+                # every image query sees at least its own key, so lse_w is finite (lse_c is -inf only with no context)
+                lse_w = lse_w.reshape(n_tx, heads, tile, tile).permute(1, 3, 0, 2).reshape(heads, tile, wp)
+                weight = torch.sigmoid(lse_w[:, : y1 - y0, :width] - context[1][i, :, y0:y1])
+                out_w = torch.lerp(context[0][i, :, y0:y1], out_w, weight.unsqueeze(-1).to(out_w.dtype))
+            rows_out[i].append(out_w)
+    outputs.append(torch.stack([torch.cat(r, dim=1) for r in rows_out]).reshape(b, heads, n, d))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
