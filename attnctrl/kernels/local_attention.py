@@ -261,7 +261,7 @@ def choose_backend(spec: LocalSpec, device: torch.device) -> str:
     if spec.n_image <= _DENSE_MAX_TOKENS:
         return "dense"
     # tiling pays while its key window is small against the sequence (measured on CPU with benchmarks/clear.py:
-    # 64x64 grid, r = 8 / 16 tiled x1.18 / x0.69 vs dense x0.82 / x0.59; r = 32 tiled x0.24 vs dense x0.86)
+    # 64x64 grid, r = 8 / 16 tiled x1.75 / x1.01 vs dense x0.93 / x0.91; r = 32 tiled x0.52 vs dense x1.14)
     win = _tile_size(spec) + 2 * (math.ceil(spec.radius) - 1)
     return "dense" if 3 * win * win >= spec.n_key and spec.n_key <= _DENSE_MASK_MAX_KEYS else "tiled"
 
