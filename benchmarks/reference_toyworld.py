@@ -9,7 +9,9 @@ drawn in a scene, with its mask. Every figure is a fraction over the seeds, with
   reference's colour, and with its colour and pattern;
 * ``magicface``: two references, prompt "a star and a square" with ``ref_words=["star", "square"]``;
 * ``irdiffusion``: two subjects with references and target boxes (star left half, square right half) on
-  "a star on the left and a square on the right" (2x the seeds, as the issue asks).
+  "a star on the left and a square on the right" (2x the seeds, as the issue asks). Their reference prompts name the
+  subject only ("a striped green star"): mutual cross-attention applies a reference's prompt inside its target
+  region, so the examples' scene captions ("... in the middle") would pull the subject back to where it was.
 
 For the two-subject cases: ``bound`` = a star in the star's reference colour and a square in the square's, both
 present; ``leak`` = some star drawn in the square's colour or some square in the star's (attributes swapped).
@@ -31,10 +33,11 @@ def _examples() -> dict[str, dict]:
     return {e["name"]: e for e in json.loads((EXAMPLES / "examples.json").read_text()) if "image" in e}
 
 
-def _reference(example: dict):
+def _reference(example: dict, subject_only: bool = False):
     import attnctrl
 
-    return attnctrl.Reference(EXAMPLES / example["image"], EXAMPLES / example["mask"], prompt=example["prompt"])
+    prompt = f"a {example['pattern']} {example['colour']} {example['shape']}" if subject_only else example["prompt"]
+    return attnctrl.Reference(EXAMPLES / example["image"], EXAMPLES / example["mask"], prompt=prompt)
 
 
 def _single(images, example: dict) -> dict:
@@ -105,8 +108,10 @@ def main() -> None:
         ir = IRDiffusionPipeline.from_pipe(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         prompt = "a star on the left and a square on the right"
-        subjects = [Subject("star", reference=_reference(star), region=(0, size // 8, size // 2, size * 7 // 8)),
-                    Subject("square", reference=_reference(square), region=(size // 2, size // 8, size, size * 7 // 8))]
+        subjects = [Subject("star", reference=_reference(star, subject_only=True),
+                            region=(0, size // 8, size // 2, size * 7 // 8)),
+                    Subject("square", reference=_reference(square, subject_only=True),
+                            region=(size // 2, size // 8, size, size * 7 // 8))]
         seeds2 = range(2 * args.seeds)
         plain, t0 = run(lambda g: pipe(prompt, generator=g, **kw).images[0], seeds2)
         ours, t1 = run(lambda g: ir(prompt, subjects=subjects, generator=g, **kw).images[0], seeds2)
