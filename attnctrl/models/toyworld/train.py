@@ -450,10 +450,10 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
           log: Callable[[str], None] = print, **overrides) -> Path:
     """Train (or resume training) into ``out_dir``; returns the path of the saved diffusers folder ``out_dir/model``.
 
-    ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints and the periodic
-    evaluations are not counted); resuming with a larger value continues the same run. On resume the run keeps its
-    own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise schedule;
-    the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run from a
+    ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints and
+    the periodic evaluations are not counted); resuming with a larger value continues the same run. On resume the run
+    keeps its own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise
+    schedule; the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run from a
     saved model instead of from scratch: its VAE is kept (no VAE phase), the UNet and text encoder are fine-tuned.
     """
     out = Path(out_dir)
