@@ -143,7 +143,7 @@ def test_fine_tuning_from_a_saved_folder_keeps_its_vae_and_schedule(tmp_path):
         else:
             assert json.loads(a.read_text())["beta_end"] == json.loads(b.read_text())["beta_end"]
     pipe = load_pipeline(str(out))
-    assert pipe.vae.config.scaling_factor == load_pipeline().vae.config.scaling_factor
+    assert pipe.vae.config.scaling_factor == toyworld().vae.config.scaling_factor
     config = json.loads((out / "attnctrl.json").read_text())["config"]
     assert config["init"] == "toyworld" and config["x0_weight_floor"] == 0.1
     with pytest.raises(ValueError, match="starting point"):

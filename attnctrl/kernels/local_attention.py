@@ -174,8 +174,10 @@ def _tiled(q, k, v, spec: LocalSpec, scale):
         band = x[:, y0 : y0 + win].transpose(1, 2).contiguous()  # every tile's window as a view (nTx, h, win^2, D)
         return band.as_strided((n_tx, heads, win * win, d), (tile * win * d, band_cols * win * d, d, 1))
 
-    rows_out = [[] for _ in range(b)]  # per batch element, the merged output of each tile row (no in-place
-    for row in range(n_ty):             # writes: the fused kernels' outputs are needed by their backward)
+    # per batch element, the merged output of each tile row; no in-place writes (the fused kernels' outputs are
+    # needed by their backward)
+    rows_out = [[] for _ in range(b)]
+    for row in range(n_ty):
         y0, y1 = row * tile, min(height, row * tile + tile)
         mask = (disc + key_bias[row].unsqueeze(1)).unsqueeze(1)  # (nTx, 1, t^2, win^2)
         for i in range(b):

@@ -116,6 +116,11 @@ def toyworld_path() -> Path:
     return Path(str(resources.files("attnctrl").joinpath("assets/models/toyworld")))
 
 
+def model_folder(model: str) -> Path:
+    """The local folder a model reference names: the embedded toyworld model for ``"toyworld"``, else the path."""
+    return toyworld_path() if model == "toyworld" else Path(model).expanduser()
+
+
 def recommended_settings(pipe) -> dict:
     """Generation settings a model folder recommends (``attnctrl.json`` next to ``model_index.json``), else {}."""
     return dict(getattr(pipe, "attnctrl_defaults", {}) or {})
@@ -186,8 +191,7 @@ def load_pipeline(model: str | None = None, dtype=None, device=None):
     family = "flux" if "flux" in model.lower() else "cogvideox" if "cogvideo" in model.lower() else None
     torch_dtype = parse_dtype(dtype, target, family)
     pipe = _load(model, torch_dtype)
-    folder = toyworld_path() if model == "toyworld" else Path(model).expanduser()
-    settings = folder / "attnctrl.json"
+    settings = model_folder(model) / "attnctrl.json"
     if settings.is_file():
         pipe.attnctrl_defaults = json.loads(settings.read_text()).get("recommended", {})
     if pipe.dtype != torch_dtype:

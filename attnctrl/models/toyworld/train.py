@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..loading import model_folder
 from .world import IMAGE_SIZE, VOCABULARY, make_scene, render
 
 __all__ = ["TrainConfig", "train", "toy_tokenizer", "build_models", "save_pipeline", "min_snr_weights", "RECOMMENDED"]
@@ -68,7 +69,7 @@ class TrainConfig:
     beta_end: float = 0.02
     ema_decay: float = 0.999
     seed: int = 0
-    # fine-tune a saved toyworld folder instead of training from scratch (its VAE is kept: no VAE phase)
+    # fine-tune a saved toyworld folder instead of training from scratch (its VAE is kept: a 0-minute VAE phase)
     init: str | None = None
     checkpoint_minutes: float = 10.0
     eval_minutes: float = 20.0
@@ -180,15 +181,6 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | N
     return path
 
 
-def _init_folder(init: str) -> Path:
-    """The model folder that ``init`` names: a path, or ``"toyworld"`` for the shipped model."""
-    if str(init) == "toyworld":
-        from ..loading import toyworld_path
-
-        return toyworld_path()
-    return Path(init)
-
-
 def _swap_sides(caption: str) -> str:
     return caption.replace("left", "\0").replace("right", "left").replace("\0", "right")
 
@@ -214,7 +206,7 @@ class _Trainer:
         self.scaling = 1.0
         self.history: list[dict] = []
         if cfg.init:
-            self._load_init(_init_folder(cfg.init))
+            self._load_init(model_folder(cfg.init))
 
     def _load_init(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -229,7 +221,6 @@ class _Trainer:
                 raise ValueError(f"--init {folder}: its {name} is not the toyworld architecture with unet_channels="
                                  f"{self.cfg.unet_channels} ({str(e).splitlines()[0]})") from None
         self.scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
-        self.phase = "vae-done"
         self.log(f"initialised from {folder} (VAE kept, scaling factor {self.scaling:.3f})")
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -453,15 +444,16 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints and
     the periodic evaluations are not counted); resuming with a larger value continues the same run. On resume the run
     keeps its own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise
-    schedule; the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run from a
-    saved model instead of from scratch: its VAE is kept (no VAE phase), the UNet and text encoder are fine-tuned.
+    schedule; the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run
+    from a saved model instead of from scratch: its VAE is kept (a VAE phase of 0 minutes: the pool is only encoded),
+    the UNet and text encoder are fine-tuned.
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
     if overrides.get("init"):  # fine-tuning: the folder's architecture and schedule, no VAE phase
-        init = _init_folder(overrides["init"])
+        init = model_folder(str(overrides["init"]))
         if not (init / "unet" / "config.json").is_file():
             raise FileNotFoundError(f"--init {init}: not a toyworld model folder (no unet/config.json)")
         channels = tuple(json.loads((init / "unet" / "config.json").read_text())["block_out_channels"])
@@ -488,8 +480,6 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
         trainer.phase = "vae"
     if trainer.phase == "vae":
         trainer.vae_loop()
-    if trainer.phase == "vae-done":
-        trainer.finish_vae()
     if trainer.phase == "unet":
         trainer.unet_loop()
     trainer.checkpoint()
