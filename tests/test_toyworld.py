@@ -38,6 +38,25 @@ def test_training_scenes_never_use_held_out_combinations_or_placeholders():
         assert 1 <= len(scene.objects) <= 3
 
 
+def test_look_alike_scenes_share_one_look_and_name_it_at_most_once():
+    from attnctrl.models.toyworld import COLOURS, PATTERNS
+
+    named_none = 0
+    for seed in range(500):
+        scene = make_scene(seed, look_alike=True)
+        assert 2 <= len(scene.objects) <= 3
+        assert len({(o.colour, o.pattern) for o in scene.objects}) == 1
+        assert all((o.colour, o.shape) not in HELD_OUT for o in scene.objects)
+        words = scene.caption.split()
+        colours = [w for w in words if w in COLOURS]
+        assert len(colours) <= 1 and all(w in ("plain", scene.objects[0].pattern) for w in words if w in PATTERNS)
+        assert sum(o.look_said for o in scene.objects) == len(colours)
+        named_none += not colours
+    assert 150 < named_none < 350  # about half name no look at all
+    with pytest.raises(ValueError, match="at least 2"):
+        make_scene(0, n_objects=1, look_alike=True)
+
+
 def test_checker_scores_ground_truth_at_98_percent_or_more():
     objects = images = ok_images = 0
     right = {"colour": 0, "shape": 0, "side": 0, "pattern": 0}
@@ -98,7 +117,8 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     from attnctrl.models.toyworld.train import train
 
     small = dict(pool_size=64, batch=4, vae_batch=4, vae_minutes=0.05)  # small steps: robust on a busy machine
-    out = train(tmp_path, minutes=0.12, final_eval=False, log=lambda m: None, **small)
+    out = train(tmp_path, minutes=0.12, final_eval=False, log=lambda m: None, grounding_weight=0.1,
+                look_alike_fraction=0.5, **small)
     with pytest.raises(FileExistsError):
         train(tmp_path, minutes=0.12, log=lambda m: None, **small)
     out = train(tmp_path, minutes=0.25, resume=True, final_eval=False, log=lambda m: None)
@@ -112,6 +132,50 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+
+
+def test_grounding_targets_recorder_and_loss():
+    """TokenCompose's token term: targets name each object's words and silhouette; the recorder changes nothing;
+    a map that puts a word's mass inside its object scores 1, a uniform map its area fraction."""
+    from attnctrl.models.toyworld.train import _CrossAttentionRecorder, _grounding_targets, grounding_inside
+
+    scene = make_scene(4)  # "a green star on the left and a orange star in the middle and a pink cross on the right"
+    masks, words = _grounding_targets(scene)
+    tok = toy_tokenizer()
+    ids = tok(scene.caption).input_ids
+    assert [tok.decode([ids[j]]) for j in words[2].tolist() if j >= 0] == ["pink", "cross"]
+    assert words[0, 2:].tolist() == [-1, -1]
+    cols = masks[2].float().sum(0).nonzero().flatten()
+    assert cols.min() > 9 and masks[0].float().sum(0).nonzero().max() < 6  # the cross on the right, the star left
+    masks = masks[None].float() / 255
+    words = words[None].long()
+    q = 64
+    uniform = torch.full((1, q, 32), 1 / 32)
+    inside = grounding_inside([uniform], masks, words)
+    area = torch.nn.functional.adaptive_avg_pool2d(masks, 8).flatten(2).mean(-1)[0]
+    assert torch.allclose(inside, area.repeat_interleave(2), atol=1e-6)
+    peaked, best = torch.zeros(1, q, 32), []
+    for o in range(3):  # each word's mass on its object's best-covered cell: inside = that cell's coverage
+        cover = torch.nn.functional.adaptive_avg_pool2d(masks[:, o], 8).flatten(1)[0]
+        best += [cover.max()] * 2
+        for j in words[0, o].tolist():
+            if j >= 0:
+                peaked[0, cover.argmax(), j] = 0.5
+    assert torch.allclose(grounding_inside([peaked], masks, words), torch.stack(best)) and min(best) > 0.4
+    assert grounding_inside([torch.rand(1, 4, 32)], masks, words).numel() == 0  # 2x2 layers are not supervised
+
+    unet = toyworld().unet
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 32, 128)
+    before = unet.attn_processors
+    reference = unet(x, t, ctx).sample
+    recorder = _CrossAttentionRecorder(unet)
+    recorder.maps = []
+    out = unet(x, t, ctx).sample
+    assert torch.allclose(out, reference, atol=1e-4)
+    assert len(recorder.maps) == sum(n.endswith("attn2.processor") for n in before)
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in recorder.maps)
+    recorder.remove()
+    assert unet.attn_processors == before
 
 
 def test_loss_weights_keep_the_clean_image_error_weighted_at_high_noise():

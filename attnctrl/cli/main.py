@@ -193,13 +193,19 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
               "scratch; its VAE is kept.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate.  [default: the recipe's, 4e-4]")
-def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr) -> None:
+@click.option("--look-alike", "look_alike", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+              help="Fraction of look-alike scenes in the pool (objects whose caption leaves out their look copy it "
+              "from the others).  [default: 0]")
+@click.option("--grounding", type=click.FloatRange(0), default=None, metavar="WEIGHT",
+              help="Weight of the token grounding loss (object words' cross-attention pulled inside their objects).  "
+              "[default: 0]")
+def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, look_alike, grounding) -> None:
     """Train the toyworld text-to-image model on CPU, from scratch or from a saved model (--init)."""
     _quiet_libraries()
     from ..models.toyworld.train import train
 
     ctx = click.get_current_context()
-    given = [f"--{n.replace('_', '-')}" for n in ("seed", "pool_size")
+    given = [f"--{n.replace('_', '-')}" for n in ("seed", "pool_size", "look_alike")
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
     if resume and given:
         raise click.ClickException(f"a resumed run keeps its own {' and '.join(given)}; leave them out with --resume")
@@ -210,6 +216,10 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr) -
         overrides["init"] = init
     if lr is not None:
         overrides["lr"] = lr
+    if look_alike is not None:
+        overrides["look_alike_fraction"] = look_alike
+    if grounding is not None:
+        overrides["grounding_weight"] = grounding
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
     except (FileExistsError, FileNotFoundError, ValueError) as e:

@@ -4,6 +4,9 @@
   never appear in training (:data:`~attnctrl.models.toyworld.world.HELD_OUT`), fixed forever (seeded).
 * :func:`evaluate` generates one image per caption (fixed seeds) and reports the fraction of objects with the
   right colour, shape, side and pattern, and of images with every object right.
+* :func:`evaluate_look_alike`: captions that name the look of one object only ("a dotted blue square on the left and
+  a star on the right"); how often the other objects copy it -- the within-image copying of looks that the
+  reference methods rely on.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-from .score import score
-from .world import HELD_OUT, SIDES
+from .score import detect, score
+from .world import HELD_OUT, SIDES, make_scene
 
-__all__ = ["benchmark_captions", "evaluate"]
+__all__ = ["benchmark_captions", "evaluate", "look_alike_scenes", "evaluate_look_alike"]
 
 
 def benchmark_captions() -> dict[str, list[str]]:
@@ -71,3 +74,34 @@ def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, 
         "images": len(captions),
         "seconds_per_image": seconds / max(1, len(captions)),
     }
+
+
+def look_alike_scenes(n: int = 32) -> list:
+    """``n`` fixed look-alike scenes (seeds outside every training pool) whose caption names the look of one object."""
+    scenes, seed = [], 900_000_000
+    while len(scenes) < n:
+        scene = make_scene(seed, look_alike=True)
+        seed += 1
+        if any(o.look_said for o in scene.objects):
+            scenes.append(scene)
+    return scenes
+
+
+@torch.no_grad()
+def evaluate_look_alike(pipe, n: int = 32, steps: int = 25, guidance: float = 5.0, batch: int = 8) -> dict:
+    """On :func:`look_alike_scenes`: the fraction of the objects the detector finds (largest first, as many as the
+    caption names) in the named colour, and of images where every named object is found in it (``all``)."""
+    scenes = look_alike_scenes(n)
+    hits = expected = images_ok = 0
+    for start in range(0, n, batch):
+        chunk = scenes[start : start + batch]
+        generators = [torch.Generator("cpu").manual_seed(start + i) for i in range(len(chunk))]
+        out = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=generators)
+        for image, scene in zip(out.images, chunk):
+            found = detect(image)[: len(scene.objects)]
+            right = sum(o.colour == scene.objects[0].colour for o in found)
+            hits += right
+            expected += len(scene.objects)
+            images_ok += right == len(scene.objects)
+    return {"colour": hits / expected, "all": images_ok / n, "images": n}

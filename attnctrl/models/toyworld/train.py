@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loading import model_folder
-from .world import IMAGE_SIZE, VOCABULARY, make_scene, render
+from .world import COLOURS, IMAGE_SIZE, PATTERNS, SHAPES, SIZES, VOCABULARY, make_scene, object_mask, render
 
 __all__ = ["TrainConfig", "train", "toy_tokenizer", "build_models", "save_pipeline", "min_snr_weights", "RECOMMENDED"]
 
@@ -63,6 +63,13 @@ class TrainConfig:
     # t = 999), so the steps that decide the layout were barely trained and "left"/"right" were not learned at all
     # (docs/toyworld.md); the floor keeps that error weighted by at least this much.
     x0_weight_floor: float = 0.1
+    # Fraction of look-alike scenes in the pool (world.sample_scene): objects whose caption leaves out their look
+    # copy it from the others, which teaches self-attention to carry looks across objects (docs/toyworld.md).
+    look_alike_fraction: float = 0.0
+    # Weight of the token grounding loss (TokenCompose, Wang et al. CVPR 2024, L_token): each object word's
+    # cross-attention mass is pulled inside its object's silhouette, so the maps of words are local as SD's are
+    # (CLoRA's masks, MagicFace's segmentation); 0 = off (docs/toyworld.md).
+    grounding_weight: float = 0.0
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
     # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
     # highest noise levels (measured in docs/toyworld.md).
@@ -191,6 +198,69 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_LATENT = IMAGE_SIZE // 4  # 16: the latent grid (the VAE downsamples 4x)
+_OBJECT_WORDS = frozenset((*COLOURS, *SHAPES, *PATTERNS, *SIZES))
+
+
+def _grounding_targets(scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per object (up to 3): its silhouette's coverage of each latent cell (uint8, 255 = covered) and the token
+    positions of its words in the caption (size, pattern, colour, shape; -1 = none). The toy tokenizer gives one
+    token per word after ``<|startoftext|>``, and the caption names the objects in order, one "and"-phrase each."""
+    masks = torch.zeros(3, _LATENT, _LATENT, dtype=torch.uint8)
+    words = torch.full((3, 4), -1, dtype=torch.int8)
+    position = 1
+    for i, phrase in enumerate(scene.caption.split(" and ")):
+        found = [position + j for j, w in enumerate(phrase.split()) if w in _OBJECT_WORDS]
+        words[i, : len(found)] = torch.tensor(found[:4], dtype=torch.int8)
+        position += len(phrase.split()) + 1  # the phrase and the "and" after it
+        cover = np.asarray(object_mask(scene, i), np.float32).reshape(_LATENT, 4, _LATENT, 4).mean((1, 3))
+        masks[i] = torch.from_numpy(np.round(cover).astype(np.uint8))
+    return masks, words
+
+
+class _CrossAttentionRecorder:
+    """Training-time cross-attention processor of a UNet's ``attn2`` layers (math as diffusers' ``AttnProcessor``)
+    that keeps each call's head-averaged probabilities ``(batch, queries, tokens)`` while ``maps`` is a list."""
+
+    def __init__(self, unet):
+        self.unet, self.maps = unet, None
+        self.before = unet.attn_processors
+        unet.set_attn_processor({name: self if name.endswith("attn2.processor") else proc
+                                 for name, proc in self.before.items()})
+
+    def remove(self) -> None:
+        self.unet.set_attn_processor(self.before)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)
+        if self.maps is not None:
+            self.maps.append(probs.unflatten(0, (-1, attn.heads)).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def grounding_inside(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token term: for every object word, the fraction of its cross-attention mass (over the image)
+    that falls inside its object, per recorded layer of at least 4x4 queries. ``maps``: ``(B, Q, T)`` each;
+    ``masks``: ``(B, 3, 16, 16)`` coverage in [0, 1]; ``words``: ``(B, 3, 4)`` token positions, -1 = none.
+    Returns the fractions of the valid (layer, word) pairs, flattened; the loss is ``mean((1 - inside) ** 2)``."""
+    valid = words >= 0
+    out = [torch.zeros(0)]
+    for probs in maps:
+        side = math.isqrt(probs.shape[1])
+        if side < 4:
+            continue
+        cover = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, 3, Q)
+        index = words.clamp(min=0).flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
+        per_word = probs.gather(2, index).unflatten(2, words.shape[1:])  # (B, Q, 3, 4)
+        inside = torch.einsum("bqow,boq->bow", per_word, cover) / per_word.sum(1).clamp_min(1e-12)
+        out.append(inside[valid])
+    return torch.cat(out)
+
+
 class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
@@ -229,20 +299,27 @@ class _Trainer:
         if path.exists():
             pool = torch.load(path)
             self.images, self.captions = pool["images"], pool["captions"]
+            self.masks, self.words = pool.get("masks"), pool.get("words")
             self.log(f"pool: {len(self.captions)} scenes loaded from {path}")
+            if self.cfg.grounding_weight and self.masks is None:
+                raise ValueError(f"{path} was built without object masks; the grounding loss needs a new run folder")
             return
         started = time.perf_counter()
         n = self.cfg.pool_size
         images = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+        masks = torch.zeros(n, 3, _LATENT, _LATENT, dtype=torch.uint8)
+        words = torch.full((n, 3, 4), -1, dtype=torch.int8)
         captions = []
         for i in range(n):
-            scene = make_scene(self.cfg.seed * 10_000_000 + i)
+            look_alike = (i * 0.6180339887) % 1.0 < self.cfg.look_alike_fraction  # evenly spread over the pool
+            scene = make_scene(self.cfg.seed * 10_000_000 + i, look_alike=look_alike)
             images[i] = torch.from_numpy(np.array(render(scene)))
             captions.append(scene.caption)
+            masks[i], words[i] = _grounding_targets(scene)
             if (i + 1) % 4096 == 0:
                 self.log(f"pool: {i + 1}/{n} scenes ({time.perf_counter() - started:.0f} s)")
-        self.images, self.captions = images, captions
-        _atomic_save({"images": images, "captions": captions}, path)
+        self.images, self.captions, self.masks, self.words = images, captions, masks, words
+        _atomic_save({"images": images, "captions": captions, "masks": masks, "words": words}, path)
 
     def _pixels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -296,14 +373,16 @@ class _Trainer:
         self.phase = "unet"
 
     def _colour_fidelity(self, rec: torch.Tensor) -> float:
-        """Fraction of objects whose colour :func:`score` reads right on VAE reconstructions of pool scenes."""
+        """Fraction of objects whose colour :func:`score` reads right on VAE reconstructions of pool scenes (those whose
+        caption names every object's colour)."""
         from PIL import Image
 
         from .score import score
 
         pixels = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
-        hits = [obj["colour"] for image, caption in zip(pixels, self.captions)
-                for obj in score(Image.fromarray(image), caption)["objects"]]
+        named = [(image, caption) for image, caption in zip(pixels, self.captions)  # look-alike copies name no colour
+                 if all(set(phrase.split()) & set(COLOURS) for phrase in caption.split(" and "))]
+        hits = [obj["colour"] for image, caption in named for obj in score(Image.fromarray(image), caption)["objects"]]
         return sum(hits) / max(1, len(hits))
 
     # -- UNet + text encoder -------------------------------------------------------------------------------------
@@ -320,6 +399,7 @@ class _Trainer:
             self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.unet.train()
         self.text_encoder.train()
+        recorder = _CrossAttentionRecorder(self.unet) if cfg.grounding_weight else None
         alphas = self.scheduler.alphas_cumprod
         weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
         gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
@@ -327,7 +407,7 @@ class _Trainer:
         unet_start = cfg.vae_minutes * 60
         next_ckpt = self.elapsed + cfg.checkpoint_minutes * 60
         next_eval = self.elapsed + cfg.eval_minutes * 60
-        smooth = None
+        smooth = smooth_inside = None
         while self.elapsed < budget:
             t0 = time.perf_counter()
             idx = torch.randint(0, len(self.captions), (cfg.batch,), generator=gen)
@@ -342,8 +422,20 @@ class _Trainer:
             t = torch.randint(0, len(alphas), (cfg.batch,), generator=gen)
             noisy = self.scheduler.add_noise(latents, noise, t)
             context = self.text_encoder(self._tokens(captions))[0]
+            if recorder is not None:
+                recorder.maps = []
             pred = self.unet(noisy, t, context).sample
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
+            if recorder is not None:
+                masks = self.masks[idx].float() / 255
+                masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
+                words = torch.where(drop[:, None, None], -1, self.words[idx].long())
+                inside = grounding_inside(recorder.maps, masks, words)
+                recorder.maps = None
+                if inside.numel():  # every caption of the batch dropped: no word to ground
+                    loss = loss + cfg.grounding_weight * ((1 - inside) ** 2).mean()
+                    mean = inside.mean().item()
+                    smooth_inside = mean if smooth_inside is None else 0.98 * smooth_inside + 0.02 * mean
             progress = min(1.0, (self.elapsed - unet_start) / max(1.0, budget - unet_start))
             lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             for g in self.opt.param_groups:
@@ -361,14 +453,17 @@ class _Trainer:
             self.elapsed += time.perf_counter() - t0
             smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
             if self.step % 50 == 0:
-                self.log(f"step {self.step}: loss {smooth:.4f}, lr {lr:.2e}, {time.perf_counter() - t0:.2f} s/step, "
-                         f"{self.elapsed / 60:.1f}/{cfg.minutes:.0f} min")
+                grounded = f", word attention inside its object {smooth_inside:.2f}" if recorder is not None else ""
+                self.log(f"step {self.step}: loss {smooth:.4f}{grounded}, lr {lr:.2e}, {time.perf_counter() - t0:.2f} "
+                         f"s/step, {self.elapsed / 60:.1f}/{cfg.minutes:.0f} min")
             if self.elapsed >= next_ckpt:
                 self.checkpoint()
                 next_ckpt = self.elapsed + cfg.checkpoint_minutes * 60
             if self.elapsed >= next_eval:
                 self.quick_eval()
                 next_eval = self.elapsed + cfg.eval_minutes * 60
+        if recorder is not None:
+            recorder.remove()
 
     def pipeline(self):
         from diffusers import StableDiffusionPipeline
@@ -382,19 +477,21 @@ class _Trainer:
         return pipe
 
     def quick_eval(self) -> dict:
-        from .bench import benchmark_captions, evaluate
+        from .bench import benchmark_captions, evaluate, evaluate_look_alike
 
         started = time.perf_counter()
         captions = benchmark_captions()
         single = evaluate(self.pipeline(), captions["single"][::2], steps=20)
         two = evaluate(self.pipeline(), captions["two"][::4], steps=20)
+        look = evaluate_look_alike(self.pipeline(), n=16, steps=20)
         self.unet.train()
         self.text_encoder.train()
-        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two}
+        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two,
+                 "look_alike": look}
         self.history.append(entry)
         self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} side "
-                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f} "
-                 f"({time.perf_counter() - started:.0f} s, not counted)")
+                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f}; look-alike colour "
+                 f"{look['colour']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
         return entry
 
     # -- state ------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class Obj:
     cx: float = 32.0
     cy: float = 32.0
     size_word: str | None = None
+    look_said: bool = True  # False: the caption names the shape only (a look-alike scene's copies)
 
 
 @dataclass
@@ -80,24 +81,39 @@ def _combo_ok(colour: str, shape: str, held_out: bool) -> bool:
     return held_out or (colour, shape) not in HELD_OUT
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None, held_out: bool = False) -> Scene:
-    """A random scene (1-3 objects, mostly 1-2) and its caption. ``held_out=True`` also allows held-out combos."""
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, held_out: bool = False,
+                 look_alike: bool = False) -> Scene:
+    """A random scene (1-3 objects, mostly 1-2) and its caption. ``held_out=True`` also allows held-out combos.
+
+    ``look_alike=True``: 2-3 objects of one colour and pattern (shapes free), the caption naming that look on one of
+    them (half of the time) or on none ("a star on the left and a dotted blue square on the right"): an object whose
+    look the caption leaves out has the look of the others, so the model must copy looks from what it sees -- the
+    skill FreeCustom, MagicFace, IR-Diffusion and PrimeComposer rely on (docs/toyworld.md).
+    """
     if n_objects is None:
-        n_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.45, 0.15]))
+        n_objects = int(rng.choice([2, 3], p=[0.7, 0.3])) if look_alike else int(rng.choice([1, 2, 3], p=[0.4, 0.45, 0.15]))
+    if look_alike and n_objects < 2:
+        raise ValueError("a look-alike scene needs at least 2 objects")
     sides = [str(s) for s in rng.choice(SIDES, size=n_objects, replace=False)]
     if rng.random() < 0.5:  # half of the captions name the objects left to right
         sides.sort(key=SIDES.index)
     crowded = n_objects == 3 or (n_objects == 2 and "middle" in sides)
     objects = []
-    for side in sides:
+    said = int(rng.integers(n_objects)) if look_alike and rng.random() < 0.5 else -1
+    for i, side in enumerate(sides):
         while True:
-            colour = str(rng.choice(list(COLOURS)))
+            colour = objects[0].colour if look_alike and objects else str(rng.choice(list(COLOURS)))
             shape = str(rng.choice(SHAPES))
+            if look_alike and objects and objects[0].pattern == "hollow" and shape == "star":
+                continue
             if _combo_ok(colour, shape, held_out):
                 break
-        pattern = str(rng.choice(PATTERNS, p=[0.55, 0.15, 0.15, 0.15]))
-        if pattern == "hollow" and shape == "star":  # a star's outline leaves no inside to see
-            pattern = "plain"
+        if look_alike and objects:
+            pattern = objects[0].pattern
+        else:
+            pattern = str(rng.choice(PATTERNS, p=[0.55, 0.15, 0.15, 0.15]))
+            if pattern == "hollow" and shape == "star":  # a star's outline leaves no inside to see
+                pattern = "plain"
         lo, hi = (13, 17) if crowded else (13, 27)
         size = float(rng.uniform(lo, hi))
         if pattern == "hollow":  # outlines need room inside
@@ -109,16 +125,16 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, held_ou
         cx = side_centre(side) + float(rng.uniform(-jitter, jitter))
         cx = min(max(cx, size / 2 + 2), IMAGE_SIZE - size / 2 - 2)  # whole object inside the image
         cy = float(rng.uniform(size / 2 + 3, IMAGE_SIZE - size / 2 - 3))
-        objects.append(Obj(colour, shape, pattern, side, size, cx, cy, size_word))
+        objects.append(Obj(colour, shape, pattern, side, size, cx, cy, size_word, look_said=not look_alike or i == said))
     background = tuple(int(c) for c in rng.integers(218, 246, size=3))
     scene = Scene(objects, background=background, said_sides=bool(n_objects > 1 or rng.random() < 0.75))
     scene.caption = caption_of(scene, rng)
     return scene
 
 
-def make_scene(seed: int, n_objects: int | None = None, held_out: bool = False) -> Scene:
+def make_scene(seed: int, n_objects: int | None = None, held_out: bool = False, look_alike: bool = False) -> Scene:
     """The scene of ``seed`` (same seed, same scene, caption and image)."""
-    scene = sample_scene(np.random.default_rng(seed), n_objects, held_out)
+    scene = sample_scene(np.random.default_rng(seed), n_objects, held_out, look_alike)
     scene.seed = seed
     return scene
 
@@ -130,11 +146,11 @@ def caption_of(scene: Scene, rng: np.random.Generator | None = None) -> str:
         words = []
         if obj.size_word:
             words.append(obj.size_word)
-        if obj.pattern != "plain":
+        if obj.look_said and obj.pattern != "plain":
             words.append(obj.pattern)
-        elif rng is not None and rng.random() < 0.1:
+        elif obj.look_said and rng is not None and rng.random() < 0.1:
             words.append("plain")
-        words += [obj.colour, obj.shape]
+        words += [obj.colour, obj.shape] if obj.look_said else [obj.shape]
         phrase = "a " + " ".join(words)
         if scene.said_sides:
             phrase += " " + _SIDE_PHRASE[obj.side]
