@@ -244,15 +244,13 @@ class _CrossAttentionRecorder:
 
 def grounding_inside(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token term: for every object word, the fraction of its cross-attention mass (over the image)
-    that falls inside its object, per recorded layer of at least 4x4 queries. ``maps``: ``(B, Q, T)`` each;
+    that falls inside its object, per recorded layer (16x16 down to the 2x2 mid block: CLoRA's toyworld maps). ``maps``: ``(B, Q, T)`` each;
     ``masks``: ``(B, 3, 16, 16)`` coverage in [0, 1]; ``words``: ``(B, 3, 4)`` token positions, -1 = none.
     Returns the fractions of the valid (layer, word) pairs, flattened; the loss is ``mean((1 - inside) ** 2)``."""
     valid = words >= 0
     out = [torch.zeros(0)]
     for probs in maps:
         side = math.isqrt(probs.shape[1])
-        if side < 4:
-            continue
         cover = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, 3, Q)
         index = words.clamp(min=0).flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
         per_word = probs.gather(2, index).unflatten(2, words.shape[1:])  # (B, Q, 3, 4)
