@@ -44,7 +44,7 @@ def test_look_alike_scenes_share_one_look_and_name_it_at_most_once():
     named_none = 0
     for seed in range(500):
         scene = make_scene(seed, look_alike=True)
-        assert 2 <= len(scene.objects) <= 3
+        assert 1 <= len(scene.objects) <= 3
         assert len({(o.colour, o.pattern) for o in scene.objects}) == 1
         assert all((o.colour, o.shape) not in HELD_OUT for o in scene.objects)
         words = scene.caption.split()
@@ -52,9 +52,7 @@ def test_look_alike_scenes_share_one_look_and_name_it_at_most_once():
         assert len(colours) <= 1 and all(w in ("plain", scene.objects[0].pattern) for w in words if w in PATTERNS)
         assert sum(o.look_said for o in scene.objects) == len(colours)
         named_none += not colours
-    assert 150 < named_none < 350  # about half name no look at all
-    with pytest.raises(ValueError, match="at least 2"):
-        make_scene(0, n_objects=1, look_alike=True)
+    assert 325 < named_none < 425  # three quarters name no look at all
 
 
 def test_checker_scores_ground_truth_at_98_percent_or_more():

@@ -488,8 +488,8 @@ class _Trainer:
                  "look_alike": look}
         self.history.append(entry)
         self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} side "
-                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f}; look-alike colour "
-                 f"{look['colour']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
+                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f}; look-alike same "
+                 f"colour {look['same']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
         return entry
 
     # -- state ------------------------------------------------------------------------------------------------------

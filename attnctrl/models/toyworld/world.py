@@ -85,21 +85,19 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, held_ou
                  look_alike: bool = False) -> Scene:
     """A random scene (1-3 objects, mostly 1-2) and its caption. ``held_out=True`` also allows held-out combos.
 
-    ``look_alike=True``: 2-3 objects of one colour and pattern (shapes free), the caption naming that look on one of
-    them (half of the time) or on none ("a star on the left and a dotted blue square on the right"): an object whose
-    look the caption leaves out has the look of the others, so the model must copy looks from what it sees -- the
-    skill FreeCustom, MagicFace, IR-Diffusion and PrimeComposer rely on (docs/toyworld.md).
+    ``look_alike=True``: 1-3 objects of one colour and pattern (shapes free) whose caption names no look ("a star on
+    the left and a square on the right"; a quarter of the time one object's look is named): objects whose look the
+    caption leaves out look like the others, so the model must copy looks from what it sees -- the skill FreeCustom,
+    MagicFace, IR-Diffusion and PrimeComposer rely on (docs/toyworld.md). A lone look-free object has a random look.
     """
     if n_objects is None:
-        n_objects = int(rng.choice([2, 3], p=[0.7, 0.3])) if look_alike else int(rng.choice([1, 2, 3], p=[0.4, 0.45, 0.15]))
-    if look_alike and n_objects < 2:
-        raise ValueError("a look-alike scene needs at least 2 objects")
+        n_objects = int(rng.choice([1, 2, 3], p=[0.2, 0.5, 0.3] if look_alike else [0.4, 0.45, 0.15]))
     sides = [str(s) for s in rng.choice(SIDES, size=n_objects, replace=False)]
     if rng.random() < 0.5:  # half of the captions name the objects left to right
         sides.sort(key=SIDES.index)
     crowded = n_objects == 3 or (n_objects == 2 and "middle" in sides)
     objects = []
-    said = int(rng.integers(n_objects)) if look_alike and rng.random() < 0.5 else -1
+    said = int(rng.integers(n_objects)) if look_alike and rng.random() < 0.25 else -1
     for i, side in enumerate(sides):
         while True:
             colour = objects[0].colour if look_alike and objects else str(rng.choice(list(COLOURS)))
