@@ -135,7 +135,7 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
 def test_grounding_targets_recorder_and_loss():
     """TokenCompose's token term: targets name each object's words and silhouette; the recorder changes nothing;
     a map that puts a word's mass inside its object scores 1, a uniform map its area fraction."""
-    from attnctrl.models.toyworld.train import _CrossAttentionRecorder, _grounding_targets, grounding_inside
+    from attnctrl.models.toyworld.train import _CrossAttentionRecorder, _grounding_targets, grounding_terms
 
     scene = make_scene(4)  # "a green star on the left and a orange star in the middle and a pink cross on the right"
     masks, words = _grounding_targets(scene)
@@ -149,7 +149,7 @@ def test_grounding_targets_recorder_and_loss():
     words = words[None].long()
     q = 64
     uniform = torch.full((1, q, 32), 1 / 32)
-    inside = grounding_inside([uniform], masks, words)
+    inside, _ = grounding_terms([uniform], masks, words)
     area = torch.nn.functional.adaptive_avg_pool2d(masks, 8).flatten(2).mean(-1)[0]
     assert torch.allclose(inside, area.repeat_interleave(2), atol=1e-6)
     peaked, best = torch.zeros(1, q, 32), []
@@ -159,8 +159,17 @@ def test_grounding_targets_recorder_and_loss():
         for j in words[0, o].tolist():
             if j >= 0:
                 peaked[0, cover.argmax(), j] = 0.5
-    assert torch.allclose(grounding_inside([peaked], masks, words), torch.stack(best)) and min(best) > 0.4
-    assert grounding_inside([uniform, torch.rand(1, 4, 32)], masks, words).shape == (12,)  # 2x2 layers too
+    inside, pixel_peaked = grounding_terms([peaked], masks, words)
+    assert torch.allclose(inside, torch.stack(best)) and min(best) > 0.4
+    assert grounding_terms([uniform, torch.rand(1, 4, 32)], masks, words)[0].shape == (12,)  # 2x2 layers too
+    # the pixel term: a map equal to the coverage (scaled) beats one cell of it, which beats a uniform map
+    filled = torch.zeros(1, q, 32)
+    for o in range(3):
+        cover = torch.nn.functional.adaptive_avg_pool2d(masks[:, o], 8).flatten(1)[0]
+        filled[0, :, words[0, o, :2]] = (cover / cover.sum())[:, None]
+    pixel_filled = grounding_terms([filled], masks, words)[1]
+    pixel_uniform = grounding_terms([uniform], masks, words)[1]
+    assert (pixel_filled < pixel_peaked).all() and (pixel_peaked < pixel_uniform).all()
 
     unet = toyworld().unet
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 32, 128)

@@ -66,9 +66,9 @@ class TrainConfig:
     # Fraction of look-alike scenes in the pool (world.sample_scene): objects whose caption leaves out their look
     # copy it from the others, which teaches self-attention to carry looks across objects (docs/toyworld.md).
     look_alike_fraction: float = 0.0
-    # Weight of the token grounding loss (TokenCompose, Wang et al. CVPR 2024, L_token): each object word's
-    # cross-attention mass is pulled inside its object's silhouette, so the maps of words are local as SD's are
-    # (CLoRA's masks, MagicFace's segmentation); 0 = off (docs/toyworld.md).
+    # Weight of the grounding loss (TokenCompose, Wang et al. CVPR 2024: L_token + L_pixel, see grounding_terms):
+    # each object word's cross-attention is pulled inside its object's silhouette and spread over it, so the maps
+    # of words are local as SD's are (CLoRA's masks, MagicFace's segmentation); 0 = off (docs/toyworld.md).
     grounding_weight: float = 0.0
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
     # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
@@ -242,21 +242,25 @@ class _CrossAttentionRecorder:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def grounding_inside(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """TokenCompose's token term: for every object word, the fraction of its cross-attention mass (over the image)
-    that falls inside its object, per recorded layer (16x16 down to the 2x2 mid block: CLoRA's toyworld maps). ``maps``: ``(B, Q, T)`` each;
-    ``masks``: ``(B, 3, 16, 16)`` coverage in [0, 1]; ``words``: ``(B, 3, 4)`` token positions, -1 = none.
-    Returns the fractions of the valid (layer, word) pairs, flattened; the loss is ``mean((1 - inside) ** 2)``."""
+def grounding_terms(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor):
+    """TokenCompose's two grounding terms for every object word at every recorded cross-attention layer (16x16 down
+    to the 2x2 mid block, CLoRA's maps on toyworld): ``inside``, the fraction of the word's attention mass over the
+    image that falls inside its object (L_token = mean((1 - inside)^2)), and ``pixel``, the binary cross-entropy
+    between the word's map scaled to peak 1 and its object's coverage (L_pixel: the map should fill the object, not
+    one cell of it). ``maps``: ``(B, Q, T)`` each; ``masks``: ``(B, 3, 16, 16)`` coverage in [0, 1]; ``words``:
+    ``(B, 3, 4)`` token positions, -1 = none. Returns both, flattened over the valid (layer, word) pairs."""
     valid = words >= 0
-    out = [torch.zeros(0)]
+    inside, pixel = [torch.zeros(0)], [torch.zeros(0)]
     for probs in maps:
         side = math.isqrt(probs.shape[1])
         cover = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, 3, Q)
         index = words.clamp(min=0).flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
         per_word = probs.gather(2, index).unflatten(2, words.shape[1:])  # (B, Q, 3, 4)
-        inside = torch.einsum("bqow,boq->bow", per_word, cover) / per_word.sum(1).clamp_min(1e-12)
-        out.append(inside[valid])
-    return torch.cat(out)
+        inside.append((torch.einsum("bqow,boq->bow", per_word, cover) / per_word.sum(1).clamp_min(1e-12))[valid])
+        scaled = (per_word / per_word.amax(1, keepdim=True).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
+        target = cover.transpose(1, 2)[..., None].expand_as(scaled)
+        pixel.append(F.binary_cross_entropy(scaled, target, reduction="none").mean(1)[valid])
+    return torch.cat(inside), torch.cat(pixel)
 
 
 class _Trainer:
@@ -428,10 +432,10 @@ class _Trainer:
                 masks = self.masks[idx].float() / 255
                 masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
                 words = torch.where(drop[:, None, None], -1, self.words[idx].long())
-                inside = grounding_inside(recorder.maps, masks, words)
+                inside, pixel = grounding_terms(recorder.maps, masks, words)
                 recorder.maps = None
                 if inside.numel():  # every caption of the batch dropped: no word to ground
-                    loss = loss + cfg.grounding_weight * ((1 - inside) ** 2).mean()
+                    loss = loss + cfg.grounding_weight * (((1 - inside) ** 2).mean() + pixel.mean())
                     mean = inside.mean().item()
                     smooth_inside = mean if smooth_inside is None else 0.98 * smooth_inside + 0.02 * mean
             progress = min(1.0, (self.elapsed - unet_start) / max(1.0, budget - unet_start))
