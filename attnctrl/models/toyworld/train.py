@@ -15,9 +15,9 @@ trained with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss we
 kept >= 0.1 at high noise), 10 % caption dropout for classifier-free guidance, horizontal flips (with "left"/"right"
 swapped in the caption), AdamW with warm-up and a cosine decay over the time budget, and EMA weights (0.999), which
 are what gets saved. Options for attention like SD's: a grounding loss on the cross-attention of object words
-(``grounding_weight``) and look-alike scenes (``look_alike_fraction``). Training is resumable from ``DIR/checkpoint.pt`` and can start from a saved model (``init``);
-the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that ``StableDiffusionPipeline.from_pretrained``
-loads.
+(``grounding_weight``) and look-alike scenes (``look_alike_fraction``). Training is resumable from
+``DIR/checkpoint.pt`` and can start from a saved model (``init``); the result is a standard diffusers folder
+``DIR/model`` (fp16 weights) that ``StableDiffusionPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
