@@ -185,6 +185,15 @@ def test_grounding_targets_recorder_and_loss():
     assert unet.attn_processors == before
 
 
+def test_grounding_refuses_a_pool_built_without_object_masks(tmp_path):
+    from attnctrl.models.toyworld.train import train
+
+    torch.save({"images": torch.zeros(4, 64, 64, 3, dtype=torch.uint8), "captions": ["a red circle"] * 4},
+               tmp_path / "pool.pt")  # a pool saved before the grounding targets existed
+    with pytest.raises(ValueError, match="without object masks"):
+        train(tmp_path, minutes=0.1, vae_minutes=0.05, pool_size=4, grounding_weight=0.1, log=lambda m: None)
+
+
 def test_loss_weights_keep_the_clean_image_error_weighted_at_high_noise():
     from attnctrl.models.toyworld.train import _scheduler, min_snr_weights
 
@@ -289,3 +298,8 @@ def test_train_toy_refuses_a_vae_budget_that_leaves_the_unet_no_time(tmp_path):
         assert not (tmp_path / "run").exists()  # nothing written
     result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), "--resume", "--seed", "3"])
     assert result.exit_code == 1 and "keeps its own --seed" in result.output and not (tmp_path / "run").exists()
+    result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), "--resume", "--look-alike", "0.3"])
+    assert result.exit_code == 1 and "keeps its own --look-alike" in result.output  # the pool is the run's
+    for bad in (["--look-alike", "1.5"], ["--grounding", "-1"]):
+        result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), *bad])
+        assert result.exit_code == 2 and "Invalid value" in result.output and not (tmp_path / "run").exists()
