@@ -10,7 +10,8 @@ The LoRAs are the shipped examples ``assets/examples/toyworld-{sks,zwx}-lora.saf
 * ``clora``: :class:`~attnctrl.pipelines.CLoRAPipeline` with the inputs the CLI builds from
   ``--lora toyworld-sks-lora.safetensors:"sks square":"a sks square on the left and a star on the right"`` (and the
   same for zwx) on the prompt "a square on the left and a star on the right".
-* ``clora-8x8``: the same with :data:`TOYWORLD_SETTINGS` (``record_layers="res==8"``, ``step_size=2``).
+* ``clora-8x8``: the same with :data:`~attnctrl.models.toyworld.lora.CLORA_SETTINGS` (``record_layers="res==8"``,
+  ``step_size=2``).
 * ``single-sks`` / ``single-zwx``: each LoRA alone on "a sks square" / "a zwx star" (did the LoRA learn its concept).
 
 The checker (:func:`attnctrl.models.toyworld.score.detect`) reports, over the seeds, how often each concept (its
@@ -26,9 +27,6 @@ from pathlib import Path
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
-#: the scale-adapted settings for a 64-px model: maps from the 8x8 layers (the spec's 1/32 rule gives the 2x2 mid
-#: block there, whose masks are image quarters) and a small latent step (20 scrambles a 16x16 latent)
-TOYWORLD_SETTINGS = {"record_layers": "res==8", "step_size": 2.0}
 
 
 def _rates(images, words) -> dict:
@@ -47,7 +45,7 @@ def _rates(images, words) -> dict:
 def main() -> None:
     import attnctrl
     from attnctrl.cli.runners import clora_inputs
-    from attnctrl.models.toyworld.lora import CONCEPTS
+    from attnctrl.models.toyworld.lora import CLORA_SETTINGS, CONCEPTS
     from attnctrl.pipelines import CLoRAPipeline
 
     parser = argparse.ArgumentParser()
@@ -83,7 +81,7 @@ def main() -> None:
         f"{folder / 'toyworld-zwx-lora.safetensors'}:zwx star:a square on the left and a zwx star on the right",
     ])
     clora = CLoRAPipeline.from_pipe(pipe)
-    for name, settings in (("clora", {}), ("clora-8x8", TOYWORLD_SETTINGS)):
+    for name, settings in (("clora", {}), ("clora-8x8", CLORA_SETTINGS)):
         started = time.perf_counter()
         composed = [clora(prompts=prompts, loras=[None, "sks", "zwx"], concepts=concepts, mask_words=mask_words,
                           generator=torch.Generator().manual_seed(s), **kw, **settings).images[0] for s in seeds]

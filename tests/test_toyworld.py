@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,10 @@ def test_train_toy_refuses_a_vae_budget_that_leaves_the_unet_no_time(tmp_path):
     for bad in (["--look-alike", "1.5"], ["--grounding", "-1"]):
         result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), *bad])
         assert result.exit_code == 2 and "Invalid value" in result.output and not (tmp_path / "run").exists()
+
+
+def test_clora_example_job_uses_the_64px_settings():
+    from attnctrl.models.toyworld.lora import CLORA_SETTINGS
+
+    job = json.loads((Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "jobs" / "clora.jsonl").read_text())
+    assert job["options"] == CLORA_SETTINGS  # the job spells out the settings the benchmark and the app use

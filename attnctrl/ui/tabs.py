@@ -285,10 +285,13 @@ def _tab(app: App, key: str, name: str | None):
         groups = [files, words, prompts, step, threshold, more]
         loras = [EXAMPLES / f"toyworld-{w}-lora.safetensors" for w in ("sks", "zwx")]
         if all(p.is_file() for p in loras):  # sks square = a dotted blue square, zwx star = a striped green star
+            from ..models.toyworld.lora import CLORA_SETTINGS  # the 64-px model's settings
+
+            more_options = json.dumps({k: v for k, v in CLORA_SETTINGS.items() if k != "step_size"})
             examples = [["a square on the left and a star on the right", str(loras[0]), str(loras[1]), None,
                          "sks square", "zwx star", "", "a sks square on the left and a star on the right",
-                         "a square on the left and a zwx star on the right", "", 2.0, 0.3,
-                         '{"record_layers": "res==8"}']]  # the 64-px model's settings (docs/methods/clora.md)
+                         "a square on the left and a zwx star on the right", "", CLORA_SETTINGS["step_size"], 0.3,
+                         more_options]]
     elif key == "primecomposer":
         gr.Markdown("Put an object into a background: paint over the object in its image, then give the box "
                     "(pixels of the background) it goes into.")

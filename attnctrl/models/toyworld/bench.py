@@ -46,6 +46,14 @@ def benchmark_captions() -> dict[str, list[str]]:
     return {"single": single, "two": two}
 
 
+def _generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch: int):
+    """One image per caption, in batches, caption ``i`` with seed ``seed + i``; yields the images in order."""
+    for start in range(0, len(captions), batch):
+        chunk = captions[start : start + batch]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        yield from pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+
+
 @torch.no_grad()
 def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
              batch: int = 8, progress: bool = False) -> dict:
@@ -53,19 +61,15 @@ def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, 
     totals = {"colour": 0, "shape": 0, "side": 0, "pattern": 0, "found": 0}
     objects = images_ok = 0
     started = time.perf_counter()
-    for start in range(0, len(captions), batch):
-        chunk = captions[start : start + batch]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
-        for image, caption in zip(out.images, chunk):
-            result = score(image, caption)
-            images_ok += result["all"]
-            for obj in result["objects"]:
-                objects += 1
-                for key in totals:
-                    totals[key] += obj[key]
-        if progress:
-            print(f"  {min(start + batch, len(captions))}/{len(captions)}", flush=True)
+    for i, image in enumerate(_generate(pipe, captions, steps, guidance, seed, batch)):
+        result = score(image, captions[i])
+        images_ok += result["all"]
+        for obj in result["objects"]:
+            objects += 1
+            for key in totals:
+                totals[key] += obj[key]
+        if progress and ((i + 1) % batch == 0 or i + 1 == len(captions)):
+            print(f"  {i + 1}/{len(captions)}", flush=True)
     seconds = time.perf_counter() - started
     return {
         **{k: v / max(1, objects) for k, v in totals.items()},
@@ -94,13 +98,8 @@ def evaluate_look_alike(pipe, n: int = 32, steps: int = 25, guidance: float = 5.
     (``same``; ``found``: as many objects). Nothing in the text can give them one colour: only self-attention can."""
     scenes = look_alike_scenes(n)
     same = found = 0
-    for start in range(0, n, batch):
-        chunk = scenes[start : start + batch]
-        generators = [torch.Generator("cpu").manual_seed(start + i) for i in range(len(chunk))]
-        out = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators)
-        for image, scene in zip(out.images, chunk):
-            objs = detect(image)[: len(scene.objects)]
-            found += len(objs) == len(scene.objects)
-            same += len(objs) == len(scene.objects) and len({o.colour for o in objs}) == 1
+    for image, scene in zip(_generate(pipe, [s.caption for s in scenes], steps, guidance, 0, batch), scenes):
+        objs = detect(image)[: len(scene.objects)]
+        found += len(objs) == len(scene.objects)
+        same += len(objs) == len(scene.objects) and len({o.colour for o in objs}) == 1
     return {"same": same / n, "found": found / n, "images": n}

@@ -26,13 +26,18 @@ from ..lora import LORA_TARGETS, save_unet_lora
 from .train import min_snr_weights
 from .world import PLACEHOLDERS, VOCABULARY, Scene, caption_of, render, sample_scene
 
-__all__ = ["CONCEPTS", "concept_scene", "train_concept_lora"]
+__all__ = ["CONCEPTS", "CLORA_SETTINGS", "concept_scene", "train_concept_lora"]
 
 #: placeholder word -> (colour, shape, pattern) of the object it stands for
 CONCEPTS: dict[str, tuple[str, str, str]] = {
     "sks": ("blue", "square", "dotted"),
     "zwx": ("green", "star", "striped"),
 }
+
+#: CLoRA settings for these LoRAs on the 64-px model (docs/methods/clora.md): maps from the 8x8 layers (the spec's
+#: 1/32 rule gives the 2x2 mid block, whose masks are image quarters) and a small latent step (20 scrambles a 16x16
+#: latent). The benchmark and the app's example use them; ``assets/jobs/clora.jsonl`` spells them out.
+CLORA_SETTINGS = {"record_layers": "res==8", "step_size": 2.0}
 
 
 def concept_scene(rng: np.random.Generator, word: str, concept: tuple[str, str, str]) -> Scene:

@@ -99,15 +99,16 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, held_ou
     objects = []
     said = int(rng.integers(n_objects)) if look_alike and rng.random() < 0.25 else -1
     for i, side in enumerate(sides):
+        first = objects[0] if look_alike and objects else None  # a look-alike scene's later objects copy its look
         while True:
-            colour = objects[0].colour if look_alike and objects else str(rng.choice(list(COLOURS)))
+            colour = first.colour if first else str(rng.choice(list(COLOURS)))
             shape = str(rng.choice(SHAPES))
-            if look_alike and objects and objects[0].pattern == "hollow" and shape == "star":
+            if first and first.pattern == "hollow" and shape == "star":
                 continue
             if _combo_ok(colour, shape, held_out):
                 break
-        if look_alike and objects:
-            pattern = objects[0].pattern
+        if first:
+            pattern = first.pattern
         else:
             pattern = str(rng.choice(PATTERNS, p=[0.55, 0.15, 0.15, 0.15]))
             if pattern == "hollow" and shape == "star":  # a star's outline leaves no inside to see
