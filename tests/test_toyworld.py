@@ -117,7 +117,7 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
 
     small = dict(pool_size=64, batch=4, vae_batch=4, vae_minutes=0.05)  # small steps: robust on a busy machine
     out = train(tmp_path, minutes=0.12, final_eval=False, log=lambda m: None, grounding_weight=0.1,
-                look_alike_fraction=0.5, **small)
+                look_alike_fraction=0.5, reference_fraction=0.5, **small)
     with pytest.raises(FileExistsError):
         train(tmp_path, minutes=0.12, log=lambda m: None, **small)
     out = train(tmp_path, minutes=0.25, resume=True, final_eval=False, log=lambda m: None)
@@ -184,6 +184,70 @@ def test_grounding_targets_recorder_and_loss():
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in recorder.maps)
     recorder.remove()
     assert unet.attn_processors == before
+
+
+def test_reference_attention_is_mrsa_in_the_decoder_and_plain_elsewhere():
+    """Reference training's processor: no plan or no reference = the stock attention; a reference changes its target
+    only; an empty mask is -inf on all its keys (= no reference); reference rows attend to themselves only."""
+    from attnctrl.models.toyworld.train import _ReferenceAttention
+
+    unet = toyworld().unet
+    x, t, ctx = torch.randn(3, 4, 16, 16), torch.tensor([500] * 3), torch.randn(3, 32, 128)
+    before = unet.attn_processors
+    with torch.no_grad():
+        plain = unet(x, t, ctx).sample
+        references = _ReferenceAttention(unet)
+        assert 0 < sum(p is references for p in unet.attn_processors.values()) < len(before) // 2
+        assert torch.equal(unet(x, t, ctx).sample, plain)
+
+        def run(slots, mask):
+            references.plan = {"slots": torch.tensor(slots), "weights": torch.full((2, 2), 3.0), "masks": mask}
+            return unet(x, t, ctx).sample
+
+        full, empty = torch.ones(1, 16, 16), torch.zeros(1, 16, 16)
+        assert torch.allclose(run([[-1, -1], [-1, -1]], full), plain, atol=1e-5)
+        out = run([[0, -1], [-1, -1]], full)
+        assert (out[0] - plain[0]).abs().max() > 0.05
+        assert torch.allclose(out[1], plain[1], atol=1e-5) and torch.equal(out[2], plain[2])
+        assert torch.allclose(run([[0, -1], [-1, -1]], empty), plain, atol=1e-5)
+    references.plan = None
+    references.remove()
+    assert unet.attn_processors == before
+
+
+def test_reference_training_draws_same_look_references_and_drops_their_look_words(tmp_path):
+    from attnctrl.models.toyworld.train import TrainConfig, _drop_looks, _Trainer
+
+    cfg = TrainConfig(pool_size=512, reference_fraction=0.5, look_alike_fraction=0.3)
+    trainer = _Trainer(tmp_path, cfg, log=lambda m: None)
+    trainer.build_pool()
+    trainer.lat_mean = trainer.lat_logvar = torch.zeros(512, 4, 16, 16, dtype=torch.half)
+    gen = torch.Generator().manual_seed(0)
+    drawn = 0
+    for _ in range(8):
+        idx = torch.randint(0, 512, (16,), generator=gen)
+        captions = [trainer.captions[i] for i in idx.tolist()]
+        refs = trainer._references(idx, captions, gen)
+        if refs is None:
+            continue
+        slots = refs["slots"]
+        assert (slots[8:] < 0).all() and refs["latents"].shape[0] == len(refs["captions"]) == (slots >= 0).sum()
+        assert torch.equal(idx[refs["owner"]], idx[(slots >= 0).nonzero()[:, 0]])
+        dropped = {}
+        for (b, s), (j, o, k) in zip((slots >= 0).nonzero().tolist(), refs["sources"]):
+            i = int(idx[b])
+            assert j != i and trainer.looks[j][o] == trainer.looks[i][k]  # same colour, shape and pattern
+            assert 0 <= refs["weights"][b, s] <= 3
+            mask = refs["masks"][slots[b, s]]
+            assert mask.max() > 0.5 and mask.min() >= 0 and mask.max() <= 1  # coverage: the processor keeps > 0.5
+            dropped.setdefault(b, []).extend(trainer.words[i, k].tolist())
+            drawn += 1
+        for b in range(16):  # exactly the referenced objects' colour and pattern words are gone
+            original = trainer.captions[int(idx[b])]
+            assert captions[b] == (_drop_looks(original, dropped[b]) if b in dropped else original)
+    assert drawn > 20
+    assert _drop_looks("a small striped green star on the left and a red square", [2, 3, 4, 5]) == \
+        "a small star on the left and a red square"
 
 
 def test_grounding_refuses_a_pool_built_without_object_masks(tmp_path):
@@ -301,7 +365,7 @@ def test_train_toy_refuses_a_vae_budget_that_leaves_the_unet_no_time(tmp_path):
     assert result.exit_code == 1 and "keeps its own --seed" in result.output and not (tmp_path / "run").exists()
     result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), "--resume", "--look-alike", "0.3"])
     assert result.exit_code == 1 and "keeps its own --look-alike" in result.output  # the pool is the run's
-    for bad in (["--look-alike", "1.5"], ["--grounding", "-1"]):
+    for bad in (["--look-alike", "1.5"], ["--grounding", "-1"], ["--references", "2"]):
         result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "run"), *bad])
         assert result.exit_code == 2 and "Invalid value" in result.output and not (tmp_path / "run").exists()
 

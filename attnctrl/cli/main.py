@@ -199,7 +199,11 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
 @click.option("--grounding", type=click.FloatRange(0), default=None, metavar="WEIGHT",
               help="Weight of the token grounding loss (object words' cross-attention pulled inside their objects).  "
               "[default: 0]")
-def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, look_alike, grounding) -> None:
+@click.option("--references", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+              help="Fraction of each batch trained with in-context references (objects named without their look "
+              "copy it from a masked reference in the decoder self-attention).  [default: 0]")
+def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, look_alike, grounding,
+              references) -> None:
     """Train the toyworld text-to-image model on CPU, from scratch or from a saved model (--init)."""
     _quiet_libraries()
     from ..models.toyworld.train import train
@@ -220,6 +224,8 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, l
         overrides["look_alike_fraction"] = look_alike
     if grounding is not None:
         overrides["grounding_weight"] = grounding
+    if references is not None:
+        overrides["reference_fraction"] = references
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
     except (FileExistsError, FileNotFoundError, ValueError) as e:

@@ -15,7 +15,8 @@ trained with epsilon prediction on the scaled-linear schedule, min-SNR-5 loss we
 kept >= 0.1 at high noise), 10 % caption dropout for classifier-free guidance, horizontal flips (with "left"/"right"
 swapped in the caption), AdamW with warm-up and a cosine decay over the time budget, and EMA weights (0.999), which
 are what gets saved. Options for attention like SD's: a grounding loss on the cross-attention of object words
-(``grounding_weight``) and look-alike scenes (``look_alike_fraction``). Training is resumable from
+(``grounding_weight``), look-alike scenes (``look_alike_fraction``) and in-context references in the decoder's
+self-attention (``reference_fraction``, :class:`_ReferenceAttention`). Training is resumable from
 ``DIR/checkpoint.pt`` and can start from a saved model (``init``); the result is a standard diffusers folder
 ``DIR/model`` (fp16 weights) that ``StableDiffusionPipeline.from_pretrained`` loads.
 """
@@ -71,6 +72,10 @@ class TrainConfig:
     # each object word's cross-attention is pulled inside its object's silhouette and spread over it, so the maps
     # of words are local as SD's are (CLoRA's masks, MagicFace's segmentation); 0 = off (docs/toyworld.md).
     grounding_weight: float = 0.0
+    # Fraction of each batch trained with in-context references (see _ReferenceAttention): one or two objects of the
+    # scene lose their look words and a pool scene holding an object of the same look and shape is put in the decoder
+    # self-attention as a masked reference, so looks are copied from references as SD copies them; 0 = off.
+    reference_fraction: float = 0.0
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
     # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
     # highest noise levels (measured in docs/toyworld.md).
@@ -264,6 +269,54 @@ def grounding_terms(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.
     return torch.cat(inside), torch.cat(pixel)
 
 
+class _ReferenceAttention:
+    """Training-time self-attention with in-context references for the layers FreeCustom, MagicFace and IR-Diffusion
+    use (``"decoder-high-res"``; math as diffusers' ``AttnProcessor2_0`` everywhere else). The UNet batch is
+    ``[targets; references]``; while ``plan`` is set, target ``b`` attends to one softmax over its own keys and the
+    keys of its references ``plan["slots"][b]`` (row offsets into the references, -1 = none), each reference's keys
+    biased by ``plan["weights"][b, s]`` inside its object mask and -inf outside: FreeCustom's MRSA (spec §3.5) with
+    the bonus drawn at random so that any of the methods' bonuses is in the trained range. Reference rows attend to
+    themselves only, as at inference."""
+
+    def __init__(self, unet):
+        from ...core.layers import describe
+
+        self.unet, self.plan = unet, None
+        self.before = unet.attn_processors
+        chosen = {layer.name for layer in describe(unet).select("decoder-high-res") if layer.kind == "self"}
+        unet.set_attn_processor({name: self if name in chosen else proc for name, proc in self.before.items()})
+
+    def remove(self) -> None:
+        self.unet.set_attn_processor(self.before)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q, k, v = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        q, k, v = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (q, k, v))  # (N, heads, L, d)
+        if self.plan is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            slots, weights, masks = self.plan["slots"], self.plan["weights"], self.plan["masks"]
+            n_tgt, side = slots.shape[0], math.isqrt(q.shape[2])
+            rows = n_tgt + slots.clamp(min=0)  # (B, S) rows of the references in the batch
+            inside = F.interpolate(masks[:, None], size=(side, side), mode="nearest").flatten(1) > 0.5  # (R, L)
+            allowed = inside[slots.clamp(min=0)] & (slots >= 0)[..., None]  # (B, S, L)
+            bias = torch.where(allowed, weights[..., None], float("-inf")).flatten(1)  # (B, S*L)
+            bias = torch.cat([bias.new_zeros(n_tgt, q.shape[2]), bias], 1)[:, None, None]
+            keys = torch.cat([k[:n_tgt], *k[rows].unbind(1)], 2)
+            values = torch.cat([v[:n_tgt], *v[rows].unbind(1)], 2)
+            out = torch.cat([F.scaled_dot_product_attention(q[:n_tgt], keys, values, attn_mask=bias.to(q.dtype)),
+                             F.scaled_dot_product_attention(q[n_tgt:], k[n_tgt:], v[n_tgt:])])
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _drop_looks(caption: str, positions) -> str:
+    """``caption`` without the pattern and colour words among the token ``positions`` (1-based words; -1 = none)."""
+    words = caption.split()
+    drop = {int(p) - 1 for p in positions if p >= 0 and words[int(p) - 1] in (*COLOURS, *PATTERNS)}
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
+
+
 class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
@@ -304,8 +357,11 @@ class _Trainer:
             self.images, self.captions = pool["images"], pool["captions"]
             self.masks, self.words = pool.get("masks"), pool.get("words")
             self.log(f"pool: {len(self.captions)} scenes loaded from {path}")
-            if self.cfg.grounding_weight and self.masks is None:
-                raise ValueError(f"{path} was built without object masks; the grounding loss needs a new run folder")
+            if (self.cfg.grounding_weight or self.cfg.reference_fraction) and self.masks is None:
+                raise ValueError(f"{path} was built without object masks; the grounding loss and reference training "
+                                 f"need a new run folder")
+            if self.cfg.reference_fraction:
+                self._index_looks()
             return
         started = time.perf_counter()
         n = self.cfg.pool_size
@@ -323,6 +379,62 @@ class _Trainer:
                 self.log(f"pool: {i + 1}/{n} scenes ({time.perf_counter() - started:.0f} s)")
         self.images, self.captions, self.masks, self.words = images, captions, masks, words
         _atomic_save({"images": images, "captions": captions, "masks": masks, "words": words}, path)
+        if self.cfg.reference_fraction:
+            self._index_looks()
+
+    def _index_looks(self) -> None:
+        """Each pool scene's object looks (colour, shape, pattern), rebuilt from the scene seeds, and where each look
+        occurs in the pool (the candidate references of reference training)."""
+        self.looks, self.by_look = [], {}
+        for i, caption in enumerate(self.captions):
+            look_alike = (i * 0.6180339887) % 1.0 < self.cfg.look_alike_fraction
+            scene = make_scene(self.cfg.seed * 10_000_000 + i, look_alike=look_alike)
+            if scene.caption != caption:
+                raise ValueError(f"pool scene {i} is not the scene of its seed ({caption!r} vs {scene.caption!r}): "
+                                 f"the pool was built with other settings; reference training needs a new run folder")
+            self.looks.append([(o.colour, o.shape, o.pattern) for o in scene.objects])
+            for k, look in enumerate(self.looks[-1]):
+                self.by_look.setdefault(look, []).append((i, k))
+
+    def _references(self, idx: torch.Tensor, captions: list[str], gen: torch.Generator) -> dict | None:
+        """Reference training's draw for a batch (captions edited in place): the first ``reference_fraction`` of the
+        items (``idx`` is random) each get one or two of their objects' looks dropped from the caption and, for each,
+        a pool scene holding an object of the same look and shape as a reference (its latent, mask, caption or "",
+        and a random MRSA bonus in [0, 3]; ``sources``: (scene, object, target's object) per reference). None if no
+        item got a reference."""
+        slots = torch.full((len(idx), 2), -1, dtype=torch.long)
+        weights = torch.zeros(len(idx), 2)
+        scenes, objects, sources = [], [], []
+        for b in range(round(len(idx) * self.cfg.reference_fraction)):
+            i = int(idx[b])
+            count = 2 if len(self.looks[i]) > 1 and torch.rand(1, generator=gen).item() < 0.5 else 1
+            chosen = torch.randperm(len(self.looks[i]), generator=gen)[:count].tolist()
+            dropped = []
+            for s, k in enumerate(chosen):
+                candidates = self.by_look[self.looks[i][k]]
+                j, o = candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
+                if j == i:  # the scene itself (or a look seen once in the pool): no reference for this object
+                    continue
+                slots[b, s], weights[b, s] = len(scenes), 3 * torch.rand(1, generator=gen).item()
+                scenes.append(j)
+                objects.append(o)
+                sources.append((j, o, k))
+                dropped += self.words[i, k].tolist()
+            captions[b] = _drop_looks(captions[b], dropped)
+        if not scenes:
+            return None
+        ref = torch.tensor(scenes)
+        flip = torch.rand(len(scenes), generator=gen) < 0.5
+        mean, logvar = self.lat_mean[ref].float(), self.lat_logvar[ref].float()
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
+        masks = self.masks[ref, torch.tensor(objects)].float() / 255
+        keep = torch.rand(len(scenes), generator=gen) < 0.5
+        ref_captions = [(_swap_sides(self.captions[j]) if f else self.captions[j]) if c else ""
+                        for j, f, c in zip(scenes, flip.tolist(), keep.tolist())]
+        return {"slots": slots, "weights": weights, "owner": (slots >= 0).nonzero()[:, 0],
+                "latents": torch.where(flip[:, None, None, None], latents.flip(-1), latents),
+                "masks": torch.where(flip[:, None, None], masks.flip(-1), masks), "captions": ref_captions,
+                "sources": sources}
 
     def _pixels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -405,6 +517,7 @@ class _Trainer:
             self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.unet.train()
         self.text_encoder.train()
+        references = _ReferenceAttention(self.unet) if cfg.reference_fraction else None
         recorder = _CrossAttentionRecorder(self.unet) if cfg.grounding_weight else None
         alphas = self.scheduler.alphas_cumprod
         weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
@@ -421,22 +534,33 @@ class _Trainer:
             mean, logvar = self.lat_mean[idx].float(), self.lat_logvar[idx].float()
             latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
             latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-            captions = [_swap_sides(self.captions[i]) if f else self.captions[i] for i, f in zip(idx.tolist(), flip)]
+            captions = [self.captions[i] for i in idx.tolist()]
+            refs = self._references(idx, captions, gen) if references is not None else None
+            captions = [_swap_sides(c) if f else c for c, f in zip(captions, flip)]
             drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, len(alphas), (cfg.batch,), generator=gen)
+            if refs is not None:  # references share their target's timestep (re-noised as at inference)
+                latents = torch.cat([latents, refs["latents"]])
+                t = torch.cat([t, t[refs["owner"]]])
+                captions += refs["captions"]
+                references.plan = refs
+            noise = torch.randn(latents.shape, generator=gen)
             noisy = self.scheduler.add_noise(latents, noise, t)
             context = self.text_encoder(self._tokens(captions))[0]
             if recorder is not None:
                 recorder.maps = []
             pred = self.unet(noisy, t, context).sample
+            if references is not None:
+                references.plan = None
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
             if recorder is not None:
                 masks = self.masks[idx].float() / 255
                 masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
                 words = torch.where(drop[:, None, None], -1, self.words[idx].long())
-                inside, pixel = grounding_terms(recorder.maps, masks, words)
+                if refs is not None:  # captions that lost look words: their word positions moved
+                    words[(refs["slots"] >= 0).any(1)] = -1
+                inside, pixel = grounding_terms([m[: cfg.batch] for m in recorder.maps], masks, words)
                 recorder.maps = None
                 if inside.numel():  # every caption of the batch dropped: no word to ground
                     loss = loss + cfg.grounding_weight * (((1 - inside) ** 2).mean() + pixel.mean())
@@ -470,6 +594,8 @@ class _Trainer:
                 next_eval = self.elapsed + cfg.eval_minutes * 60
         if recorder is not None:
             recorder.remove()
+        if references is not None:
+            references.remove()
 
     def pipeline(self):
         from diffusers import StableDiffusionPipeline
