@@ -166,8 +166,10 @@ class PrimeComposer(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rca_words, str):
-            object.__setattr__(self, "rca_words", tuple(w.strip() for w in self.rca_words.split(",") if w.strip()))
+        words = self.rca_words or ()
+        if isinstance(words, str):
+            words = [w.strip() for w in words.split(",") if w.strip()]
+        object.__setattr__(self, "rca_words", tuple(words))
         if self.domain not in DOMAIN_DEFAULTS:
             raise AttnCtrlError(f"domain must be 'same' or 'cross', not {self.domain!r}")
         for name in ("tau_a", "tau_b", "tau_c"):
