@@ -13,7 +13,10 @@ from pathlib import Path
 
 from .world import Obj, Scene, caption_of, object_mask, render
 
-__all__ = ["EXAMPLES", "write_examples"]
+__all__ = ["EXAMPLES", "SHIPPED", "write_examples", "shipped_references", "reference_of", "took_look", "pair_rates"]
+
+#: where the examples ship (``attnctrl/assets/examples``)
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
 #: name -> (objects of the scene, index of the concept)
 EXAMPLES: dict[str, tuple[list[Obj], int]] = {
@@ -50,6 +53,51 @@ def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
                   "box_xywh": list(COMPOSITION["box"]), "prompt": "a yellow triangle on the left and a star on the right"})
     (folder / "examples.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+def shipped_references() -> dict[str, dict]:
+    """The shipped reference examples by name (their ``examples.json`` entries: image, mask, prompt, looks)."""
+    return {e["name"]: e for e in json.loads((SHIPPED / "examples.json").read_text()) if "image" in e}
+
+
+def reference_of(example: dict, subject_only: bool = False):
+    """An :class:`attnctrl.Reference` of a shipped example; its prompt is the scene's caption, or with
+    ``subject_only`` the subject alone ("a striped green star")."""
+    from ...pipelines.reference import Reference
+
+    prompt = f"a {example['pattern']} {example['colour']} {example['shape']}" if subject_only else example["prompt"]
+    return Reference(SHIPPED / example["image"], SHIPPED / example["mask"], prompt=prompt)
+
+
+def took_look(images, example: dict) -> dict:
+    """Over ``images``: how often the largest object drawn is the example's shape in its colour, and in its colour
+    and pattern (the reference methods' transfer, judged by :func:`~attnctrl.models.toyworld.score.detect`)."""
+    from .score import detect
+
+    hits = {"shape+colour": 0, "shape+colour+pattern": 0}
+    for image in images:
+        objs = detect(image)
+        if objs and objs[0].shape == example["shape"] and objs[0].colour == example["colour"]:
+            hits["shape+colour"] += 1
+            hits["shape+colour+pattern"] += objs[0].pattern == example["pattern"]
+    return {k: v / len(images) for k, v in hits.items()}
+
+
+def pair_rates(images, a: dict, b: dict) -> dict:
+    """Over ``images`` of two subjects ``a`` and ``b``: ``each``, the fraction of subjects drawn in their own colour
+    (two per image); ``bound``, of images with both; ``leak``, of images with some ``a`` shape in ``b``'s colour or
+    some ``b`` shape in ``a``'s (attributes swapped between the subjects)."""
+    from .score import detect
+
+    each = bound = leak = 0
+    for image in images:
+        seen = {(o.shape, o.colour) for o in detect(image)}
+        own = [(s["shape"], s["colour"]) in seen for s in (a, b)]
+        each += sum(own)
+        bound += all(own)
+        leak += (a["shape"], b["colour"]) in seen or (b["shape"], a["colour"]) in seen
+    n = len(images)
+    return {"each": each / (2 * n), "bound": bound / n, "leak": leak / n}
 
 
 if __name__ == "__main__":  # pragma: no cover
