@@ -186,6 +186,7 @@ def test_box_at_the_image_edge_and_bad_inputs():
         pc(bg, obj, obj_mask(), prompt="a cat")
     with pytest.raises(AttnCtrlError, match="domain"):
         PrimeComposer(domain="photo")
+    assert PrimeComposer(rca_words=None).rca_words == () and PrimeComposer(rca_words=["cat"]).rca_words == ("cat",)
 
 
 @functools.cache
