@@ -425,16 +425,20 @@ class _Trainer:
             return None
         ref = torch.tensor(scenes)
         flip = torch.rand(len(scenes), generator=gen) < 0.5
-        mean, logvar = self.lat_mean[ref].float(), self.lat_logvar[ref].float()
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
+        latents = self._latents(ref, flip, gen)
         masks = self.masks[ref, torch.tensor(objects)].float() / 255
         keep = torch.rand(len(scenes), generator=gen) < 0.5
         ref_captions = [(_swap_sides(self.captions[j]) if f else self.captions[j]) if c else ""
                         for j, f, c in zip(scenes, flip.tolist(), keep.tolist())]
-        return {"slots": slots, "weights": weights, "owner": (slots >= 0).nonzero()[:, 0],
-                "latents": torch.where(flip[:, None, None, None], latents.flip(-1), latents),
+        return {"slots": slots, "weights": weights, "owner": (slots >= 0).nonzero()[:, 0], "latents": latents,
                 "masks": torch.where(flip[:, None, None], masks.flip(-1), masks), "captions": ref_captions,
                 "sources": sources}
+
+    def _latents(self, idx: torch.Tensor, flip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Scaled latents of pool scenes ``idx`` sampled from their cached VAE posteriors, flipped where ``flip``."""
+        mean, logvar = self.lat_mean[idx].float(), self.lat_logvar[idx].float()
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
+        return torch.where(flip[:, None, None, None], latents.flip(-1), latents)
 
     def _pixels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -531,9 +535,7 @@ class _Trainer:
             t0 = time.perf_counter()
             idx = torch.randint(0, len(self.captions), (cfg.batch,), generator=gen)
             flip = torch.rand(cfg.batch, generator=gen) < 0.5
-            mean, logvar = self.lat_mean[idx].float(), self.lat_logvar[idx].float()
-            latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * self.scaling
-            latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+            latents = self._latents(idx, flip, gen)
             captions = [self.captions[i] for i in idx.tolist()]
             refs = self._references(idx, captions, gen) if references is not None else None
             captions = [_swap_sides(c) if f else c for c, f in zip(captions, flip)]
