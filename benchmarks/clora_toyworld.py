@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
-
 
 def _rates(images, words) -> dict:
     """Fractions of images with each word's concept (its shape in its colour), with both, and both with patterns."""
@@ -45,6 +43,7 @@ def _rates(images, words) -> dict:
 def main() -> None:
     import attnctrl
     from attnctrl.cli.runners import clora_inputs
+    from attnctrl.models.toyworld.examples import SHIPPED
     from attnctrl.models.toyworld.lora import CLORA_SETTINGS, CONCEPTS
     from attnctrl.pipelines import CLoRAPipeline
 
@@ -53,7 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--model", default="toyworld")
-    parser.add_argument("--loras", default=str(EXAMPLES), help="folder of toyworld-{sks,zwx}-lora.safetensors")
+    parser.add_argument("--loras", default=str(SHIPPED), help="folder of toyworld-{sks,zwx}-lora.safetensors")
     args = parser.parse_args()
     pipe = attnctrl.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)

@@ -24,6 +24,7 @@ present; ``leak`` = some star drawn in the square's colour or some square in the
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -67,7 +68,7 @@ def main() -> None:
                    run(lambda g, p=prompt, e=example: fc(p, references=[reference_of(e)], generator=g,
                                                          **kw).images[0], seeds),
                    lambda images, e=example: took_look(images, e))
-    pair = lambda images: pair_rates(images, star, square)  # noqa: E731
+    pair = functools.partial(pair_rates, a=star, b=square)
     if "magicface" in only:
         mf = MagicFacePipeline.from_pipe(pipe)
         prompt = "a star on the left and a square on the right"

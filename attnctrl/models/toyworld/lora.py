@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lora import LORA_TARGETS, save_unet_lora
+from .examples import SHIPPED
 from .train import min_snr_weights
 from .world import PLACEHOLDERS, VOCABULARY, Scene, caption_of, render, sample_scene
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a command
     import attnctrl
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", nargs="?", default=str(Path(__file__).parents[2] / "assets" / "examples"))
+    parser.add_argument("folder", nargs="?", default=str(SHIPPED))
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--model", default="toyworld", help="base model (default: the shipped toyworld model)")
     args = parser.parse_args(argv)

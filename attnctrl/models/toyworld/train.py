@@ -350,6 +350,11 @@ class _Trainer:
         self.log(f"initialised from {folder} (VAE kept, scaling factor {self.scaling:.3f})")
 
     # -- data ------------------------------------------------------------------------------------------------------
+    def _pool_scene(self, i: int):
+        """Scene ``i`` of the run's pool (look-alike scenes evenly spread over it)."""
+        look_alike = (i * 0.6180339887) % 1.0 < self.cfg.look_alike_fraction
+        return make_scene(self.cfg.seed * 10_000_000 + i, look_alike=look_alike)
+
     def build_pool(self) -> None:
         path = self.out / "pool.pt"
         if path.exists():
@@ -360,25 +365,22 @@ class _Trainer:
             if (self.cfg.grounding_weight or self.cfg.reference_fraction) and self.masks is None:
                 raise ValueError(f"{path} was built without object masks; the grounding loss and reference training "
                                  f"need a new run folder")
-            if self.cfg.reference_fraction:
-                self._index_looks()
-            return
-        started = time.perf_counter()
-        n = self.cfg.pool_size
-        images = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
-        masks = torch.zeros(n, 3, _LATENT, _LATENT, dtype=torch.uint8)
-        words = torch.full((n, 3, 4), -1, dtype=torch.int8)
-        captions = []
-        for i in range(n):
-            look_alike = (i * 0.6180339887) % 1.0 < self.cfg.look_alike_fraction  # evenly spread over the pool
-            scene = make_scene(self.cfg.seed * 10_000_000 + i, look_alike=look_alike)
-            images[i] = torch.from_numpy(np.array(render(scene)))
-            captions.append(scene.caption)
-            masks[i], words[i] = _grounding_targets(scene)
-            if (i + 1) % 4096 == 0:
-                self.log(f"pool: {i + 1}/{n} scenes ({time.perf_counter() - started:.0f} s)")
-        self.images, self.captions, self.masks, self.words = images, captions, masks, words
-        _atomic_save({"images": images, "captions": captions, "masks": masks, "words": words}, path)
+        else:
+            started = time.perf_counter()
+            n = self.cfg.pool_size
+            images = torch.empty(n, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+            masks = torch.zeros(n, 3, _LATENT, _LATENT, dtype=torch.uint8)
+            words = torch.full((n, 3, 4), -1, dtype=torch.int8)
+            captions = []
+            for i in range(n):
+                scene = self._pool_scene(i)
+                images[i] = torch.from_numpy(np.array(render(scene)))
+                captions.append(scene.caption)
+                masks[i], words[i] = _grounding_targets(scene)
+                if (i + 1) % 4096 == 0:
+                    self.log(f"pool: {i + 1}/{n} scenes ({time.perf_counter() - started:.0f} s)")
+            self.images, self.captions, self.masks, self.words = images, captions, masks, words
+            _atomic_save({"images": images, "captions": captions, "masks": masks, "words": words}, path)
         if self.cfg.reference_fraction:
             self._index_looks()
 
@@ -387,8 +389,7 @@ class _Trainer:
         occurs in the pool (the candidate references of reference training)."""
         self.looks, self.by_look = [], {}
         for i, caption in enumerate(self.captions):
-            look_alike = (i * 0.6180339887) % 1.0 < self.cfg.look_alike_fraction
-            scene = make_scene(self.cfg.seed * 10_000_000 + i, look_alike=look_alike)
+            scene = self._pool_scene(i)
             if scene.caption != caption:
                 raise ValueError(f"pool scene {i} is not the scene of its seed ({caption!r} vs {scene.caption!r}): "
                                  f"the pool was built with other settings; reference training needs a new run folder")
@@ -404,7 +405,7 @@ class _Trainer:
         item got a reference."""
         slots = torch.full((len(idx), 2), -1, dtype=torch.long)
         weights = torch.zeros(len(idx), 2)
-        scenes, objects, sources = [], [], []
+        sources = []  # (scene, its object, the target's object) per reference, in row order
         for b in range(round(len(idx) * self.cfg.reference_fraction)):
             i = int(idx[b])
             count = 2 if len(self.looks[i]) > 1 and torch.rand(1, generator=gen).item() < 0.5 else 1
@@ -415,21 +416,19 @@ class _Trainer:
                 j, o = candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
                 if j == i:  # the scene itself (or a look seen once in the pool): no reference for this object
                     continue
-                slots[b, s], weights[b, s] = len(scenes), 3 * torch.rand(1, generator=gen).item()
-                scenes.append(j)
-                objects.append(o)
+                slots[b, s], weights[b, s] = len(sources), 3 * torch.rand(1, generator=gen).item()
                 sources.append((j, o, k))
                 dropped += self.words[i, k].tolist()
             captions[b] = _drop_looks(captions[b], dropped)
-        if not scenes:
+        if not sources:
             return None
-        ref = torch.tensor(scenes)
-        flip = torch.rand(len(scenes), generator=gen) < 0.5
+        ref, obj, _ = torch.tensor(sources).unbind(1)
+        flip = torch.rand(len(sources), generator=gen) < 0.5
         latents = self._latents(ref, flip, gen)
-        masks = self.masks[ref, torch.tensor(objects)].float() / 255
-        keep = torch.rand(len(scenes), generator=gen) < 0.5
+        masks = self.masks[ref, obj].float() / 255
+        keep = torch.rand(len(sources), generator=gen) < 0.5
         ref_captions = [(_swap_sides(self.captions[j]) if f else self.captions[j]) if c else ""
-                        for j, f, c in zip(scenes, flip.tolist(), keep.tolist())]
+                        for j, f, c in zip(ref.tolist(), flip.tolist(), keep.tolist())]
         return {"slots": slots, "weights": weights, "owner": (slots >= 0).nonzero()[:, 0], "latents": latents,
                 "masks": torch.where(flip[:, None, None], masks.flip(-1), masks), "captions": ref_captions,
                 "sources": sources}
