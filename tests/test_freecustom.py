@@ -66,6 +66,12 @@ def test_pad_keeps_aspect_and_stretch_does_not():
     assert mask[0, 64] == 0 and mask[64, 64] == 1
     img, mask = Reference(wide, m, fit="stretch").prepared(0, 128, 128)
     assert mask.sum() == 128 * 128
+    # the official torch nearest (source pixel floor(d * s)), image and mask alike: 8 -> 4 keeps columns 0, 2, 4, 6
+    ramp = np.tile(np.arange(8, dtype=np.uint8)[None, :, None] * 30, (8, 1, 3))
+    cols = np.zeros((8, 8), np.uint8)
+    cols[:, ::2] = 255
+    img, mask = Reference(ramp, cols, fit="stretch").prepared(0, 4, 4)
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 60, 120, 180] and mask.sum() == 16
 
 
 def test_reference_slots_are_re_noised_with_add_noise_every_step():
@@ -223,6 +229,12 @@ def test_pipeline_with_references_is_deterministic_and_changes_the_image(family)
                  width=SIZE).images
     assert np.abs(a - plain).max() > 1e-3
     assert attnctrl.applied(pipe) == [] and len(denoiser_of(pipe)._forward_pre_hooks) == 0
+    # the target's initial noise may be given (a side-by-side run): the first slice of the generator's batch noise
+    c = pipe.unet.config
+    lat = SIZE // pipe.vae_scale_factor
+    noise = torch.randn(1 + len(REFS), c.in_channels, lat, lat, generator=gen())[:1]
+    given = fc("a circle and a square", latents=noise, generator=gen(), **kw).images
+    np.testing.assert_array_equal(given, a)
 
 
 def test_bad_inputs_fail_before_any_work():

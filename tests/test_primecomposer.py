@@ -95,12 +95,16 @@ def test_correlation_diffuser_and_steering_match_the_dense_definition():
         layer, attn = _layer(handle, "up.3", "self")
         proc = handle.processors[layer.name]
         g = torch.Generator().manual_seed(0)
-        r = torch.randn(1, 256, attn.to_q.in_features, generator=g)
+        r = torch.randn(2, 256, attn.to_q.in_features, generator=g)  # the canvas with [uncond, cond] text
         state.mode = "cd"
         cd_out = proc(attn, r)
-        objects = state.objects((16, 16))
+        objects, found = state.objects((16, 16))
         s = state.logits[layer.name]
-        assert s.shape == (1, attn.heads, 256, len(objects)) and len(objects) == int(state.object_mask.sum())
+        assert s.shape == (1, attn.heads, 256, len(objects)) and len(objects) == int(state.object_mask.sum()) and found
+        # official: queries of the conditional item, keys of the unconditional one (context x[2]), object keys only
+        q1 = attn.to_q(r[1:]).view(1, 256, attn.heads, -1).transpose(1, 2)
+        k0 = attn.to_k(r[:1]).view(1, 256, attn.heads, -1).transpose(1, 2)[:, :, objects]
+        torch.testing.assert_close(s, q1 @ k0.transpose(-1, -2) * q1.shape[-1] ** -0.5, atol=1e-5, rtol=1e-5)
         # steering: compare with the dense rule Lambda[:, :, O] = S, Lambda[:, O, :] = S^T
         x = torch.randn(2, 256, attn.to_q.in_features, generator=g)
         state.mode, state.inject = "gen", True
@@ -117,14 +121,40 @@ def test_correlation_diffuser_and_steering_match_the_dense_definition():
         assert torch.equal(out[0], AttnProcessor2_0()(attn, x)[0])  # the uncond half is untouched
         assert cd_out.shape == r.shape
         state.mode = "cd"
-        # the CD output ignores the keys and values of non-object tokens
-        q, k, v = (torch.randn(1, attn.heads, 256, 32, generator=g) for _ in range(3))
+        # the CD output ignores the keys and values of non-object tokens and of the conditional item
+        q, k, v = (torch.randn(2, attn.heads, 256, 32, generator=g) for _ in range(3))
         outside = torch.ones(256, dtype=torch.bool)
         outside[objects] = False
         k2, v2 = k.clone(), v.clone()
         k2[:, :, outside] += 3.0
         v2[:, :, outside] -= 3.0
+        k2[1] += 1.0
+        v2[1] -= 1.0
         assert torch.equal(proc.attend(attn, q, k, v), proc.attend(attn, q, k2, v2))
+    finally:
+        handle.remove()
+
+
+def test_a_layer_where_the_object_vanishes_is_not_steered():
+    """Official: where the strided mask is empty the CD attends to the whole box, and that layer is not steered."""
+    pipe = tiny("sd21")
+    one = torch.zeros(8, 8, dtype=torch.bool)
+    one[1, 1] = True  # one odd latent pixel: gone on every coarser (strided) grid
+    state, handle = _state(pipe, grid_mask=one)
+    try:
+        layer, attn = _layer(handle, "up.2", "self")
+        grid = layer.grid((16, 16))
+        assert tuple(grid) == (8, 8)
+        objects, found = state.objects(grid)
+        assert not found and len(objects) > 1  # the box's tokens
+        proc = handle.processors[layer.name]
+        g = torch.Generator().manual_seed(0)
+        state.mode = "cd"
+        proc(attn, torch.randn(2, 64, attn.to_q.in_features, generator=g))
+        assert state.logits[layer.name].shape[-1] == len(objects)
+        x = torch.randn(2, 64, attn.to_q.in_features, generator=g)
+        state.mode, state.inject = "gen", True
+        assert torch.equal(proc(attn, x), AttnProcessor2_0()(attn, x))
     finally:
         handle.remove()
 
@@ -143,7 +173,7 @@ def test_rca_gives_exactly_zero_attention_outside_the_object():
         ehs2[1, 5] += 10.0  # the marked word's key/value change
         out2 = proc(attn, x, ehs2)
         inside = torch.zeros(256, dtype=torch.bool)
-        inside[state.objects((16, 16))] = True
+        inside[state.objects((16, 16))[0]] = True
         assert torch.equal(out2[1, ~inside], out[1, ~inside])  # probability exactly 0 outside the object
         assert not torch.allclose(out2[1, inside], out[1, inside])
     finally:
@@ -165,8 +195,7 @@ def test_pipeline_paste_back_and_pass_count(family, domain):
     if domain == "cross":
         assert np.array_equal(a[outside], b[outside])  # exact background outside the location
     s, A = 6, pc.last_schedule["A"]
-    inversions = 2 if domain == "cross" else 1
-    assert pc.unet_samples == inversions * s + A + 2 * s  # the spec's pass formula, one item per CD/inversion pass
+    assert pc.unet_samples == 2 * s + 2 * A + 2 * s  # two inversions of one item, CD and generator of two
     assert attnctrl.applied(pipe) == []
 
 

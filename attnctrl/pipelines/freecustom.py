@@ -105,9 +105,14 @@ class ReferencePipeline(MethodPipeline):
             raise AttnCtrlError("reference pipelines take one prompt (a string) per call")
         if kwargs.get("num_images_per_prompt", 1) != 1:
             raise AttnCtrlError("reference pipelines make one image per call; loop over seeds for more")
-        for key in ("prompt_embeds", "latents"):
-            if kwargs.get(key) is not None:
-                raise AttnCtrlError(f"{key} cannot be combined with references (the batch holds the references too)")
+        if kwargs.get("prompt_embeds") is not None:
+            raise AttnCtrlError("prompt_embeds cannot be combined with references (the batch holds the references too)")
+        latents = kwargs.get("latents")
+        if latents is not None:  # the target's initial noise; the reference rows are re-noised every step anyway
+            if latents.ndim != 4 or latents.shape[0] != 1:
+                raise AttnCtrlError(f"latents: give the target's initial noise, shape (1, C, h, w), not "
+                                    f"{tuple(latents.shape)}")
+            kwargs["latents"] = latents.expand(1 + len(references), -1, -1, -1).clone()
         if not all(isinstance(r, Reference) for r in references):
             raise AttnCtrlError("references must be attnctrl.Reference(image, mask, prompt) objects")
         config.weights(len(references))  # more weights than references -> a clear error before any work

@@ -10,18 +10,23 @@ DPM-Solver++(2M) in continuous time (:mod:`.dpm_solver`) under the "exceptional 
 no position embeddings, through the pipeline's own text encoder); the generator starts from the inverted
 background outside the box and the inverted object (cross) or background (same) inside, noise elsewhere in the
 box. At each of the 20 steps: while ``step < A`` the correlation diffuser runs on the canvas whose object pixels
-carry the current latent and its logits steer the generator's self-attention; the generator pass runs with CFG
+carry the latent before the update and its logits steer the generator's self-attention; the generator pass runs with CFG
 (and RCA); after each update the latent is blended with the inverted background outside the box while
-``step < B``, and the object pixels are frozen while ``step < C`` (spec §6 step 3). Finally the background outside
+``step < B``, and the object pixels are taken from the canvas while ``step < C`` (spec §6 step 3). Finally the background outside
 the location is pasted back exactly (``paste_back``).
 
 Decisions (spec §8), each a documented difference from the official code: the canvas places the object at the
 location itself (the official centres it and reuses flat indices across the two layouts), so CD queries and
-generator keys share coordinates; the CD pass runs one item (the official runs 4, two of which cannot affect the
+generator keys share coordinates; the CD pass runs two items (the official runs 4, two of which cannot affect the
 stored logits); inversion runs one item (conditional = unconditional there); the box is clipped at the image edges
-(the official slicing drops the last row/column); ``tau_c`` keeps the official freezing (object pixels take their
-pre-update value, the box ring is reset to background) unless ``freeze_object=False``; RCA is on when
-``rca_words`` are given.
+(the official slicing drops the last row/column); ``tau_c`` keeps the official blending (object pixels from the
+reference's inverted latent, overwritten by the pre-update object while the CD runs, so frozen while ``step < A``;
+the box ring reset to background) unless ``freeze_object=False`` (object pixels follow the reference's inversion
+at every ``step < C``); RCA is on when ``rca_words`` are given. Kept as in the official code: the CD canvas carries
+the object of the latent *before* the update (the warm-up NFEs 0 and 1 use ``L_ref[0]`` as is) and no blending
+after the two warm-up updates. Not kept: the warm-up's x0-predictions outside the box replaced by noisy latents
+(spec §8.5, a type mismatch), and the inversion lists ending in two x0-predictions (§4; never reached for
+``tau < 0.95``).
 """
 
 from __future__ import annotations
@@ -213,7 +218,7 @@ class PrimeComposerPipeline(MethodPipeline):
             return lat[::-1]  # decode order: index k holds the latent at grid time tau_k
 
         L_bg = invert(self._latent(bg))
-        L_ref = invert(self._latent(canvas)) if config.domain == "cross" else L_bg
+        L_ref = invert(self._latent(canvas))  # both domains invert the reference canvas (spec §4)
 
         embeds, pooled = self._encode(prompt, device)
         S = num_inference_steps
@@ -223,16 +228,20 @@ class PrimeComposerPipeline(MethodPipeline):
         from diffusers.utils.torch_utils import randn_tensor
 
         noise = randn_tensor(L_bg[0].shape, generator=generator, device=device, dtype=L_bg[0].dtype)
-        z = L_bg[0] * (1 - B) + B * (M * L_ref[0] + (1 - M) * noise)
+        start = L_bg[0] if config.domain == "same" else L_ref[0]  # same: the inverted composite (spec §5)
+        z = L_bg[0] * (1 - B) + B * (M * start + (1 - M) * noise)
         state = PrimeState(obj, box, rca)
         handle = apply(pipe, _Bound(config=config, run=state, processor=PrimeComposerAttnProcessor))
+        carried = {}  # step -> the canvas the CD ran on: L_ref[step] carrying the pre-update object (official)
+        latest = [z]  # the generator latent before the update now being evaluated
 
         def eps_fn(x, i, t):
             state.inject = i < A
-            if state.inject:  # correlation diffuser on the canvas carrying the current object pixels
-                R = L_ref[i] if i == 0 else M * x + (1 - M) * L_ref[i]
+            if state.inject:  # correlation diffuser on the canvas carrying the pre-update object pixels (§6.1)
+                R = L_ref[0] if i < 2 else M * latest[0] + (1 - M) * L_ref[i]  # warm-up NFEs: L_ref[0] as is
+                carried[i] = R
                 state.mode = "cd"
-                self._unet(R, t, embeds[1:], pooled[1:] if pooled is not None else None, size)
+                self._unet(torch.cat([R, R]), t, embeds, pooled, size)
             state.mode = "gen"
             out = self._unet(torch.cat([x, x]), t, embeds, pooled, size)
             state.mode = "plain"
@@ -241,12 +250,13 @@ class PrimeComposerPipeline(MethodPipeline):
             return eps_u + guidance * (eps_c - eps_u)
 
         def blend(s, x, before):
-            if s >= Bs:
-                return None
-            if s < C:  # official: object pixels keep their pre-update value, the box ring becomes background
-                obj_val = before if freeze_object else x
-                return (M * obj_val + (1 - M) * L_bg[s]) * B + L_bg[s] * (1 - B)
-            return x * B + L_bg[s] * (1 - B)
+            if 2 <= s < C:  # official: the object from L_ref[s] as the CD left it (frozen while s < A)
+                source = carried.get(s, L_ref[s]) if freeze_object else L_ref[s]
+                x = (M * source + (1 - M) * L_bg[s]) * B + L_bg[s] * (1 - B)
+            elif 2 <= s < Bs:  # the box keeps the generator latent; the warm-up steps 0-1 are not blended
+                x = x * B + L_bg[s] * (1 - B)
+            latest[0] = x
+            return x
 
         try:
             z = solver.run(z, eps_fn, on_step=blend)[-1]

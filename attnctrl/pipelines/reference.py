@@ -6,7 +6,8 @@
   ref_1..ref_N]``. The references are never denoised for real: a forward pre-hook on the UNet replaces their rows of
   the model input at every step with the clean reference latent (VAE posterior mean) re-noised to the current
   timestep by the scheduler's own ``add_noise`` and ``scale_model_input``, with fresh noise from a private, seeded
-  generator (the official code draws it unseeded). Only the target's image is returned.
+  generator (the official code draws it from the global RNG stream after `seed_everything`; ours does not depend on
+  what else drew from that stream). Only the target's image is returned.
 
 The target's initial noise is the first slice of the batch's noise, so a run with references starts from the same
 noise as a plain run with the same generator, and a run without references *is* the plain pipeline call.
@@ -101,8 +102,10 @@ class Reference:
     def prepared(self, index: int, height: int, width: int) -> tuple[Image.Image, torch.Tensor]:
         """Image and mask fitted to ``height x width`` (see ``fit``)."""
         image, mask = self.load(index)
-        if self.fit == "stretch":
-            image = image.resize((width, height), Image.NEAREST)
+        if self.fit == "stretch":  # torch's nearest (sample floor(d * s)), as the official code; PIL's differs
+            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()
+            pixels = F.interpolate(pixels, size=(height, width), mode="nearest")[0].permute(1, 2, 0)
+            image = Image.fromarray(pixels.to(torch.uint8).numpy())
             mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest")[0, 0]
             return image, mask
         scale = min(width / image.width, height / image.height)

@@ -42,15 +42,16 @@ from .freecustom import per_reference
 
 __all__ = ["MagicFace", "MagicFaceAttnProcessor", "GAUSSIAN_3", "smooth3", "segment", "region_rate"]
 
-#: the official 3x3 smoothing: exp(-((x - mu) / (2 sigma))^2) with sigma 0.5, normalised
-GAUSSIAN_3 = torch.tensor([0.2119, 0.5761, 0.2119])
+#: the official 3x3 smoothing: exp(-((x - mu) / (2 sigma))^2) with sigma 0.5, normalised ([0.2119, 0.5761, 0.2119])
+GAUSSIAN_3 = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2)
+GAUSSIAN_3 = GAUSSIAN_3 / GAUSSIAN_3.sum()
 STORE_DOWNSAMPLES = (2, 4, 8)
 
 
 def smooth3(x: torch.Tensor) -> torch.Tensor:
     """The official separable 3x3 smoothing of ``(..., H, W)`` maps with reflect padding."""
     shape = x.shape
-    k = (GAUSSIAN_3 / GAUSSIAN_3.sum()).to(x)
+    k = GAUSSIAN_3.to(x)
     y = x.reshape(-1, 1, *shape[-2:])
     mode = "reflect" if min(shape[-2:]) > 1 else "replicate"
     y = F.conv2d(F.pad(y, (1, 1, 0, 0), mode=mode), k.view(1, 1, 1, 3))

@@ -9,9 +9,11 @@ Per self-attention layer (spec §6.1-6.2), with the object tokens ``O`` (the ref
 at the layer's grid; the whole box if the mask vanishes there):
 
 * **Correlation diffuser (CD) pass**: on the reference canvas ``R`` whose object pixels carry the synthesised
-  subject, the queries of all tokens attend only to the object tokens (pseudo cross-attention): logits
-  ``S = Q K_O^T / sqrt(d)`` (``N x m``) are kept for the conditional half; the output ``softmax(S) V_O`` feeds the
-  rest of the CD pass.
+  subject, run as ``[R, R]`` with ``[uncond, cond]`` text, the queries of all tokens attend only to the object tokens
+  of the unconditional item (pseudo cross-attention, official: context ``x[2]``): logits ``S = Q K_O^T / sqrt(d)``
+  (``N x m``) are kept for the conditional half; the output ``softmax(S) V_O`` feeds the rest of the CD pass. Where
+  the object mask vanishes on a layer's grid the box's tokens are the context and that layer is not steered
+  (official).
 * **Generator pass, attention steering** (conditional half, steps before ``tau_a``): every query's logits to the
   object keys are replaced by ``S`` (column write) and the object queries' logits by ``S^T`` (row write, applied
   second). Computed without an ``N x N`` map: the non-object queries merge, by log-sum-exp, stock attention over the
@@ -57,18 +59,20 @@ class PrimeState(MethodState):
         self.logits: dict[str, torch.Tensor] = {}
         self._objects: dict = {}
 
-    def objects(self, grid) -> torch.Tensor:
-        """Flat indices of the object tokens on a layer grid (strided like the official code; the box if none)."""
+    def objects(self, grid) -> tuple[torch.Tensor, bool]:
+        """Flat indices of the object tokens on a layer grid (strided like the official code) and whether the mask
+        survives there; where it vanishes, the box's tokens (the CD's context then; no steering, as official)."""
         grid = tuple(grid)
         if grid not in self._objects:
             h, w = self.object_mask.shape
             fy, fx = max(1, h // grid[0]), max(1, w // grid[1])
             mask = self.object_mask[::fy, ::fx][: grid[0], : grid[1]]
-            if not torch.any(mask):
+            found = bool(torch.any(mask))
+            if not found:
                 y0, x0, y1, x1 = self.box
                 mask = torch.zeros(grid, dtype=torch.bool)
                 mask[y0 // fy : max(y0 // fy + 1, -(-y1 // fy)), x0 // fx : max(x0 // fx + 1, -(-x1 // fx))] = True
-            self._objects[grid] = torch.nonzero(mask.flatten()).flatten()
+            self._objects[grid] = (torch.nonzero(mask.flatten()).flatten(), found)
         return self._objects[grid]
 
 
@@ -87,22 +91,22 @@ class PrimeComposerAttnProcessor(AttnCtrlProcessor):
             if state.mode == "gen" and state.rca_tokens:
                 out = self._rca(query, key, value, out, grid)
             return out
-        if state.mode == "cd":
-            objects = state.objects(grid).to(query.device)
-            k_o, v_o = key.index_select(2, objects), value.index_select(2, objects)
+        if state.mode == "cd":  # batch [canvas (uncond text), canvas (cond text)]; keys from the first, as official
+            objects = state.objects(grid)[0].to(query.device)
+            k_o, v_o = key[:1].index_select(2, objects), value[:1].index_select(2, objects)
             scale = query.shape[-1] ** -0.5
-            logits = (query.float() @ k_o.float().transpose(-1, -2)) * scale  # (B, h, N, m)
+            logits = (query.float() @ k_o.float().transpose(-1, -2)) * scale  # (2, h, N, m)
             state.logits[self.layer.name] = logits[-1:]  # the conditional item
             return (torch.softmax(logits, -1) @ v_o.float()).to(query.dtype)
         out = self.stock_attention(query, key, value, attention_mask)
-        if state.mode == "gen" and state.inject and self.layer.name in state.logits:
+        if state.mode == "gen" and state.inject and self.layer.name in state.logits and state.objects(grid)[1]:
             out = self._steer(query, key, value, out, grid)
         return out
 
     def _steer(self, query, key, value, out, grid):
         """Cond half: object columns from ``S``, object rows from ``S^T`` (spec §6.2), no ``N x N`` map."""
         s = self.state.logits[self.layer.name][0].to(query.device)  # (h, N, m)
-        objects = self.state.objects(grid).to(query.device)
+        objects = self.state.objects(grid)[0].to(query.device)
         n = query.shape[2]
         c = query.shape[0] - 1  # the conditional row of the CFG batch [uncond, cond]
         q, k, v = query[c : c + 1], key[c : c + 1], value[c : c + 1]
@@ -124,10 +128,11 @@ class PrimeComposerAttnProcessor(AttnCtrlProcessor):
 
     def _rca(self, query, key, value, out, grid):
         """Cond half: the marked words get probability exactly 0 outside the object (spec §6.3)."""
-        objects = self.state.objects(grid).to(query.device)
+        objects, found = self.state.objects(grid)
         n = query.shape[2]
         inside = torch.zeros(n, dtype=torch.long, device=query.device)
-        inside[objects] = 1  # group 1: object queries (no constraint); group 0: the rest
+        if found:  # group 1: object queries (no constraint); group 0: the rest (all of them if the object vanishes)
+            inside[objects.to(query.device)] = 1
         bias = torch.zeros(2, key.shape[2], device=query.device, dtype=query.dtype)
         bias[0, self.state.rca_tokens] = float("-inf")
         c = query.shape[0] - 1
