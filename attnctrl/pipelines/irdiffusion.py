@@ -9,8 +9,10 @@
 Each :class:`Subject` names its word in the scene prompt and has a reference (a user image + mask, or a prompt that
 the pipeline first generates, the official "rehearsal", with its mask from the cross-attention of the subject word)
 and a target region (a mask, a box in pixels or fractions, or ``None``: a layout rehearsal of the scene prompt with
-the same noise gives the regions from the cross-attention of the subject words). Overlapping regions are resolved in
-favour of the larger one (the official post-processing). See :mod:`attnctrl.processors.irdiffusion`.
+the same noise gives the regions from the cross-attention of the subject words; when the words' regions overlap so
+that one keeps less than half of its area, the layout is rehearsed again with the next seed, up to 20 times, as
+the official code retries an undetected subject, and the final run uses that noise). Overlapping regions are
+resolved in favour of the larger one (the official post-processing); a region left empty is an error. See :mod:`attnctrl.processors.irdiffusion`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from .freecustom import ReferencePipeline
 from .reference import Reference, ReferenceRun
 
 __all__ = ["IRDiffusionPipeline", "IRRun", "Subject"]
+
+#: layout rehearsals before giving up on one where every subject keeps half its attention region (official: 20)
+LAYOUT_TRIES = 20
 
 
 @dataclass
@@ -67,11 +72,9 @@ class IRRun(ReferenceRun):
             # a token belongs to the subject covering most of it (ties: the larger region), if covered over half
             score = cover + 1e-6 * areas[:, None] / areas.max()
             best = score.argmax(0)
-            owner = torch.where(cover.max(0).values > 0.5, best + 1, torch.zeros_like(best))
-            for i in range(self.n):  # a subject smaller than one token keeps its best-covered token
-                if not torch.any(owner == i + 1):
-                    owner[cover[i].argmax()] = i + 1
-            self._owner[grid] = owner
+            # a subject covering no token over half is absent on this grid (no isolation, reposition or mutual
+            # cross-attention there): forcing it onto a token of a coarse grid spreads it over a far larger area
+            self._owner[grid] = torch.where(cover.max(0).values > 0.5, best + 1, torch.zeros_like(best))
         return self._owner[grid]
 
     def _source_map(self, grid, i: int):
@@ -86,6 +89,9 @@ class IRRun(ReferenceRun):
                 src_mask[cover.argmax()] = True
                 src_mask = src_mask.view(h, w)
             tgt = (self.owner(grid) == i + 1).view(h, w)
+            if not torch.any(tgt):  # the subject is absent on this grid
+                self._source[key] = (torch.zeros(h * w, dtype=torch.long), torch.zeros(h * w, dtype=torch.bool))
+                return self._source[key]
             sy, sx = torch.nonzero(src_mask, as_tuple=True)
             ty, tx = torch.nonzero(tgt, as_tuple=True)
             s0y, s0x, s1y, s1x = int(sy.min()), int(sx.min()), int(sy.max()) + 1, int(sx.max()) + 1
@@ -195,15 +201,27 @@ class IRDiffusionPipeline(ReferencePipeline):
         generator = kwargs.get("generator")
         generator = generator[0] if isinstance(generator, (list, tuple)) and generator else generator
         seed = int(generator.initial_seed()) if isinstance(generator, torch.Generator) else 0
-        kwargs["generator"] = torch.Generator().manual_seed(seed)  # the final run replays the layout's noise
         # target regions: given, or from a layout rehearsal of the scene with the same noise as the final run
         regions = [None if s.region is None else _region_mask(s.region, height, width, i)
                    for i, s in enumerate(subjects)]
-        if any(r is None for r in regions):
-            _, layout = self._attention_mask([prompt] * len(subjects), [s.word for s in subjects],
-                                             [torch.Generator().manual_seed(seed) for _ in subjects], kwargs)
-            regions = [r if r is not None else layout[i] for i, r in enumerate(regions)]
-        target = disjoint(torch.stack(regions))
+        laid_out = [i for i, r in enumerate(regions) if r is None]
+        for attempt in range(LAYOUT_TRIES if laid_out else 1):
+            seed += attempt > 0
+            trial = list(regions)
+            if laid_out:
+                _, layout = self._attention_mask([prompt] * len(subjects), [s.word for s in subjects],
+                                                 [torch.Generator().manual_seed(seed) for _ in subjects], kwargs)
+                trial = [r if r is not None else layout[i] for i, r in enumerate(regions)]
+            target = disjoint(torch.stack(trial))
+            kept = [float(target[i].sum() / max(float((trial[i] > 0.5).sum()), 1.0)) for i in range(len(subjects))]
+            lost = [i for i in laid_out if kept[i] < 0.5]  # a subject the layout did not draw apart: try new noise
+            if not lost:
+                break
+        for i in range(len(subjects)):
+            if not torch.any(target[i]):
+                raise AttnCtrlError(f"subject {i + 1} ({subjects[i].word}): its region is empty once overlaps go to "
+                                    f"the larger region" + (f" (layout: {LAYOUT_TRIES} tries)" if i in laid_out else ""))
+        kwargs["generator"] = torch.Generator().manual_seed(seed)  # the final run replays the layout's noise
         # references: given, or rehearsed from their prompts (one shared noise, as the official portraits)
         references = []
         rehearse = [i for i, s in enumerate(subjects) if s.reference is None]

@@ -21,10 +21,13 @@ and values (the key/value projections are linear, so this equals projecting repo
 tokens the relocated mask lets through).
 
 Decisions on official quirks (spec §5-8): masks are built lazily for every resolution (the official code handles
-two and asserts otherwise); a subject smaller than one token at a coarse level keeps its best-covered token; N <= 1
+two and asserts otherwise); on a grid where a subject covers no token over half it is absent (no isolation,
+reposition or mutual cross-attention there: forcing it onto one coarse token spread its prompt over a far larger
+area and raised attribute swaps on the toyworld model); N <= 1
 skips isolation (nothing to isolate) and N = 0 is the plain pipeline; the dropout is seeded and resampled per step;
 references are the FreeCustom-style re-noised clean latents of user images or of the pipeline's own rehearsal
-(official: generated jointly from the same noise).
+(official: generated jointly from the same noise). Not reproduced: the official zeroing of the bottom sixth of each
+rehearsed source mask (a portrait heuristic against hands and bodies).
 """
 
 from __future__ import annotations
@@ -136,7 +139,6 @@ class IRDiffusion(Method):
         msa_layers: layer selector of the reposition layers (None: SD 1.x/2.x blocks 10-15 = "decoder-high-res";
             SDXL: transformer blocks from 36/70 of the way on, i.e. spec §4.1's start_layer 36 of 70);
         start_step, end_step: reposition steps; ref_sa_lambda: logit bonus of reference keys (0 as official);
-        isolation: the isolation term (on; off only for ablations).
     """
 
     mutual_lambda: float = field(default=0.9, metadata={"help": "irdiffusion: mutual cross-attention weight"})
