@@ -27,7 +27,7 @@ import torch
 from ..core.errors import AttnCtrlError
 from ..io.jobs import Task, expand, load_jobs, load_run_config, method_config, resolve
 from ..io.metadata import save_json, save_png, save_video
-from .generate import GenerateRequest, _call_defaults, settings_record, slug
+from .generate import GenerateRequest, _call_defaults, settings_record, slug, writable_folder
 from .runners import MethodInputs, prepare
 
 __all__ = ["run_batch", "task_stem", "is_video_task"]
@@ -153,7 +153,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
         if existing:
             raise AttnCtrlError(f"{len(existing)} output(s) already exist in {out}, e.g. {existing[0]}; use --resume to "
                                 f"skip finished ones or --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
 
     rank, world = process_rank()
     my_tasks = split_tasks(tasks, rank, world)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -13,9 +14,9 @@ import torch
 
 from ..core.controller import Method
 from ..core.errors import AttnCtrlError
-from .runners import MethodInputs, prepare
+from .runners import MethodInputs, check_text, prepare
 
-__all__ = ["GenerateRequest", "Output", "run_generate", "slug", "settings_record"]
+__all__ = ["GenerateRequest", "Output", "run_generate", "slug", "settings_record", "writable_folder"]
 
 
 @dataclass
@@ -51,6 +52,19 @@ class Output:
     kind: str
     seed: int
     name: str = ""
+
+
+def writable_folder(folder: Path) -> Path:
+    """Create ``folder`` and check that files can be written there (before any generation), else a clear error."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise AttnCtrlError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+    return folder
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -133,6 +147,12 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
     pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
     defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
     is_video = "num_frames" in defaults
+    for i, prompt in enumerate(request.prompts):
+        check_text(prompt, "the prompt" if len(request.prompts) == 1 else f"prompt {i + 1}")
+    if request.negative_prompt:
+        check_text(request.negative_prompt, "the negative prompt")
+    if request.guidance is not None and not math.isfinite(request.guidance):
+        raise AttnCtrlError(f"--guidance must be a finite number, got {request.guidance}")
     kwargs = {"prompt": request.prompts[0]}
     if request.negative_prompt:
         if "negative_prompt" not in defaults:
@@ -157,7 +177,7 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
     inputs = MethodInputs(list(request.prompts), list(request.references), list(request.subjects),
                           list(request.loras), request.composition)
     prepared = prepare(pipe, request.method, inputs, plugins=request.plugins)
-    request.output.mkdir(parents=True, exist_ok=True)
+    writable_folder(request.output)
     counter = _next_counter(request.output)
     try:
         for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):

@@ -107,7 +107,7 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--background", type=click.Path(dir_okay=False), help="primecomposer: the background image.")
 @click.option("--reference", type=click.Path(dir_okay=False), help="primecomposer: the object's image.")
 @click.option("--reference-mask", type=click.Path(dir_okay=False), help="primecomposer: the object's mask.")
-@click.option("--box", metavar="X,Y,W,H", help="primecomposer: where to put the object, in pixels.")
+@click.option("--box", metavar="X,Y,W,H", help="primecomposer: where to put the object, in pixels of the background.")
 @method_options
 @user_errors
 def generate(model, prompts, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,

@@ -8,6 +8,7 @@ extra inputs here: references (FreeCustom, MagicFace), subjects (IR-Diffusion), 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,26 +70,57 @@ def mask_overlays(image, masks, names) -> dict:
     return out
 
 
+_PART = re.compile(r"(?:[A-Za-z]:[\\/])?[^:]*")  # one colon-separated part; a Windows drive's colon is kept
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def split_spec(spec: str, parts: int) -> list[str]:
+    """``spec`` split at its first ``parts - 1`` colons (not a drive's, as in ``C:\\imgs\\a.png``); the last part keeps
+    the rest, so a prompt may contain colons."""
+    out = []
+    for _ in range(parts - 1):
+        head = _PART.match(spec).group(0)
+        out.append(head)
+        spec = spec[len(head) + 1 :]
+    return out + [spec]
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.lower().endswith(_IMAGE_SUFFIXES) or "/" in text or "\\" in text
+
+
+def check_text(text: str, label: str) -> str:
+    """``text`` if it is valid Unicode (a shell passes undecodable bytes as lone surrogates), else a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AttnCtrlError(f"{label} is not valid UTF-8 text") from None
+    return text
+
+
 def parse_reference(spec: str, index: int):
-    """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons)."""
+    """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons; a prompt
+    without a mask is ``IMAGE::PROMPT``)."""
     from ..pipelines import Reference
 
     if isinstance(spec, Reference):
         return spec
-    image, _, rest = spec.partition(":")
-    mask, _, prompt = rest.partition(":")
+    image, mask, prompt = split_spec(spec, 3)
     if not image:
         raise AttnCtrlError(f"--ref {spec!r}: give IMAGE[:MASK][:PROMPT]")
     for label, path in (("image", image), ("mask", mask)):
         if path and not Path(path).is_file():
-            raise AttnCtrlError(f"--ref {index + 1}: {label} file {path} does not exist")
-    return Reference(image, mask or None, prompt, name=Path(image).name)
+            what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+            hint = " (a prompt without a mask: IMAGE::PROMPT)" if label == "mask" and not _looks_like_path(path) else ""
+            raise AttnCtrlError(f"--ref {index + 1}: {label} file {path} {what}{hint}")
+    return Reference(image, mask or None, check_text(prompt, f"--ref {index + 1}: the prompt"), name=Path(image).name)
 
 
 def parse_subject(spec: str, index: int):
     """``WORD=IMAGE[:MASK][:PROMPT][@REGION]`` or ``WORD=reference prompt[@REGION]`` -> a ``Subject``.
 
-    ``REGION`` is a box ``x0,y0,x1,y1`` (pixels or fractions) or a mask file."""
+    ``REGION`` is a box ``x0,y0,x1,y1`` (pixels or fractions) or a mask file. A first part that looks like an image
+    path (an image suffix or a folder separator) must exist: a typo is an error, not a reference prompt."""
     from ..pipelines import Subject
 
     if isinstance(spec, Subject):
@@ -99,6 +131,8 @@ def parse_subject(spec: str, index: int):
     region = None
     body, at, tail = rest.rpartition("@")
     if at:
+        if "@" in body:
+            raise AttnCtrlError(f"--subject {index + 1}: one @REGION per subject, got {rest!r}")
         parts = tail.split(",")
         if len(parts) == 4:
             try:
@@ -110,10 +144,10 @@ def parse_subject(spec: str, index: int):
         else:
             raise AttnCtrlError(f"--subject {index + 1}: region {tail!r} is neither a box x0,y0,x1,y1 nor a mask file")
         rest = body
-    image = rest.split(":", 1)[0]
-    if Path(image).is_file():
+    image = split_spec(rest, 2)[0]
+    if Path(image).is_file() or _looks_like_path(image):
         return Subject(word.strip(), reference=parse_reference(rest, index), region=region)
-    return Subject(word.strip(), prompt=rest.strip(), region=region)
+    return Subject(word.strip(), prompt=check_text(rest.strip(), f"--subject {index + 1}: the prompt"), region=region)
 
 
 def clora_inputs(prompt: str, specs) -> tuple[list, list, list, list]:
@@ -145,6 +179,24 @@ def clora_inputs(prompt: str, specs) -> tuple[list, list, list, list]:
         concepts.append(row)
     mask_words = [[]] + [[w] for w in words]
     return prompts, loras, concepts, mask_words
+
+
+def _pixel_box(box, background) -> tuple[float, float, float, float]:
+    """``--box X,Y,W,H`` in pixels of the background -> fractions ``(x0, y0, x1, y1)`` (exact whatever the output
+    size, and never mistaken for fractions: ``0,0,1,1`` is one pixel)."""
+    from PIL import Image
+
+    x, y, w, h = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise AttnCtrlError(f"--box {','.join(map(str, box))}: give X,Y,W,H in pixels with W, H > 0")
+    try:
+        with Image.open(background) as im:
+            bw, bh = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise AttnCtrlError(f"--background: cannot read image {background}: {e}") from e
+    if x >= bw or y >= bh or x + w <= 0 or y + h <= 0:
+        raise AttnCtrlError(f"--box {x:g},{y:g},{w:g},{h:g} lies outside the {bw}x{bh} background")
+    return (max(0.0, x / bw), max(0.0, y / bh), min(1.0, (x + w) / bw), min(1.0, (y + h) / bh))
 
 
 def _options(method: Method, drop=("layers",)) -> dict:
@@ -207,14 +259,13 @@ def _prepare(pipe, method: Method | None, inputs: MethodInputs) -> Prepared:
         for key in ("background", "reference", "reference_mask"):
             if comp.get(key) and not Path(comp[key]).is_file():
                 raise AttnCtrlError(f"--{key.replace('_', '-')} file {comp[key]} does not exist")
-        x, y, w, h = comp["box"]
+        location = _pixel_box(comp["box"], comp["background"])
         composer = pipelines.PrimeComposerPipeline.from_pipe(pipe)
         options = _options(method)
 
         def generate(prompt=prompt, **kw):
-            kw.pop("negative_prompt", None)
             return composer(comp["background"], comp["reference"], comp.get("reference_mask"),
-                            location=(x, y, x + w, y + h), prompt=prompt, **kw, **options)
+                            location=location, prompt=prompt, **kw, **options)
 
         return Prepared(generate, wrapper=composer)
     if name == "clora":

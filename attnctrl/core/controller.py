@@ -17,13 +17,14 @@ as an attribute of the model). It
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
-from .errors import LayerConflictError, LayerSelectionError, UnsupportedModelError
+from .errors import AttnCtrlError, LayerConflictError, LayerSelectionError, UnsupportedModelError
 from .families import FAMILIES, CallInfo, detect_family, find_denoiser, read_call
 from .layers import LayerInfo, Selector, describe
 from .processor import AttnCtrlProcessor
@@ -68,6 +69,9 @@ class Method:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+            numbers = value if isinstance(value, (list, tuple)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise AttnCtrlError(f"{type(self).__name__}: {f.name} must be a finite number, got {value!r}")
 
     def select_layers(self, ctl: Controller) -> list[LayerInfo]:
         selector = self.default_layers if self.layers is None else self.layers

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .errors import AttnCtrlError
 
 __all__ = [
+    "is_fraction_box",
     "MaskError",
     "load_mask",
     "resize_mask",
@@ -54,6 +55,9 @@ def load_mask(mask, threshold: float | None = 127) -> torch.Tensor:
     if hasattr(mask, "mode") and hasattr(mask, "convert"):  # PIL image
         if mask.mode in ("RGBA", "LA") and np.asarray(mask.getchannel("A")).min() < 255:
             arr = np.asarray(mask.getchannel("A"))
+        elif mask.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scaled to 0..255, not clipped
+            wide = np.asarray(mask).astype(np.float64)
+            arr = wide * (255.0 / 65535.0) if wide.max() > 255 or mask.mode.startswith("I;16") else wide
         else:
             arr = np.asarray(mask.convert("L"))
         scale_255 = True
@@ -168,6 +172,12 @@ def gaussian_blur(mask: torch.Tensor, sigma: float, kernel_size: int | None = No
     return m.reshape(shape)
 
 
+def is_fraction_box(box: Sequence[float]) -> bool:
+    """Whether :func:`box_mask` reads ``box`` as fractions of the image: all in [0, 1], and some coordinate not an
+    integer or the box is ``(0, 0, 1, 1)``."""
+    return all(0.0 <= c <= 1.0 for c in box) and (any(c != int(c) for c in box) or tuple(box[2:]) == (1.0, 1.0))
+
+
 def box_mask(box: Sequence[float], size: Sequence[int]) -> torch.Tensor:
     """A ``(h, w)`` mask that is 1 inside ``box = (x0, y0, x1, y1)`` (end-exclusive).
 
@@ -177,10 +187,13 @@ def box_mask(box: Sequence[float], size: Sequence[int]) -> torch.Tensor:
     if len(box) != 4:
         raise MaskError(f"a box is (x0, y0, x1, y1), got {tuple(box)}")
     h, w = int(size[0]), int(size[1])
-    x0, y0, x1, y1 = (float(c) for c in box)
-    if all(0.0 <= c <= 1.0 for c in (x0, y0, x1, y1)) and (
-        any(c != int(c) for c in (x0, y0, x1, y1)) or (x1, y1) == (1.0, 1.0)
-    ):
+    try:
+        x0, y0, x1, y1 = (float(c) for c in box)
+    except (TypeError, ValueError):
+        raise MaskError(f"a box is four numbers (x0, y0, x1, y1), got {tuple(box)}") from None
+    if not all(math.isfinite(c) for c in (x0, y0, x1, y1)):
+        raise MaskError(f"box {tuple(box)}: coordinates must be finite numbers")
+    if is_fraction_box((x0, y0, x1, y1)):
         x0, x1, y0, y1 = x0 * w, x1 * w, y0 * h, y1 * h
     if x1 <= x0 or y1 <= y0:
         raise MaskError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1")

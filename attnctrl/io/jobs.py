@@ -117,7 +117,10 @@ def _read(path: Path) -> list[tuple[int, Any]]:
     """``[(line, raw job)]``; JSONL lines keep their line numbers, YAML/JSON lists their index + 1."""
     if not path.is_file():
         raise JobFileError(f"{path}: no such job file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JobFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if path.suffix.lower() == ".jsonl":
         rows = []
         errors = []
@@ -136,7 +139,9 @@ def _read(path: Path) -> list[tuple[int, Any]]:
 
         data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except Exception as e:  # yaml and json raise their own error types
-        raise JobFileError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise JobFileError(f"{path}: cannot parse ({str(e).splitlines()[0]}){where}") from None
     if isinstance(data, dict) and "jobs" in data:
         data = data["jobs"]
     if not isinstance(data, list):
@@ -155,6 +160,8 @@ def load_run_config(path: str | Path | None) -> RunConfig:
 
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         return RunConfig.model_validate(data)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise JobFileError(f"{path}: cannot read the run config ({str(e).splitlines()[0]})") from None
     except ValidationError as e:
         err = e.errors()[0]
         raise JobFileError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -134,9 +134,12 @@ def _region_mask(region, height: int, width: int, index: int) -> torch.Tensor:
     label = f"subject {index + 1}"
     if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(c, (int, float)) for c in region):
         try:
-            return box_mask(region, (height, width))
+            mask = box_mask(region, (height, width))
         except AttnCtrlError as e:
             raise AttnCtrlError(f"{label}: {e}") from None
+        if not torch.any(mask > 0):
+            raise AttnCtrlError(f"{label}: box {tuple(region)} lies outside the {width}x{height} image")
+        return mask
     try:
         mask = load_mask(region)
     except AttnCtrlError as e:

@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError
-from ..core.masks import box_mask, load_mask, mask_box
+from ..core.masks import box_mask, is_fraction_box, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
 from .base import MethodPipeline
@@ -52,8 +52,16 @@ __all__ = ["PrimeComposerPipeline", "exceptional_embedding", "composition_geomet
 
 
 def composition_geometry(background, reference, reference_mask, location, height: int, width: int):
-    """Background, reference canvas, object mask and location mask at ``height x width`` (pixels, aligned)."""
-    bg = _load_image(background, "background").resize((width, height), Image.LANCZOS)
+    """Background, reference canvas, object mask and location mask at ``height x width`` (pixels, aligned).
+
+    A location box in pixels is in the background's pixels (it is scaled with the background); fractions and masks
+    are relative to the image."""
+    bg = _load_image(background, "background")
+    if isinstance(location, (tuple, list)) and len(location) == 4 and all(isinstance(c, (int, float)) for c in location):
+        if not is_fraction_box(location):
+            sx, sy = width / bg.width, height / bg.height
+            location = (location[0] * sx, location[1] * sy, location[2] * sx, location[3] * sy)
+    bg = bg.resize((width, height), Image.LANCZOS)
     ref = _load_image(reference, "reference")
     if reference_mask is None:
         obj_mask = torch.ones(ref.height, ref.width)
@@ -128,13 +136,13 @@ class PrimeComposerPipeline(MethodPipeline):
 
     config_class = PrimeComposer
 
-    def _encode(self, prompt: str, device):
+    def _encode(self, prompt: str, device, negative: str = ""):
         pipe = self.pipe
         if self.xl:
             pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True, negative_prompt="")
+                                                         do_classifier_free_guidance=True, negative_prompt=negative)
             return torch.cat([ne, pe]), torch.cat([npooled, pooled])
-        pe, ne = pipe.encode_prompt(prompt, device, 1, True, "")
+        pe, ne = pipe.encode_prompt(prompt, device, 1, True, negative)
         return torch.cat([ne, pe]), None
 
     def _unet(self, x, t, embeds, pooled, size):
@@ -174,7 +182,7 @@ class PrimeComposerPipeline(MethodPipeline):
     def __call__(self, background, reference, reference_mask=None, location=None, prompt: str = "",
                  num_inference_steps: int = 20, guidance_scale: float | None = None, height=None, width=None,
                  generator=None, output_type: str = "pil", return_dict: bool = True, freeze_object: bool = True,
-                 **options):
+                 negative_prompt: str | None = None, **options):
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
         pipe = self.pipe
@@ -220,7 +228,7 @@ class PrimeComposerPipeline(MethodPipeline):
         L_bg = invert(self._latent(bg))
         L_ref = invert(self._latent(canvas))  # both domains invert the reference canvas (spec §4)
 
-        embeds, pooled = self._encode(prompt, device)
+        embeds, pooled = self._encode(prompt, device, negative_prompt or "")  # official: "" for the uncond half
         S = num_inference_steps
         A = int(taus["tau_a"] * S + 1 - 2)
         C = int(taus["tau_c"] * S + 1 - 2)

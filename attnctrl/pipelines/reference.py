@@ -40,7 +40,7 @@ def _load_image(image, label: str) -> Image.Image:
         try:
             with Image.open(image) as im:
                 return im.convert("RGB")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ReferenceError(f"{label}: cannot read image {os.fspath(image)}: {e}") from e
     if isinstance(image, Image.Image):
         return image.convert("RGB")

@@ -181,6 +181,8 @@ class PrimeComposer(Method):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise AttnCtrlError(f"{name} must lie in [0, 1], got {value}")
+        if self.exceptional_token < 0:
+            raise AttnCtrlError(f"exceptional_token is a token id (>= 0), got {self.exceptional_token}")
 
     def resolved(self) -> dict:
         """The taus and guidance after the per-domain defaults."""

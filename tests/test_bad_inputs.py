@@ -1,0 +1,105 @@
+"""Bad inputs found by fuzzing the CLI and the pipelines: each one a clear error (or the right result), never a
+traceback or a silently wrong output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from attnctrl.cli.main import cli
+from attnctrl.cli.runners import _pixel_box, parse_reference, parse_subject, split_spec
+from attnctrl.core import AttnCtrlError
+from attnctrl.core.masks import box_mask, load_mask
+from attnctrl.io.jobs import JobFileError, load_jobs
+from attnctrl.pipelines.primecomposer import composition_geometry
+from attnctrl.processors.freecustom import FreeCustom
+from attnctrl.processors.magicface import MagicFace
+
+
+@pytest.fixture
+def files(tmp_path):
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "star.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.new("RGB", (200, 100), (10, 200, 10)).save(tmp_path / "wide.png")
+    return tmp_path
+
+
+def test_specs_split_at_colons_but_not_at_a_windows_drive():
+    assert split_spec("C:\\imgs\\a.png:D:/m.png:a prompt: with a colon", 3) == [
+        "C:\\imgs\\a.png", "D:/m.png", "a prompt: with a colon"]
+    assert split_spec("a.png", 3) == ["a.png", "", ""]
+    assert split_spec("a.png::a prompt", 3) == ["a.png", "", "a prompt"]
+
+
+def test_reference_and_subject_specs(files):
+    star, mask = files / "star.png", files / "mask.png"
+    with pytest.raises(AttnCtrlError, match="mask file a striped star does not exist .*IMAGE::PROMPT"):
+        parse_reference(f"{star}:a striped star", 0)
+    with pytest.raises(AttnCtrlError, match="is a folder, not a file"):
+        parse_reference(f"{files}", 0)
+    assert parse_reference(f"{star}::a striped star", 0).prompt == "a striped star"
+    with pytest.raises(AttnCtrlError, match="image file .*strr.png does not exist"):  # a typo is not a prompt
+        parse_subject(f"star={files / 'strr.png'}:{mask}:a star@0,0.2,0.45,0.8", 0)
+    with pytest.raises(AttnCtrlError, match="one @REGION per subject"):
+        parse_subject(f"star={star}:{mask}:a star@0,0,0.5,1@0,0.2,0.45,0.8", 0)
+    with pytest.raises(AttnCtrlError, match="not valid UTF-8"):
+        parse_subject("star=a star \udcff", 0)
+    assert parse_subject("star=a photo of a star@0,0,0.5,1", 0).prompt == "a photo of a star"
+
+
+def test_boxes_and_masks():
+    with pytest.raises(AttnCtrlError, match="finite"):
+        box_mask((float("nan"), 0, 10, 10), (64, 64))
+    with pytest.raises(AttnCtrlError, match="finite"):
+        box_mask((0, 0, float("inf"), 10), (64, 64))
+    faint = np.full((8, 8), 1000, np.uint16)  # a 16-bit mask: faint grey background, white square
+    faint[2:6, 2:6] = 65535
+    mask = load_mask(Image.fromarray(faint))
+    assert mask.sum() == 16  # scaled to 8 bits, not clipped (which made every pixel foreground)
+
+
+def test_non_finite_options_are_refused():
+    with pytest.raises(AttnCtrlError, match="mask_weights must be a finite number"):
+        FreeCustom(mask_weights=float("nan"))
+    with pytest.raises(AttnCtrlError, match="inject_step must be a finite number"):
+        MagicFace(inject_step=float("nan"))
+
+
+def test_primecomposer_boxes_are_in_background_pixels(files):
+    assert _pixel_box((0, 0, 1, 1), files / "star.png") == (0.0, 0.0, 1 / 64, 1 / 64)  # one pixel, not the image
+    with pytest.raises(AttnCtrlError, match="outside the 64x64 background"):
+        _pixel_box((70, 0, 5, 5), files / "star.png")
+    # a 200x100 background at 128x128: its pixel box (100, 50)-(150, 100) is the lower middle quarter
+    _, _, _, loc, _ = composition_geometry(files / "wide.png", files / "star.png", files / "mask.png",
+                                           (100, 50, 150, 100), 128, 128)
+    ys, xs = torch.nonzero(loc, as_tuple=True)
+    assert (int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1) == (64, 96, 64, 128)
+
+
+def test_cli_output_folder_and_prompt_errors_come_before_any_work(files):
+    runner = CliRunner()
+    (files / "file.txt").write_text("x")
+    result = runner.invoke(cli, ["generate", "-p", "a star", "--steps", "1", "-o", str(files / "file.txt" / "sub")])
+    assert result.exit_code != 0 and "cannot write to the output folder" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(cli, ["generate", "-p", "a star \udcff", "--steps", "1", "-o", str(files / "out")])
+    assert result.exit_code != 0 and "not valid UTF-8" in result.output and not (files / "out").exists()
+    result = runner.invoke(cli, ["generate", "-p", "a star", "--steps", "1", "--guidance", "nan", "-o",
+                                 str(files / "out")])
+    assert result.exit_code != 0 and "finite" in result.output
+
+
+def test_job_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(b'{"prompt": "a star \xff"}\n')
+    with pytest.raises(JobFileError, match="not UTF-8"):
+        load_jobs(path)
+    bad = tmp_path / "jobs.yaml"
+    bad.write_text('- prompt: "a star\n- prompt: b\n')
+    with pytest.raises(JobFileError, match="line"):
+        load_jobs(bad)
