@@ -103,3 +103,15 @@ def test_job_file_that_is_not_utf8(tmp_path):
     bad.write_text('- prompt: "a star\n- prompt: b\n')
     with pytest.raises(JobFileError, match="line"):
         load_jobs(bad)
+
+
+def test_lists_and_widget_numbers():
+    from attnctrl.cli.options import parse_field
+    from attnctrl.ui.app import _number
+
+    assert parse_field(FreeCustom, "mask_weights", "3,2") == (3.0, 2.0)  # "one value or one per reference"
+    assert parse_field(FreeCustom, "mask_weights", "3") == 3.0
+    with pytest.raises(AttnCtrlError, match="finite"):
+        _number("nan", "Mask weight")
+    with pytest.raises(AttnCtrlError, match="at most 1000"):
+        _number("5000", "Steps", int, 1, 1000)

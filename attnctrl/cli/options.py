@@ -46,6 +46,7 @@ def parse_field(cls: type, name: str, raw: str):
 
     hint = typing.get_type_hints(cls)[name]
     origin = typing.get_origin(hint)
+    listed = origin in (tuple, list) or any(typing.get_origin(a) in (tuple, list) for a in typing.get_args(hint))
     text = raw.strip()
     if text[:1] in "[{":
         try:
@@ -54,7 +55,7 @@ def parse_field(cls: type, name: str, raw: str):
             raise AttnCtrlError(f"--{name.replace('_', '-')}: invalid JSON {raw!r} ({e.msg})") from None
     elif text.lower() in ("none", "null"):
         value = None
-    elif origin in (tuple, list):
+    elif origin in (tuple, list) or (listed and "," in text):  # "3,2" for "one number or one per reference"
         value = [part.strip() for part in text.split(",") if part.strip()]
     else:
         value = text

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import tempfile
 import threading
@@ -84,18 +85,22 @@ class Result:
     info: str = ""
 
 
-def _number(value, name: str, kind=float, minimum=None):
-    """A widget number, or None when empty; a clear error when it is not a number."""
+def _number(value, name: str, kind=float, minimum=None, maximum=None):
+    """A widget number, or None when empty; a clear error when it is not a finite number in range."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         number = kind(value)
     except (TypeError, ValueError):
         raise AttnCtrlError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(float(number)):
+        raise AttnCtrlError(f"{name} must be a finite number, got {value!r}")
     if kind is int and float(value) != number:
         raise AttnCtrlError(f"{name} must be a whole number, got {value!r}")
     if minimum is not None and number < minimum:
         raise AttnCtrlError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and number > maximum:
+        raise AttnCtrlError(f"{name} must be at most {maximum}, got {value}")
     return number
 
 
@@ -185,7 +190,7 @@ class App:
         seed %= 2**32
         request = GenerateRequest(
             prompts=tuple(inputs.prompts), negative_prompt=settings.negative_prompt.strip() or None, seed=seed,
-            steps=_number(settings.steps, "Steps", int, 1), guidance=_number(settings.guidance, "Guidance", float, 0),
+            steps=_number(settings.steps, "Steps", int, 1, 1000), guidance=_number(settings.guidance, "Guidance", float, 0),
             width=_number(settings.width, "Width", int, 8), height=_number(settings.height, "Height", int, 8),
             num_images=count, output=self.output, device=self.device, dtype=self.dtype, method=method,
             references=tuple(inputs.references), subjects=tuple(inputs.subjects), loras=tuple(inputs.loras),
