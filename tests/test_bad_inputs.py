@@ -115,3 +115,17 @@ def test_lists_and_widget_numbers():
         _number("nan", "Mask weight")
     with pytest.raises(AttnCtrlError, match="at most 1000"):
         _number("5000", "Steps", int, 1, 1000)
+
+
+def test_reference_methods_refuse_a_step_window_past_the_last_step_and_repeated_words():
+    from conftest import tiny
+
+    from attnctrl.pipelines import FreeCustomPipeline, MagicFacePipeline, Reference
+
+    pipe = tiny("sd15")
+    ref = Reference(np.zeros((64, 64, 3), np.uint8), np.full((64, 64), 255, np.uint8), "a cat")
+    with pytest.raises(AttnCtrlError, match="start_step 5 is not below the 3 steps"):
+        FreeCustomPipeline.from_pipe(pipe)("a cat", references=[ref], start_step=5, num_inference_steps=3)
+    with pytest.raises(AttnCtrlError, match="cat repeated"):
+        MagicFacePipeline.from_pipe(pipe)("a cat and a cat", references=[ref, ref], ref_words=["cat", "cat"],
+                                          num_inference_steps=3)

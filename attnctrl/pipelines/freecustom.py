@@ -13,6 +13,7 @@ the call *is* the base pipeline call.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -116,6 +117,11 @@ class ReferencePipeline(MethodPipeline):
         if not all(isinstance(r, Reference) for r in references):
             raise AttnCtrlError("references must be attnctrl.Reference(image, mask, prompt) objects")
         config.weights(len(references))  # more weights than references -> a clear error before any work
+        steps = kwargs.get("num_inference_steps") or inspect.signature(self.pipe.__call__).parameters[
+            "num_inference_steps"].default
+        if getattr(config, "start_step", 0) >= steps:  # never a silent no-op
+            raise AttnCtrlError(f"start_step {config.start_step} is not below the {steps} steps: the references would "
+                                f"never be attended")
         context = self._validate(config, prompt, references)
         height, width = self._size(kwargs)
         kwargs.update(height=height, width=width)
