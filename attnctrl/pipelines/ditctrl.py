@@ -10,7 +10,14 @@ the later one reading the earlier one's keys and values in the sharing window (`
 model outputs are blended over the overlaps with triangular per-frame weights ``min((2i+1)/F, 2-(2i+1)/F)``; one
 scheduler step runs on the whole long latent. Because CogVideoX predicts ``v`` and ``x0 = a_t x_t - b_t v`` is affine
 with a shared ``t``, blending the CFG-guided ``v`` equals the official blending of ``x0``. A single prompt is
-exactly ``CogVideoXPipeline``.
+exactly ``CogVideoXPipeline`` (the official repeats it over a long video: pass ``[p] * L`` for that).
+
+As the official sampler (spec §2, §9): several prompts sample with ``CogVideoXDPMScheduler`` (DPM++ 2M SDE) built
+from the pipeline's scheduler config, whatever scheduler the pipeline carries; the long latent stays float32 (the
+model runs in its own dtype); the unconditional text embeddings are zeros unless a ``negative_prompt`` is given
+(official ``force_uc_zero_embeddings``). Decision: mask-guided attention finds its tokens by ``subject_words`` (one
+word for all prompts or one per prompt; every occurrence; a transition segment uses its nearer prompt's) instead of
+the official fixed raw ``ref_token_idx`` / ``cur_token_idx`` positions.
 
 De-duplication (spec §12, the default): outside the sharing window every segment is computed once per step instead
 of once per pair it belongs to (a middle segment twice); its output enters the blend with the same multiplicity, in
@@ -99,20 +106,23 @@ class DiTCtrlPipeline(MethodPipeline):
             pe, ne = pipe.encode_prompt(p, negative_prompt, True, num_videos_per_prompt=1,
                                         max_sequence_length=max_sequence_length, device=device)
             cond.append(pe)
-            uncond.append(ne)
+            uncond.append(ne if negative_prompt else torch.zeros_like(pe))  # official: zero uncond embeddings
         seg_cond = [(1 - w) * cond[a] + w * cond[b] for a, b, w in segments]
         seg_uncond = [uncond[a] if w < 0.5 else uncond[b] for a, b, w in segments]
         seg_tokens = [tokens[a] if w < 0.5 else tokens[b] for a, b, w in segments] if tokens else None
 
-        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = pipe.scheduler.timesteps
+        # the official sampler (DPM++ 2M SDE, spec §9), whatever scheduler the pipeline carries
+        scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
         shape = (1, total, tcfg.in_channels, height // pipe.vae_scale_factor_spatial,
                  width // pipe.vae_scale_factor_spatial)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=cond[0].dtype)
-        latents = latents * pipe.scheduler.init_noise_sigma
+        # float32 latents throughout, as the official sampler (the model runs in its own dtype)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
         rope = (pipe._prepare_rotary_positional_embeddings(height, width, seg, device)
                 if tcfg.use_rotary_positional_embeddings else None)
-        extra = pipe.prepare_extra_step_kwargs(generator, eta)
+        extra = {"eta": eta, "generator": generator}
         weights = triangular_weights(seg).to(device=device, dtype=torch.float32).view(1, seg, 1, 1, 1)
         blocks = len(pipe.transformer.transformer_blocks)
         lo, hi = config.layer_range(blocks)
@@ -158,12 +168,8 @@ class DiTCtrlPipeline(MethodPipeline):
                             acc[:, tile] += weights * outputs[(k, member)]
                             wsum[:, tile] += weights
                     v = acc / wsum
-                    if isinstance(pipe.scheduler, CogVideoXDPMScheduler):
-                        latents, old_x0 = pipe.scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None,
-                                                              latents, **extra, return_dict=False)
-                    else:
-                        latents = pipe.scheduler.step(v, t, latents, **extra, return_dict=False)[0]
-                    latents = latents.to(cond[0].dtype)
+                    latents, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, latents,
+                                                     **extra, return_dict=False)
                     bar.update()
         finally:
             handle.remove()
@@ -172,7 +178,8 @@ class DiTCtrlPipeline(MethodPipeline):
         if output_type == "latent":
             video = latents
         else:
-            video = pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type=output_type)
+            frames = pipe.decode_latents(latents.to(pipe.vae.dtype))
+            video = pipe.video_processor.postprocess_video(video=frames, output_type=output_type)
         if not return_dict:
             return (video,)
         return CogVideoXPipelineOutput(frames=video)
@@ -180,8 +187,7 @@ class DiTCtrlPipeline(MethodPipeline):
     def _run(self, xs, uncond, cond, t, g, rope) -> list[torch.Tensor]:
         """One transformer call on segments ``xs`` with CFG; returns each segment's guided ``v`` (float32)."""
         pipe = self.pipe
-        x = torch.cat(xs + xs)  # [uc items..., c items...]
-        x = pipe.scheduler.scale_model_input(x, t)
+        x = torch.cat(xs + xs).to(pipe.transformer.dtype)  # [uc items..., c items...] (CogVideoX: no input scaling)
         embeds = torch.cat(uncond + cond)
         out = pipe.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
                                image_rotary_emb=rope, return_dict=False)[0].float()
