@@ -186,8 +186,10 @@ def test_bad_inputs_fail_before_denoising(tmp_path, loras):
             cl(PROMPTS, [None, str(bad), loras[1]], CONCEPTS, MASKS)
         with pytest.raises(TokenLookupError, match="prompt 2: the word 'cow'"):
             cl(PROMPTS, [None, *loras], [["cat", "cat", "zwx cat"], ["dog", "cow", "dog"]], MASKS)
-        with pytest.raises(AttnCtrlError, match="no positive pair"):
-            cl(PROMPTS, [None, *loras], [["cat", None, None], ["dog", "sks dog", "dog"]], MASKS)
+        with pytest.raises(AttnCtrlError, match="no positive pair"):  # each concept named once: negatives only
+            cl(PROMPTS, [None, *loras], [["cat", None, None], ["dog", None, None]], MASKS)
+        with pytest.raises(AttnCtrlError, match="concept 1 is named in no prompt"):
+            cl(PROMPTS, [None, *loras], [[None, None, None], ["dog", "sks dog", "dog"]], MASKS)
         with pytest.raises(AttnCtrlError, match="one LoRA"):
             cl(PROMPTS, [None], CONCEPTS, MASKS)
         assert calls == []  # nothing was denoised

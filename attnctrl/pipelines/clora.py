@@ -113,6 +113,7 @@ class CLoRAPipeline(MethodPipeline):
     def _resolve(self, prompts, concepts, mask_words):
         tok = self.pipe.tokenizer
         samples = []  # (prompt index, token index, class)
+        counts = []
         for c, per_prompt in enumerate(concepts):
             if len(per_prompt) != len(prompts):
                 raise AttnCtrlError(f"concept {c + 1} names {len(per_prompt)} words for {len(prompts)} prompts; use "
@@ -126,8 +127,11 @@ class CLoRAPipeline(MethodPipeline):
                         raise type(e)(f"prompt {p + 1}: {e}") from None
                     samples += [(p, k, c) for k in idx]
                     found += len(idx)
-            if found < 2:
-                raise AttnCtrlError(f"concept {c + 1} has no positive pair: name it in at least two prompts")
+            if not found:
+                raise AttnCtrlError(f"concept {c + 1} is named in no prompt")
+            counts.append(found)  # a concept found once is only a negative (official)
+        if counts and max(counts) < 2:
+            raise AttnCtrlError("no positive pair: name some concept in at least two prompts")
         masks = []
         for p, words in enumerate(mask_words):
             ids = []
@@ -177,7 +181,7 @@ class CLoRAPipeline(MethodPipeline):
 
         embeds, pooled = [], []
         for j, prompt in enumerate(prompts):
-            self._activate(names[j], style, config.style_lora_weight)
+            self._activate(names[j] if config.text_encoder_lora else None, style, config.style_lora_weight)
             e, p = self._encode(prompt, negatives[j], device)
             embeds.append(e)
             pooled.append(p)

@@ -128,6 +128,13 @@ class CLoRA(Method):
         temperature: NT-Xent temperature (0.5). apply_mask_after: masks from this step on (before: all ones).
         record_uncond: average the unconditional half into the maps (official parity; default off).
         record_layers: selector of the recorded cross-attention layers (default: 1/32 of the image).
+        text_encoder_lora: each branch's prompt is encoded with its LoRA in the text encoder too (the official
+            notebook; the official code's default is off). The style LoRA always is.
+
+    Defaults, each from the spec's table (§4): ``max_iter_to_alter=25`` is the paper's (official code 30, notebook
+    50); ``iterative_steps=(0, 10, 20)`` and ``mask_threshold=0.3`` as the notebook and code; latent updates are on
+    whenever concepts are given (the code's ``latent_update`` defaults to off, the notebook's to on). A concept named
+    in only one prompt is only a negative, as official.
     """
 
     step_size: float = field(default=20.0, metadata={"help": "clora: latent update step"})
@@ -140,6 +147,7 @@ class CLoRA(Method):
     record_uncond: bool = field(default=False, metadata={"help": "clora: average the uncond half into the maps"})
     record_layers: object = field(default=None, metadata={"help": "clora: recorded cross-attention layers"})
     style_lora_weight: float = field(default=1.0, metadata={"help": "clora: weight of the style LoRA"})
+    text_encoder_lora: bool = field(default=True, metadata={"help": "clora: each branch's LoRA also in its text encoder"})
 
     name = "clora"
     families = ("sd", "sdxl")
