@@ -129,3 +129,13 @@ def test_reference_methods_refuse_a_step_window_past_the_last_step_and_repeated_
     with pytest.raises(AttnCtrlError, match="cat repeated"):
         MagicFacePipeline.from_pipe(pipe)("a cat and a cat", references=[ref, ref], ref_words=["cat", "cat"],
                                           num_inference_steps=3)
+
+
+def test_irdiffusion_refuses_repeated_subject_words():
+    from conftest import tiny
+
+    from attnctrl.pipelines import IRDiffusionPipeline, Subject
+
+    ir = IRDiffusionPipeline.from_pipe(tiny("sd15"))
+    with pytest.raises(AttnCtrlError, match="cat repeated"):
+        ir("a cat and a cat", subjects=[Subject("cat", prompt="a cat"), Subject("cat", prompt="a black cat")])
