@@ -17,7 +17,7 @@ tensor). ``mask_mode="multiply"`` is the paper's form ``softmax(M_w * QK^T)``: r
 prediction). Reference rows, cross-attention and every other layer are untouched (bit for bit).
 
 Decisions on the official quirks (spec §5): masks binarise at > 127 (the official exact-255 rule is
-``Reference(mask_threshold=254)``); references keep their aspect ratio (``fit="stretch"`` is the official nearest
+``Reference(mask_threshold=254)``); references keep their aspect ratio (``fit="stretch"`` is the official torch-nearest
 stretch); reference noise is seeded; the additive code form is the default. Masks go to 128 x 128 and then to each
 layer with ``nearest``, as the official code.
 """
