@@ -139,3 +139,12 @@ def test_irdiffusion_refuses_repeated_subject_words():
     ir = IRDiffusionPipeline.from_pipe(tiny("sd15"))
     with pytest.raises(AttnCtrlError, match="cat repeated"):
         ir("a cat and a cat", subjects=[Subject("cat", prompt="a cat"), Subject("cat", prompt="a black cat")])
+
+
+def test_a_generation_that_fails_leaves_no_empty_output_folder(files):
+    out = files / "fresh"
+    ref = f"{files / 'star.png'}:{files / 'mask.png'}:a red square"
+    result = CliRunner().invoke(cli, ["generate", "-m", "tiny-sd15", "--method", "magicface", "-p", "a cat and a dog",
+                                      "--ref", ref, "--ref", ref, "--ref-words", "cat", "--steps", "1", "-o", str(out)])
+    assert result.exit_code != 0 and "ref_words" in result.output and "Traceback" not in result.output
+    assert not out.exists()

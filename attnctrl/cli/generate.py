@@ -167,7 +167,7 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
         value = value if value is not None else defaults.get(name)
         if value is not None:
             if value % 8:
-                raise AttnCtrlError(f"--{name} must be a multiple of 8, got {value}")
+                raise AttnCtrlError(f"{name} must be a multiple of 8, got {value}")
             kwargs[name] = value
     if request.num_frames is not None:
         if not is_video:
@@ -177,6 +177,7 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
     inputs = MethodInputs(list(request.prompts), list(request.references), list(request.subjects),
                           list(request.loras), request.composition)
     prepared = prepare(pipe, request.method, inputs, plugins=request.plugins)
+    fresh = not request.output.exists()
     writable_folder(request.output)
     counter = _next_counter(request.output)
     try:
@@ -204,3 +205,5 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
                 yield Output(path, "artifact", seed, name)
     finally:
         prepared.close()
+        if fresh and not any(request.output.iterdir()):  # a failed first generation leaves no empty folder
+            request.output.rmdir()
