@@ -193,6 +193,24 @@ def test_down_variant_registers_spatial_weight_with_the_official_key():
     assert not any("spatial_weight" in k for k in pipe.transformer.state_dict())
 
 
+def test_spatial_weights_load_in_the_official_and_the_square_layout(tmp_path):
+    """The official file stores ``spatial_weight`` as ``(1, 1, 1, f, 1, f, 1)``; our older files as ``(f, f)``."""
+    from safetensors.torch import save_file
+
+    pipe = tiny("flux")
+    params = pipe.transformer.state_dict()
+    keys = clear_weight_keys(pipe.transformer, 2)
+    grid = torch.arange(4.0).reshape(2, 2) / 6
+    for shape in ((1, 1, 1, 2, 1, 2, 1), (2, 2)):
+        state = {k: (grid.reshape(shape) if k.endswith("spatial_weight") else params[k]).clone() for k in keys}
+        path = tmp_path / f"clear-{len(shape)}.safetensors"
+        save_file(state, str(path))
+        with attnctrl.apply(pipe, CLEAR(radius=2, down_factor=2, weights=str(path))) as h:
+            proc = next(iter(h.processors.values()))
+            assert proc.spatial_weight.shape == (1, 1, 1, 2, 1, 2, 1)
+            assert torch.equal(proc.spatial_weight.detach().reshape(2, 2), grid)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"radius": 0.5}, "radius"), ({"down_factor": 0}, "down_factor"), ({"backend": "cuda"}, "backend"),
     ({"weights": "/no/such.safetensors"}, "does not exist"),

@@ -54,7 +54,8 @@ class CLEARAttnProcessor(AttnCtrlProcessor, torch.nn.Module):
         self.backend = config.backend
         self.proportional = config.proportional_attention
         f = int(config.down_factor)
-        self.spatial_weight = torch.nn.Parameter(torch.full((f, f), 1.0 / (f * f))) if f > 1 else None
+        # the official parameter shape (1, 1, 1, f, 1, f, 1), so released and distilled files load both ways
+        self.spatial_weight = torch.nn.Parameter(torch.full(_official_shape(f), 1.0 / (f * f))) if f > 1 else None
 
     def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
         if attention_mask is not None:
@@ -69,7 +70,8 @@ class CLEARAttnProcessor(AttnCtrlProcessor, torch.nn.Module):
         h, w = grid
         pooled = 0
         if self.spatial_weight is not None:
-            weight = self.spatial_weight
+            f = self.spatial_weight.shape[3]
+            weight = self.spatial_weight.reshape(f, f)
             pk = pool_keys(key[:, :, text_len:], h, w, weight)
             pv = pool_keys(value[:, :, text_len:], h, w, weight)
             key, value = torch.cat([key, pk], dim=2), torch.cat([value, pv], dim=2)
@@ -104,6 +106,11 @@ def _read(path: str) -> dict[str, torch.Tensor]:
         raise AttnCtrlError(f"cannot read CLEAR weights {path}: {str(e).splitlines()[0]}") from e
 
 
+def _official_shape(f: int) -> tuple[int, ...]:
+    """The official ``spatial_weight`` shape: it multiplies keys unflattened to ``(B, heads, H/f, f, W/f, f, d)``."""
+    return (1, 1, 1, f, 1, f, 1)
+
+
 def load_clear_weights(transformer: torch.nn.Module, path: str, down_factor: int = 1) -> tuple[dict, dict]:
     """Check a released/distilled CLEAR file against ``transformer``; returns ``(projections, spatial_weights)``.
 
@@ -129,14 +136,15 @@ def load_clear_weights(transformer: torch.nn.Module, path: str, down_factor: int
     if missing:
         raise AttnCtrlError(f"{path} lacks {len(missing)} CLEAR projection weights, e.g. {missing[0]!r}")
     if spatial and down_factor == 1:
-        f = next(iter(spatial.values())).shape[0]
+        f = round(next(iter(spatial.values())).numel() ** 0.5)
         raise AttnCtrlError(f"{path} holds down-sampled CLEAR weights: pass down_factor={f}")
     if down_factor > 1:
         want = clear_weight_keys(transformer, down_factor)[len(clear_weight_keys(transformer)):]
         lacking = [k for k in want if k not in spatial]
         if lacking:
             raise AttnCtrlError(f"{path} lacks spatial_weight for down_factor={down_factor}, e.g. {lacking[0]!r}")
-        bad = [k for k in want if tuple(spatial[k].shape) != (down_factor, down_factor)]
+        shapes = ((down_factor, down_factor), _official_shape(down_factor))  # ours before, and the official
+        bad = [k for k in want if tuple(spatial[k].shape) not in shapes]
         if bad:
             raise AttnCtrlError(f"{path}: {bad[0]} is not {down_factor}x{down_factor}; check down_factor")
     return projections, spatial
@@ -224,5 +232,5 @@ class CLEAR(Method):
                 processor.to(device=param.device, dtype=param.dtype)
             if key in state.spatial:
                 with torch.no_grad():
-                    processor.spatial_weight.copy_(state.spatial[key])
+                    processor.spatial_weight.copy_(state.spatial[key].reshape(processor.spatial_weight.shape))
         return processor
