@@ -173,7 +173,8 @@ class IRDiffusionPipeline(ReferencePipeline):
         return getattr(self, "last_subject_masks", None)
 
     def _attention_mask(self, prompts: list[str], words: list[str], generators, kwargs) -> torch.Tensor:
-        """Generate ``prompts`` plainly and return, per prompt, the Otsu-binarised cross-attention map of its word."""
+        """Generate ``prompts`` plainly and return, per word, the Otsu-binarised cross-attention map of the word in
+        its prompt (one prompt per word, or one prompt for all the words: the layout is generated once)."""
         height, width = kwargs["height"], kwargs["width"]
         plain = {k: v for k, v in kwargs.items() if k in ("num_inference_steps", "guidance_scale", "negative_prompt",
                                                           "height", "width")}
@@ -181,9 +182,10 @@ class IRDiffusionPipeline(ReferencePipeline):
         with apply(self.pipe, AttentionMaps(words=tuple(dict.fromkeys(words)))) as maps:
             out = self.pipe(prompts, generator=generators, **plain)
             for i, word in enumerate(words):
-                heat = torch.as_tensor(maps.heat_maps([word], index=i, size=(height, width))[word])
+                k = i if len(prompts) > 1 else 0
+                heat = torch.as_tensor(maps.heat_maps([word], index=k, size=(height, width))[word])
                 masks.append(binarize(heat, "otsu"))
-                images.append(out.images[i])
+                images.append(out.images[k])
         return images, torch.stack(masks)
 
     def __call__(self, prompt: str, subjects=(), reference_seed: int | None = None, **kwargs):
@@ -215,8 +217,8 @@ class IRDiffusionPipeline(ReferencePipeline):
             seed += attempt > 0
             trial = list(regions)
             if laid_out:
-                _, layout = self._attention_mask([prompt] * len(subjects), [s.word for s in subjects],
-                                                 [torch.Generator().manual_seed(seed) for _ in subjects], kwargs)
+                _, layout = self._attention_mask([prompt], [s.word for s in subjects],
+                                                 [torch.Generator().manual_seed(seed)], kwargs)
                 trial = [r if r is not None else layout[i] for i, r in enumerate(regions)]
             target = disjoint(torch.stack(trial))
             kept = [float(target[i].sum() / max(float((trial[i] > 0.5).sum()), 1.0)) for i in range(len(subjects))]
