@@ -17,6 +17,7 @@ resolved in favour of the larger one (the official post-processing); a region le
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,7 @@ class IRRun(ReferenceRun):
 
 def _region_mask(region, height: int, width: int, index: int) -> torch.Tensor:
     label = f"subject {index + 1}"
-    if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(c, (int, float)) for c in region):
+    if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(c, numbers.Real) for c in region):
         try:
             mask = box_mask(region, (height, width))
         except AttnCtrlError as e:

@@ -31,6 +31,7 @@ after the two warm-up updates. Not kept: the warm-up's x0-predictions outside th
 
 from __future__ import annotations
 
+import numbers
 import time
 
 import numpy as np
@@ -57,7 +58,7 @@ def composition_geometry(background, reference, reference_mask, location, height
     A location box in pixels is in the background's pixels (it is scaled with the background); fractions and masks
     are relative to the image."""
     bg = _load_image(background, "background")
-    if isinstance(location, (tuple, list)) and len(location) == 4 and all(isinstance(c, (int, float)) for c in location):
+    if isinstance(location, (tuple, list)) and len(location) == 4 and all(isinstance(c, numbers.Real) for c in location):
         if not is_fraction_box(location):
             sx, sy = width / bg.width, height / bg.height
             location = (location[0] * sx, location[1] * sy, location[2] * sx, location[3] * sy)
