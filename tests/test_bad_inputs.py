@@ -50,6 +50,9 @@ def test_reference_and_subject_specs(files):
     with pytest.raises(AttnCtrlError, match="not valid UTF-8"):
         parse_subject("star=a star \udcff", 0)
     assert parse_subject("star=a photo of a star@0,0,0.5,1", 0).prompt == "a photo of a star"
+    assert parse_subject("star=a red/green star", 0).prompt == "a red/green star"  # a slash in a prompt
+    with pytest.raises(AttnCtrlError, match="does not exist"):
+        parse_subject("star=imgs/star", 0)
 
 
 def test_boxes_and_masks():

@@ -86,7 +86,9 @@ def split_spec(spec: str, parts: int) -> list[str]:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.lower().endswith(_IMAGE_SUFFIXES) or "/" in text or "\\" in text
+    """An image suffix, or a folder separator in a word without spaces ("a red/green star" is a prompt)."""
+    text = text.strip()
+    return text.lower().endswith(_IMAGE_SUFFIXES) or (("/" in text or "\\" in text) and not any(c.isspace() for c in text))
 
 
 def check_text(text: str, label: str) -> str:
