@@ -248,17 +248,6 @@ def test_reference_training_draws_same_look_references_and_drops_their_look_word
     assert drawn > 20
     assert _drop_looks("a small striped green star on the left and a red square", [2, 3, 4, 5]) == \
         "a small star on the left and a red square"
-    # --object-weight: the loss weighs W inside each referenced target object (flipped with it), 1 elsewhere
-    trainer.cfg = TrainConfig(pool_size=512, reference_fraction=0.5, reference_object_weight=4.0)
-    flip = torch.arange(16) % 2 == 1
-    weights = trainer._object_weights(refs, idx, flip, (16, 16))
-    assert weights.shape == (16 + len(refs["sources"]), 16, 16) and torch.all(weights[16:] == 1)
-    for b, s in (slots >= 0).nonzero().tolist():
-        mask = trainer.masks[int(idx[b]), refs["sources"][int(slots[b, s])][2]].float() / 255
-        mask = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], (16, 16))[0, 0]
-        inside = (mask.flip(-1) if flip[b] else mask) > 0.99
-        assert torch.all(weights[b][inside] >= 4 - 1e-6)
-    assert torch.all(weights[:16][(slots < 0).all(1)] == 1)  # rows without references: the plain loss
 
 
 def test_grounding_refuses_a_pool_built_without_object_masks(tmp_path):

@@ -202,10 +202,8 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
 @click.option("--references", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
               help="Fraction of each batch trained with in-context references (objects named without their look "
               "copy it from a masked reference in the decoder self-attention).  [default: 0]")
-@click.option("--object-weight", "object_weight", type=click.FloatRange(1), default=None, metavar="W",
-              help="Loss weight inside the objects a reference carries (their patterns weigh more).  [default: 1]")
 def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, look_alike, grounding,
-              references, object_weight) -> None:
+              references) -> None:
     """Train the toyworld text-to-image model on CPU, from scratch or from a saved model (--init)."""
     _quiet_libraries()
     from ..models.toyworld.train import train
@@ -228,8 +226,6 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, l
         overrides["grounding_weight"] = grounding
     if references is not None:
         overrides["reference_fraction"] = references
-    if object_weight is not None:
-        overrides["reference_object_weight"] = object_weight
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
     except (FileExistsError, FileNotFoundError, ValueError) as e:

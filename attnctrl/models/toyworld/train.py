@@ -76,9 +76,6 @@ class TrainConfig:
     # scene lose their look words and a pool scene holding an object of the same look and shape is put in the decoder
     # self-attention as a masked reference, so looks are copied from references as SD copies them; 0 = off.
     reference_fraction: float = 0.0
-    # Loss weight inside the objects whose looks a reference carries (1 = the plain loss): their details (patterns,
-    # a small share of the pixels) weigh more in the error of copying from the reference.
-    reference_object_weight: float = 1.0
     # Scaled-linear betas end at 0.02, not SD's 0.012: at SD's end a 16x16x4 latent keeps enough signal at t = 999
     # (sqrt(alpha_bar) = 0.068) for the model to read the layout from x_t and all but ignore the caption at the
     # highest noise levels (measured in docs/toyworld.md).
@@ -436,17 +433,6 @@ class _Trainer:
                 "masks": torch.where(flip[:, None, None], masks.flip(-1), masks), "captions": ref_captions,
                 "sources": sources}
 
-    def _object_weights(self, refs: dict, idx: torch.Tensor, flip: torch.Tensor, grid) -> torch.Tensor:
-        """``(B', h, w)`` loss weights: ``reference_object_weight`` inside each target object a reference carries
-        (at the latent grid, flipped with its target), 1 elsewhere and on the reference rows."""
-        out = torch.ones(len(idx) + len(refs["sources"]), *grid)
-        for b, s in (refs["slots"] >= 0).nonzero().tolist():
-            mask = self.masks[int(idx[b]), refs["sources"][int(refs["slots"][b, s])][2]].float() / 255
-            mask = F.adaptive_avg_pool2d(mask[None, None], tuple(grid))[0, 0]
-            mask = mask.flip(-1) if flip[b] else mask
-            out[b] += (self.cfg.reference_object_weight - 1) * mask
-        return out
-
     def _latents(self, idx: torch.Tensor, flip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scaled latents of pool scenes ``idx`` sampled from their cached VAE posteriors, flipped where ``flip``."""
         mean, logvar = self.lat_mean[idx].float(), self.lat_logvar[idx].float()
@@ -568,10 +554,7 @@ class _Trainer:
             pred = self.unet(noisy, t, context).sample
             if references is not None:
                 references.plan = None
-            error = F.mse_loss(pred, noise, reduction="none").mean(1)  # (B', h, w)
-            if refs is not None and cfg.reference_object_weight != 1:
-                error = error * self._object_weights(refs, idx, flip, error.shape[-2:])
-            loss = (error.mean((1, 2)) * weights[t]).mean()
+            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
             if recorder is not None:
                 masks = self.masks[idx].float() / 255
                 masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
