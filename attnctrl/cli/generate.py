@@ -149,12 +149,11 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
     is_video = "num_frames" in defaults
     for i, prompt in enumerate(request.prompts):
         check_text(prompt, "the prompt" if len(request.prompts) == 1 else f"prompt {i + 1}")
-    if request.negative_prompt:
-        check_text(request.negative_prompt, "the negative prompt")
     if request.guidance is not None and not math.isfinite(request.guidance):
         raise AttnCtrlError(f"--guidance must be a finite number, got {request.guidance}")
     kwargs = {"prompt": request.prompts[0]}
     if request.negative_prompt:
+        check_text(request.negative_prompt, "the negative prompt")
         if "negative_prompt" not in defaults:
             raise AttnCtrlError(f"{type(pipe).__name__} does not take a negative prompt")
         kwargs["negative_prompt"] = request.negative_prompt

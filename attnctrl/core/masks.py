@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from .errors import AttnCtrlError
 
 __all__ = [
-    "is_fraction_box",
     "MaskError",
     "load_mask",
     "resize_mask",
     "binarize",
     "otsu_threshold",
     "gaussian_blur",
+    "is_fraction_box",
     "box_mask",
     "mask_box",
     "flat_indices",

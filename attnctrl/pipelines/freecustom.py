@@ -87,6 +87,13 @@ class ReferencePipeline(MethodPipeline):
 
     run_class = ReferenceRun
 
+    @staticmethod
+    def _distinct(words, what: str) -> None:
+        """One concept per word: a clear error naming the repeated ``words``."""
+        repeated = sorted({w for w in words if list(words).count(w) > 1})
+        if repeated:
+            raise AttnCtrlError(f"{what} must differ (one concept per word): {', '.join(repeated)} repeated")
+
     def _validate(self, config, prompt: str, references) -> object:
         """Method-specific checks before any work (MagicFace resolves its words here)."""
         return None

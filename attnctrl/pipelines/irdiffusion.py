@@ -202,9 +202,7 @@ class IRDiffusionPipeline(ReferencePipeline):
             token_indices(self.pipe.tokenizer, prompt, s.word)  # the word must be in the scene prompt
             if s.reference is None and not s.prompt:
                 raise AttnCtrlError(f"subject {i + 1} ({s.word}): give a reference image or a reference prompt")
-        repeated = sorted({s.word for s in subjects if [t.word for t in subjects].count(s.word) > 1})
-        if repeated:
-            raise AttnCtrlError(f"subjects must have different words: {', '.join(repeated)} repeated")
+        self._distinct([s.word for s in subjects], "subject words")
         height, width = self._size(kwargs)
         kwargs.update(height=height, width=width)
         generator = kwargs.get("generator")

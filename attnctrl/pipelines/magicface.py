@@ -141,9 +141,7 @@ class MagicFacePipeline(ReferencePipeline):
                 f"ref_words must name one word of the prompt per reference: {len(words)} word(s) for "
                 f"{len(references)} reference(s)"
             )
-        repeated = sorted({w for w in words if words.count(w) > 1})
-        if repeated:
-            raise AttnCtrlError(f"ref_words must differ (one concept per word): {', '.join(repeated)} repeated")
+        self._distinct(words, "ref_words")
         tokens = []
         for i, word in enumerate(words):
             try:

@@ -241,14 +241,12 @@ class PrimeComposerPipeline(MethodPipeline):
         z = L_bg[0] * (1 - B) + B * (M * start + (1 - M) * noise)
         state = PrimeState(obj, box, rca)
         handle = apply(pipe, _Bound(config=config, run=state, processor=PrimeComposerAttnProcessor))
-        carried = {}  # step -> the canvas the CD ran on: L_ref[step] carrying the pre-update object (official)
         latest = [z]  # the generator latent before the update now being evaluated
 
         def eps_fn(x, i, t):
             state.inject = i < A
             if state.inject:  # correlation diffuser on the canvas carrying the pre-update object pixels (§6.1)
                 R = L_ref[0] if i < 2 else M * latest[0] + (1 - M) * L_ref[i]  # warm-up NFEs: L_ref[0] as is
-                carried[i] = R
                 state.mode = "cd"
                 self._unet(torch.cat([R, R]), t, embeds, pooled, size)
             state.mode = "gen"
@@ -259,8 +257,8 @@ class PrimeComposerPipeline(MethodPipeline):
             return eps_u + guidance * (eps_c - eps_u)
 
         def blend(s, x, before):
-            if 2 <= s < C:  # official: the object from L_ref[s] as the CD left it (frozen while s < A)
-                source = carried.get(s, L_ref[s]) if freeze_object else L_ref[s]
+            if 2 <= s < C:  # official: the object from L_ref[s] as the CD left it, i.e. the pre-update object while
+                source = before if freeze_object and s < A else L_ref[s]  # the CD runs (frozen), else the inversion
                 x = (M * source + (1 - M) * L_bg[s]) * B + L_bg[s] * (1 - B)
             elif 2 <= s < Bs:  # the box keeps the generator latent; the warm-up steps 0-1 are not blended
                 x = x * B + L_bg[s] * (1 - B)
