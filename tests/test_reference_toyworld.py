@@ -1,8 +1,9 @@
 """Effect of the reference methods on the trained toyworld model (FreeCustom, MagicFace, IR-Diffusion): the checker
 finds the references' colours on the generated subjects far more often with the method than without, same seeds
-(patterns are not transferred on this model: see docs/methods/freecustom.md).
+(patterns are not transferred on this model: see docs/methods/freecustom.md), and with IR-Diffusion one subject's
+named look no longer leaks onto the other.
 
-The prompts name shapes and places, never looks; the references are the shipped examples (a striped green star, a
+The prompts name shapes and places, not looks (but for the leakage test); the references are the shipped examples (a striped green star, a
 dotted blue square, each drawn in a scene, with its mask). ``benchmarks/reference_toyworld.py`` prints the same
 figures (and a few more).
 """
@@ -56,11 +57,24 @@ def test_magicface_binds_each_reference_to_its_word():
         (with_method, without)
 
 
+SUBJECTS = [Subject("star", reference=reference_of(STAR, "on the left"), region=(0, 8, 32, 56)),
+            Subject("square", reference=reference_of(SQUARE, "on the right"), region=(32, 8, 64, 56))]
+
+
 def test_irdiffusion_gives_each_subject_its_references_look_and_swaps_none():
     ir = IRDiffusionPipeline.from_pipe(toyworld())
-    subjects = [Subject("star", reference=reference_of(STAR, subject_only=True), region=(0, 8, 32, 56)),
-                Subject("square", reference=reference_of(SQUARE, subject_only=True), region=(32, 8, 64, 56))]
-    ours = pair_rates(images(lambda g: ir(TWO, subjects=subjects, generator=g, **SETTINGS).images[0], 16),
+    ours = pair_rates(images(lambda g: ir(TWO, subjects=SUBJECTS, generator=g, **SETTINGS).images[0], 16),
                       STAR, SQUARE)
     without = pair_rates(plain(TWO, 16), STAR, SQUARE)
     assert ours["each"] >= without["each"] + 0.375 and ours["leak"] <= without["leak"], (ours, without)
+
+
+def test_irdiffusion_keeps_one_subjects_named_look_off_the_other():
+    """The attribute leakage IR-Diffusion exists to remove: a prompt naming the star's look draws the square in the
+    star's green (plain generation: every seed); with the subjects' references, no seed."""
+    prompt = "a striped green star on the left and a square on the right"
+    ir = IRDiffusionPipeline.from_pipe(toyworld())
+    ours = pair_rates(images(lambda g: ir(prompt, subjects=SUBJECTS, generator=g, **SETTINGS).images[0], 16),
+                      STAR, SQUARE)
+    without = pair_rates(plain(prompt, 16), STAR, SQUARE)
+    assert ours["leak"] <= without["leak"] - 0.5, (ours, without)

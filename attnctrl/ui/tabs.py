@@ -258,7 +258,7 @@ def _tab(app: App, key: str, name: str | None):
                 with gr.Row():
                     words.append(gr.Textbox(label=f"Subject {i + 1} word"))
                     prompts.append(gr.Textbox(label=f"Subject {i + 1} reference prompt",
-                                              placeholder="the subject only, no position: a striped green star"))
+                                              placeholder="the subject where it goes: a striped green star on the left"))
                     regions.append(gr.Textbox(label=f"Subject {i + 1} region", placeholder="0,0,0.5,1"))
                 editors.append(_editor(f"Subject {i + 1} reference image (optional)"))
         lam = gr.Slider(0, 1, 0.9, step=0.05, label="Mutual attention weight (lambda)")
@@ -267,7 +267,7 @@ def _tab(app: App, key: str, name: str | None):
         if "striped-green-star" in refs:
             examples = [["a star on the left and a circle on the right", "star", "circle", "",
                          _example_editor(app, "striped-green-star"), EMPTY, EMPTY,
-                         "a striped green star", "a hollow pink circle", "",
+                         "a striped green star on the left", "a hollow pink circle on the right", "",
                          "0,0,0.5,1", "0.5,0,1,1", "", 0.9, ""]]
     elif key == "clora":
         gr.Markdown("Compose LoRAs, one concept each: upload each LoRA with its trigger word (e.g. `sks dog`) and "

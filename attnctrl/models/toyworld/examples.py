@@ -60,12 +60,13 @@ def shipped_references() -> dict[str, dict]:
     return {e["name"]: e for e in json.loads((SHIPPED / "examples.json").read_text()) if "image" in e}
 
 
-def reference_of(example: dict, subject_only: bool = False):
-    """An :class:`attnctrl.Reference` of a shipped example; its prompt is the scene's caption, or with
-    ``subject_only`` the subject alone ("a striped green star")."""
+def reference_of(example: dict, place: str | None = None):
+    """An :class:`attnctrl.Reference` of a shipped example; its prompt is the scene's caption, or with ``place`` the
+    subject alone where it goes in the target ("a striped green star on the left": IR-Diffusion's reference
+    prompts)."""
     from ...pipelines.reference import Reference
 
-    prompt = f"a {example['pattern']} {example['colour']} {example['shape']}" if subject_only else example["prompt"]
+    prompt = f"a {example['pattern']} {example['colour']} {example['shape']} {place}" if place else example["prompt"]
     return Reference(SHIPPED / example["image"], SHIPPED / example["mask"], prompt=prompt)
 
 
