@@ -5,7 +5,8 @@
 Over the fixed sets of :func:`attnctrl.models.toyworld.bench.benchmark_captions` (32 single-object and 64
 two-object captions, every object a colour-shape combination never drawn in training), one image per caption
 (seed = its index), scored by the pixel-rule checker: the fraction of objects with the right colour, shape, side
-and pattern, and of images with everything right; on 32 look-alike captions (2-3 objects, no look named:
+and pattern (also over the striped, dotted and hollow objects alone: a plain object drawn plain counts as a right
+pattern), and of images with everything right; on 32 look-alike captions (2-3 objects, no look named:
 :func:`~attnctrl.models.toyworld.bench.evaluate_look_alike`), how often all are drawn in one colour. Then the time of one 25-step generation at the model's native
 size (best of 3), as a newcomer's first ``attnctrl generate`` runs it.
 """
@@ -33,11 +34,17 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     print(f"toyworld benchmark: {a.model}, {a.steps} steps, guidance {a.guidance}, "
           f"{torch.get_num_threads()} CPU threads")
+
+    def patterned(r):
+        n = r["patterned_objects"]
+        return f"striped/dotted/hollow ones {r['patterned']:.0%} of {n}" if n else "no striped/dotted/hollow ones"
+
     for name, captions in benchmark_captions().items():
         captions = captions[: a.limit] if a.limit else captions
         r = evaluate(pipe, captions, steps=a.steps, guidance=a.guidance)
         print(f"  {name:<6} {r['images']:3d} images, {r['objects']:3d} objects: colour {r['colour']:.0%}  "
-              f"shape {r['shape']:.0%}  side {r['side']:.0%}  pattern {r['pattern']:.0%}  found {r['found']:.0%}  "
+              f"shape {r['shape']:.0%}  side {r['side']:.0%}  pattern {r['pattern']:.0%} ({patterned(r)})  "
+              f"found {r['found']:.0%}  "
               f"all right {r['all']:.0%}   ({r['seconds_per_image']:.2f} s/image in batches of 8)")
     r = evaluate_look_alike(pipe, n=a.limit or 32, steps=a.steps, guidance=a.guidance)
     print(f"  look-alike {r['images']:3d} images (2-3 objects, no look named): all in one colour {r['same']:.0%}  "

@@ -375,3 +375,41 @@ def test_clora_example_job_uses_the_64px_settings():
 
     job = json.loads((Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "jobs" / "clora.jsonl").read_text())
     assert job["options"] == CLORA_SETTINGS  # the job spells out the settings the benchmark and the app use
+
+
+def test_texture_energies_ignore_the_phase_of_a_pattern_but_not_the_pattern():
+    from attnctrl.models.toyworld.decoder import decoder_loss, texture_energies
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def stripes(shift):
+        return (((xx + yy + shift) % 6) < 2.6).float().expand(1, 3, 64, 64) * 2 - 1
+
+    def gap(a, b):
+        return sum(float((p - q).abs().mean()) for p, q in zip(texture_energies(a), texture_energies(b)))
+
+    plain, dots = torch.zeros(1, 3, 64, 64), (((xx % 6 - 3) ** 2 + (yy % 6 - 3) ** 2) < 1.6**2).float()
+    assert gap(stripes(0), stripes(3)) < 0.05 * gap(stripes(0), plain)  # another phase: nearly the same energy
+    assert gap(stripes(0), dots.expand(1, 3, 64, 64) * 2 - 1) > 0.2 * gap(stripes(0), plain)  # dots differ
+    loss, parts = decoder_loss(stripes(3), stripes(0))
+    assert parts["texture"] < 0.05 * decoder_loss(plain, stripes(0))[1]["texture"] and loss.item() > 0
+
+
+def test_decoder_fine_tune_changes_only_the_decoder(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnctrl.models.loading import model_folder
+    from attnctrl.models.toyworld.decoder import finetune_decoder
+
+    out = finetune_decoder("toyworld", tmp_path / "m", minutes=5, pool_size=8, batch=4, max_steps=2, log=lambda s: None)
+    src = model_folder("toyworld")
+    old, new = (load_file(next((f / "vae").glob("*.safetensors"))) for f in (src, out))
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    for part in ("unet", "text_encoder"):
+        a, b = (load_file(next((f / part).glob("*.safetensors"))) for f in (src, out))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "attnctrl.json").read_text())["decoder_finetunes"][-1]["steps"] == 2
+    with pytest.raises(FileExistsError):
+        finetune_decoder("toyworld", out, max_steps=1, pool_size=2)

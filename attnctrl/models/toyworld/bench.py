@@ -59,7 +59,7 @@ def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, 
              batch: int = 8, progress: bool = False) -> dict:
     """Generate one image per caption (seed ``seed + i``) and score them. Returns fractions and timings."""
     totals = {"colour": 0, "shape": 0, "side": 0, "pattern": 0, "found": 0}
-    objects = images_ok = 0
+    objects = images_ok = patterned = patterned_right = 0
     started = time.perf_counter()
     for i, image in enumerate(_generate(pipe, captions, steps, guidance, seed, batch)):
         result = score(image, captions[i])
@@ -68,12 +68,17 @@ def evaluate(pipe, captions: list[str], steps: int = 25, guidance: float = 5.0, 
             objects += 1
             for key in totals:
                 totals[key] += obj[key]
+            if obj["expected"]["pattern"] != "plain":  # "pattern" alone counts plain-drawn plain objects too
+                patterned += 1
+                patterned_right += obj["pattern"]
         if progress and ((i + 1) % batch == 0 or i + 1 == len(captions)):
             print(f"  {i + 1}/{len(captions)}", flush=True)
     seconds = time.perf_counter() - started
     return {
         **{k: v / max(1, objects) for k, v in totals.items()},
         "all": images_ok / max(1, len(captions)),
+        "patterned": patterned_right / patterned if patterned else None,  # over striped/dotted/hollow objects
+        "patterned_objects": patterned,
         "objects": objects,
         "images": len(captions),
         "seconds_per_image": seconds / max(1, len(captions)),
