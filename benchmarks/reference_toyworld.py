@@ -2,13 +2,13 @@
 
     python benchmarks/reference_toyworld.py [--seeds 8] [--steps 25] [--model M] [--only freecustom,magicface,irdiffusion]
 
-References are the shipped examples (``assets/examples``): a striped green star and a dotted blue square, each
-drawn in a scene, with its mask. Prompts name no look, only shapes and places, as the toyworld captions do. Every
+References are the shipped examples (``assets/examples``): a striped green star, a dotted blue square, a hollow pink
+circle and a striped purple cross, each drawn in a scene, with its mask. Prompts name no look, only shapes and places, as the toyworld captions do. Every
 figure is a fraction over the seeds, with and without the method, same seeds
 (:func:`~attnctrl.models.toyworld.examples.took_look`, :func:`~attnctrl.models.toyworld.examples.pair_rates`):
 
-* ``freecustom``: prompt "a star in the middle" (or "a square ..."); how often the largest object drawn is a star
-  with the reference's colour, and with its colour and pattern;
+* ``freecustom``: each of the four shipped references, prompt "a <its shape> in the middle"; how often the largest
+  object drawn is that shape in the reference's colour, and with its colour and pattern;
 * ``magicface``: two references, prompt "a star on the left and a square on the right" with
   ``ref_words=["star", "square"]``;
 * ``irdiffusion``: two subjects with references and target boxes (star left half, square right half), 2x the seeds
@@ -64,7 +64,7 @@ def main() -> None:
     seeds = range(args.seeds)
     if "freecustom" in only:
         fc = FreeCustomPipeline.from_pipe(pipe)
-        for example in (star, square):
+        for example in ex.values():
             prompt = f"a {example['shape']} in the middle"
             report(f"freecustom {example['name']}", run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds),
                    run(lambda g, p=prompt, e=example: fc(p, references=[reference_of(e)], generator=g,

@@ -236,7 +236,7 @@ def test_toyworld_composite_leaves_everything_outside_the_box_exact():
     assert np.abs(np.asarray(image).astype(int) - background)[outside].max() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="open in the PrimeComposer issue: on the 180-, 250-, 320-, 390- and 465-minute toyworld "
+@pytest.mark.xfail(strict=True, reason="open in the PrimeComposer issue: on the 180-, 250-, 320-, 390- and 465-minute toyworld (also with its stage-7 decoder) "
                    "models the checker does not find the reference's green striped star in the box")
 def test_toyworld_object_lands_in_the_box():
     """On the trained model (same domain): the reference's colour and pattern inside the box."""

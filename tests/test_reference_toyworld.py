@@ -1,6 +1,6 @@
 """Effect of the reference methods on the trained toyworld model (FreeCustom, MagicFace, IR-Diffusion): the checker
 finds the references' colours on the generated subjects far more often with the method than without, same seeds
-(patterns are not transferred on this model: see docs/methods/freecustom.md), and with IR-Diffusion one subject's
+(patterns only partly: the striped purple cross's; see docs/methods/freecustom.md), and with IR-Diffusion one subject's
 named look no longer leaks onto the other.
 
 The prompts name shapes and places, not looks (but for the leakage test); the references are the shipped examples (a striped green star, a
@@ -37,13 +37,15 @@ def plain(prompt: str, seeds: int) -> list:
     return images(lambda g: pipe(prompt, generator=g, **SETTINGS).images[0], seeds)
 
 
-@pytest.mark.parametrize("example", [STAR, SQUARE], ids=lambda e: e["name"])
-def test_freecustom_gives_the_object_the_references_look(example):
+@pytest.mark.parametrize("example, look, margin", [(STAR, "shape+colour", 0.375), (SQUARE, "shape+colour", 0.375),
+                                                   (EXAMPLES["striped-purple-cross"], "shape+colour+pattern", 0.25)],
+                         ids=["star-colour", "square-colour", "cross-pattern"])
+def test_freecustom_gives_the_object_the_references_look(example, look, margin):
     prompt = f"a {example['shape']} in the middle"
     fc = FreeCustomPipeline.from_pipe(toyworld())
     ours = images(lambda g: fc(prompt, references=[reference_of(example)], generator=g, **SETTINGS).images[0], 8)
     with_method, without = took_look(ours, example), took_look(plain(prompt, 8), example)
-    assert with_method["shape+colour"] >= without["shape+colour"] + 0.375, (with_method, without)  # 3 images more
+    assert with_method[look] >= without[look] + margin, (with_method, without)  # 3 (2) of 8 images more
 
 
 def test_magicface_binds_each_reference_to_its_word():
