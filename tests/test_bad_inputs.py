@@ -95,6 +95,9 @@ def test_cli_output_folder_and_prompt_errors_come_before_any_work(files):
     result = runner.invoke(cli, ["generate", "-p", "a star", "--steps", "1", "--guidance", "nan", "-o",
                                  str(files / "out")])
     assert result.exit_code != 0 and "finite" in result.output
+    for prompt in ("", "   "):  # as the batch runner and the app
+        result = runner.invoke(cli, ["generate", "-p", prompt, "--steps", "1", "-o", str(files / "out")])
+        assert result.exit_code != 0 and "the prompt is empty" in result.output and not (files / "out").exists()
 
 
 def test_job_file_that_is_not_utf8(tmp_path):

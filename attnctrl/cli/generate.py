@@ -148,7 +148,9 @@ def run_generate(request: GenerateRequest, pipe=None) -> Iterator[Output]:
     defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
     is_video = "num_frames" in defaults
     for i, prompt in enumerate(request.prompts):
-        check_text(prompt, "the prompt" if len(request.prompts) == 1 else f"prompt {i + 1}")
+        label = "the prompt" if len(request.prompts) == 1 else f"prompt {i + 1}"
+        if not check_text(prompt, label).strip():  # as the batch runner and the app
+            raise AttnCtrlError(f"{label} is empty: write what to draw")
     if request.guidance is not None and not math.isfinite(request.guidance):
         raise AttnCtrlError(f"--guidance must be a finite number, got {request.guidance}")
     kwargs = {"prompt": request.prompts[0]}
