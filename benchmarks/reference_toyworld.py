@@ -3,8 +3,9 @@
     python benchmarks/reference_toyworld.py [--seeds 8] [--steps 25] [--model M] [--only freecustom,magicface,irdiffusion]
 
 References are the shipped examples (``assets/examples``): a striped green star, a dotted blue square, a hollow pink
-circle and a striped purple cross, each drawn in a scene, with its mask. Prompts name no look, only shapes and places, as the toyworld captions do. Every
-figure is a fraction over the seeds, with and without the method, same seeds
+circle and a striped purple cross, each drawn in a scene, with its mask. Prompts name shapes and places (and, for
+IR-Diffusion's leakage rows, one subject's look). Every figure is a fraction over the seeds, with and without the
+method, same seeds
 (:func:`~attnctrl.models.toyworld.examples.took_look`, :func:`~attnctrl.models.toyworld.examples.pair_rates`):
 
 * ``freecustom``: each of the four shipped references, prompt "a <its shape> in the middle"; how often the largest

@@ -8,6 +8,7 @@ raises :class:`MaskError` with a readable message.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ __all__ = [
     "binarize",
     "otsu_threshold",
     "gaussian_blur",
+    "is_box",
     "is_fraction_box",
     "box_mask",
     "mask_box",
@@ -170,6 +172,11 @@ def gaussian_blur(mask: torch.Tensor, sigma: float, kernel_size: int | None = No
     m = F.conv2d(F.pad(m, (pad, pad, 0, 0), mode=mode), k1.view(1, 1, 1, -1))
     m = F.conv2d(F.pad(m, (0, 0, pad, pad), mode=mode), k1.view(1, 1, -1, 1))
     return m.reshape(shape)
+
+
+def is_box(value) -> bool:
+    """Whether ``value`` is a box ``(x0, y0, x1, y1)``: a tuple or list of four real numbers (numpy's included)."""
+    return isinstance(value, (tuple, list)) and len(value) == 4 and all(isinstance(c, numbers.Real) for c in value)
 
 
 def is_fraction_box(box: Sequence[float]) -> bool:

@@ -17,7 +17,6 @@ resolved in favour of the larger one (the official post-processing); a region le
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError
-from ..core.masks import binarize, box_mask, load_mask, resize_mask
+from ..core.masks import binarize, box_mask, is_box, load_mask, resize_mask
 from ..core.tokens import token_indices
 from ..processors.attention_maps import AttentionMaps
 from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion
@@ -133,7 +132,7 @@ class IRRun(ReferenceRun):
 
 def _region_mask(region, height: int, width: int, index: int) -> torch.Tensor:
     label = f"subject {index + 1}"
-    if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(c, numbers.Real) for c in region):
+    if is_box(region):
         try:
             mask = box_mask(region, (height, width))
         except AttnCtrlError as e:

@@ -31,7 +31,6 @@ after the two warm-up updates. Not kept: the warm-up's x0-predictions outside th
 
 from __future__ import annotations
 
-import numbers
 import time
 
 import numpy as np
@@ -41,7 +40,7 @@ from PIL import Image
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError
-from ..core.masks import box_mask, is_fraction_box, load_mask, mask_box
+from ..core.masks import box_mask, is_box, is_fraction_box, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
 from .base import MethodPipeline
@@ -58,7 +57,7 @@ def composition_geometry(background, reference, reference_mask, location, height
     A location box in pixels is in the background's pixels (it is scaled with the background); fractions and masks
     are relative to the image."""
     bg = _load_image(background, "background")
-    if isinstance(location, (tuple, list)) and len(location) == 4 and all(isinstance(c, numbers.Real) for c in location):
+    if is_box(location):
         if not is_fraction_box(location):
             sx, sy = width / bg.width, height / bg.height
             location = (location[0] * sx, location[1] * sy, location[2] * sx, location[3] * sy)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loading import model_folder
+from .train import cosine_factor
 
 __all__ = ["texture_energies", "decoder_loss", "finetune_decoder"]
 
@@ -84,9 +84,8 @@ def finetune_decoder(model: str, out: str | Path, minutes: float = 14.0, pool: s
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         loss, parts = decoder_loss(vae.decode(z).sample, x, texture_weight)
-        frac = min(1.0, (time.perf_counter() - started) / (minutes * 60))
         for g in opt.param_groups:
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = lr * cosine_factor((time.perf_counter() - started) / (minutes * 60))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -194,6 +194,11 @@ def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet, info: dict | N
     return path
 
 
+def cosine_factor(progress: float) -> float:
+    """The learning-rate factor of toyworld's training runs: a cosine from 1 to 0.1 over ``progress`` in [0, 1]."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _swap_sides(caption: str) -> str:
     return caption.replace("left", "\0").replace("right", "left").replace("\0", "right")
 
@@ -456,7 +461,7 @@ class _Trainer:
             post = self.vae.encode(x).latent_dist
             rec = self.vae.decode(post.sample(generator=gen)).sample
             loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-            lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.elapsed / total))))
+            lr = cfg.vae_lr * cosine_factor(self.elapsed / total)
             for g in self.vae_opt.param_groups:
                 g["lr"] = lr
             self.vae_opt.zero_grad(set_to_none=True)
@@ -568,7 +573,7 @@ class _Trainer:
                     mean = inside.mean().item()
                     smooth_inside = mean if smooth_inside is None else 0.98 * smooth_inside + 0.02 * mean
             progress = min(1.0, (self.elapsed - unet_start) / max(1.0, budget - unet_start))
-            lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) * cosine_factor(progress)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             self.opt.zero_grad(set_to_none=True)
