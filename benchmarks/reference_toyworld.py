@@ -1,6 +1,7 @@
 """Effect of the reference methods on the toyworld model: does the generated object take the reference's looks?
 
-    python benchmarks/reference_toyworld.py [--seeds 8] [--steps 25] [--model M] [--only freecustom,magicface,irdiffusion]
+    python benchmarks/reference_toyworld.py [--seeds 8] [--steps 25] [--model M]
+                                            [--only freecustom,magicface,irdiffusion,primecomposer]
 
 References are the shipped examples (``assets/examples``): a striped green star, a dotted blue square, a hollow pink
 circle and a striped purple cross, each drawn in a scene, with its mask. Prompts name shapes and places (and, for
@@ -20,6 +21,13 @@ method, same seeds
   target region, so the examples' scene captions ("... in the middle") would pull the subject back to where it was,
   and a prompt with no place (rare in toyworld's captions) often loses the star.
 
+* ``primecomposer``: each of the four references put into the shipped composition background (a yellow triangle
+  on the left) at the example's box, same-domain defaults, 20 steps (its default), ``rca_words`` = the shape; the
+  largest object centred in the box judged as for ``freecustom``; plain = the same prompt without the method. Two
+  prompts: one naming the object's looks, as a composite's description does ("a yellow triangle on the left and a
+  hollow pink circle on the right"), and one naming only its shape (on this model a shape named without a look
+  takes the other objects' looks, docs/toyworld.md).
+
 For the two-subject cases: ``bound`` = a star in the star's reference colour and a square in the square's, both
 present; ``leak`` = some star drawn in the square's colour or some square in the star's (attributes swapped).
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 
 import torch
@@ -35,14 +44,20 @@ import torch
 
 def main() -> None:
     import attnctrl
-    from attnctrl.models.toyworld.examples import pair_rates, reference_of, shipped_references, took_look
-    from attnctrl.pipelines import FreeCustomPipeline, IRDiffusionPipeline, MagicFacePipeline, Subject
+    from attnctrl.models.toyworld.examples import SHIPPED, pair_rates, reference_of, shipped_references, took_look
+    from attnctrl.pipelines import (
+        FreeCustomPipeline,
+        IRDiffusionPipeline,
+        MagicFacePipeline,
+        PrimeComposerPipeline,
+        Subject,
+    )
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="toyworld")
-    parser.add_argument("--only", default="freecustom,magicface,irdiffusion")
+    parser.add_argument("--only", default="freecustom,magicface,irdiffusion,primecomposer")
     args = parser.parse_args()
     only = set(args.only.split(","))
     pipe = attnctrl.load_pipeline(args.model)
@@ -92,6 +107,21 @@ def main() -> None:
                               ("square's look named", "a star on the left and a dotted blue square on the right")):
             report(f"irdiffusion, {label}", run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds2),
                    run(lambda g, p=prompt: ir(p, subjects=subjects, generator=g, **kw).images[0], seeds2), pair)
+    if "primecomposer" in only:
+        pc = PrimeComposerPipeline.from_pipe(pipe)
+        comp = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
+        x, y, w, h = comp["box_xywh"]
+        box = (x, y, x + w, y + h)
+        for example in ex.values():
+            look = f"{example['pattern']} {example['colour']} {example['shape']}".replace("plain ", "")
+            for label, named in (("looks named", look), ("shape only", example["shape"])):
+                prompt = f"a yellow triangle on the left and a {named} on the right"
+                report(f"primecomposer {example['name']}, {label}",
+                       run(lambda g, p=prompt: pipe(p, generator=g, num_inference_steps=20).images[0], seeds),
+                       run(lambda g, p=prompt, e=example: pc(
+                           SHIPPED / comp["background"], SHIPPED / e["image"], SHIPPED / e["mask"], location=box,
+                           prompt=p, domain="same", rca_words=[e["shape"]], generator=g).images[0], seeds),
+                       lambda images, e=example: took_look(images, e, box=box))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from PIL import Image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller
+from attnctrl.models.toyworld.examples import SHIPPED
 from attnctrl.pipelines import PrimeComposerPipeline
 from attnctrl.pipelines.dpm_solver import DPMSolverPP
 from attnctrl.pipelines.freecustom import _Bound
@@ -218,30 +219,38 @@ def test_box_at_the_image_edge_and_bad_inputs():
     assert PrimeComposer(rca_words=None).rca_words == () and PrimeComposer(rca_words=["cat"]).rca_words == ("cat",)
 
 
+EXAMPLE = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
+BOX = (EXAMPLE["box_xywh"][0], EXAMPLE["box_xywh"][1], EXAMPLE["box_xywh"][0] + EXAMPLE["box_xywh"][2],
+       EXAMPLE["box_xywh"][1] + EXAMPLE["box_xywh"][3])
+
+
 @functools.cache
-def _toyworld_composite():
-    ex = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "examples"
+def _toyworld_composite(seed: int = 0):
+    """The shipped example (the hollow pink circle into the background), same-domain defaults."""
     image = PrimeComposerPipeline.from_pipe(toyworld())(
-        ex / "composition-background.png", ex / "striped-green-star.png", ex / "striped-green-star-mask.png",
-        location=(36, 16, 60, 44), prompt="a yellow triangle on the left and a star on the right", domain="same",
-        rca_words=["star"], generator=torch.Generator().manual_seed(0)).images[0]
-    background = np.asarray(Image.open(ex / "composition-background.png").convert("RGB")).astype(int)
+        SHIPPED / EXAMPLE["background"], SHIPPED / EXAMPLE["reference"], SHIPPED / EXAMPLE["reference_mask"],
+        location=BOX, prompt=EXAMPLE["prompt"], domain="same", rca_words=["circle"],
+        generator=torch.Generator().manual_seed(seed)).images[0]
+    background = np.asarray(Image.open(SHIPPED / EXAMPLE["background"]).convert("RGB")).astype(int)
     return image, background
 
 
 def test_toyworld_composite_leaves_everything_outside_the_box_exact():
     image, background = _toyworld_composite()
     outside = np.ones(background.shape[:2], bool)
-    outside[16:44, 36:60] = False
+    outside[BOX[1] : BOX[3], BOX[0] : BOX[2]] = False
     assert np.abs(np.asarray(image).astype(int) - background)[outside].max() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="open in the PrimeComposer issue: on the 180-, 250-, 320-, 390- and 465-minute toyworld (also with its stage-7 decoder) "
-                   "models the checker does not find the reference's green striped star in the box")
-def test_toyworld_object_lands_in_the_box():
-    """On the trained model (same domain): the reference's colour and pattern inside the box."""
-    from attnctrl.models.toyworld import score
+def test_toyworld_object_lands_in_the_box_with_the_references_look():
+    """The trained model, same-domain defaults, seeds 0-3: the object in the box has the reference's shape, colour and
+    pattern -- hollow, which this model does not draw from text (plain generation of the same prompt: rarely)."""
+    from attnctrl.models.toyworld.examples import shipped_references, took_look
 
-    image, _ = _toyworld_composite()
-    triangle, star = score(image, "a yellow triangle on the left and a striped green star on the right")["objects"]
-    assert triangle["colour"] and triangle["shape"] and star["found"] and star["colour"] and star["pattern"]
+    reference = shipped_references()["hollow-pink-circle"]
+    ours = took_look([_toyworld_composite(seed)[0] for seed in range(4)], reference, box=BOX)
+    plain = took_look([toyworld()(EXAMPLE["prompt"], num_inference_steps=20,
+                                  generator=torch.Generator().manual_seed(seed)).images[0] for seed in range(4)],
+                      reference, box=BOX)
+    assert ours["shape+colour"] == 1 and ours["shape+colour+pattern"] >= 0.75, ours
+    assert ours["shape+colour+pattern"] >= plain["shape+colour+pattern"] + 0.5, (ours, plain)

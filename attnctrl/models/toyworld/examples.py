@@ -29,8 +29,11 @@ EXAMPLES: dict[str, tuple[list[Obj], int]] = {
 }
 
 
-#: PrimeComposer's example: a background scene (a yellow triangle on the left); the object is the striped green star
-COMPOSITION = {"background": [Obj("yellow", "triangle", "plain", "left", 20, 12, 34)], "box": (36, 16, 24, 28)}
+#: PrimeComposer's example: a background scene (a yellow triangle on the left); the object is the hollow pink circle
+#: (a look the model does not draw from text: hollow comes from the reference); the prompt describes the composite
+COMPOSITION = {"background": [Obj("yellow", "triangle", "plain", "left", 20, 12, 34)], "box": (36, 16, 24, 28),
+               "reference": "hollow-pink-circle",
+               "prompt": "a yellow triangle on the left and a hollow pink circle on the right"}
 
 
 def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
@@ -49,8 +52,8 @@ def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
     scene = Scene(list(COMPOSITION["background"]), background=(234, 231, 226), seed=200)
     render(scene, size=size).save(folder / "composition-background.png")
     index.append({"name": "composition", "background": "composition-background.png",
-                  "reference": "striped-green-star.png", "reference_mask": "striped-green-star-mask.png",
-                  "box_xywh": list(COMPOSITION["box"]), "prompt": "a yellow triangle on the left and a star on the right"})
+                  "reference": f"{COMPOSITION['reference']}.png", "reference_mask": f"{COMPOSITION['reference']}-mask.png",
+                  "box_xywh": list(COMPOSITION["box"]), "prompt": COMPOSITION["prompt"]})
     (folder / "examples.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
@@ -70,14 +73,16 @@ def reference_of(example: dict, place: str | None = None):
     return Reference(SHIPPED / example["image"], SHIPPED / example["mask"], prompt=prompt)
 
 
-def took_look(images, example: dict) -> dict:
-    """Over ``images``: how often the largest object drawn is the example's shape in its colour, and in its colour
-    and pattern (the reference methods' transfer, judged by :func:`~attnctrl.models.toyworld.score.detect`)."""
+def took_look(images, example: dict, box: tuple[int, int, int, int] | None = None) -> dict:
+    """Over ``images``: how often the largest object drawn (centred inside ``box`` = (x0, y0, x1, y1) pixels, if
+    given) is the example's shape in its colour, and in its colour and pattern (the reference methods' transfer,
+    judged by :func:`~attnctrl.models.toyworld.score.detect`)."""
     from .score import detect
 
     hits = {"shape+colour": 0, "shape+colour+pattern": 0}
     for image in images:
-        objs = detect(image)
+        objs = [o for o in detect(image) if box is None or (box[0] <= o.centroid[0] < box[2]
+                                                             and box[1] <= o.centroid[1] < box[3])]
         if objs and objs[0].shape == example["shape"] and objs[0].colour == example["colour"]:
             hits["shape+colour"] += 1
             hits["shape+colour+pattern"] += objs[0].pattern == example["pattern"]
