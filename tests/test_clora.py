@@ -131,7 +131,7 @@ def test_update_lowers_the_loss_and_call_counts(loras):
             embeds = []
             for j, prompt in enumerate(PROMPTS):
                 cl._activate(names[j], None, 1.0)
-                embeds.append(cl._encode(prompt, None, "cpu")[0])
+                embeds.append(cl.encode_cfg(prompt, "cpu")[0])
 
             def loss_at(z):
                 maps = []

@@ -214,18 +214,9 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, l
     if resume and given:
         raise click.ClickException(f"a resumed run keeps its own {' and '.join(given)}; leave them out with --resume")
     overrides = {} if resume else {"seed": seed, "pool_size": pool_size}
-    if vae_minutes is not None:
-        overrides["vae_minutes"] = vae_minutes
-    if init is not None:
-        overrides["init"] = init
-    if lr is not None:
-        overrides["lr"] = lr
-    if look_alike is not None:
-        overrides["look_alike_fraction"] = look_alike
-    if grounding is not None:
-        overrides["grounding_weight"] = grounding
-    if references is not None:
-        overrides["reference_fraction"] = references
+    given_values = {"vae_minutes": vae_minutes, "init": init, "lr": lr, "look_alike_fraction": look_alike,
+                    "grounding_weight": grounding, "reference_fraction": references}
+    overrides.update({k: v for k, v in given_values.items() if v is not None})
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)
     except (FileExistsError, FileNotFoundError, ValueError) as e:

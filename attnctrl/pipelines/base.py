@@ -42,6 +42,16 @@ class MethodPipeline:
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
+    def encode_cfg(self, prompt: str, device, negative: str | None = None):
+        """``(embeds, pooled)`` for classifier-free guidance, batch ``[negative; prompt]`` (``pooled``: SDXL only)."""
+        pipe = self.pipe
+        if self.xl:
+            pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True, negative_prompt=negative)
+            return torch.cat([ne, pe]), torch.cat([npooled, pooled])
+        pe, ne = pipe.encode_prompt(prompt, device, 1, True, negative)
+        return torch.cat([ne, pe]), None
+
     def shown_masks(self):
         """Masks of the last call worth showing a user, ``(N, h, w)`` (one per subject / LoRA / reference), or None."""
         return None

@@ -101,15 +101,6 @@ class CLoRAPipeline(MethodPipeline):
             self.pipe.disable_lora()
 
     # -- prompts -----------------------------------------------------------------------------------------------------
-    def _encode(self, prompt: str, negative: str | None, device):
-        pipe = self.pipe
-        if self.xl:
-            pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True, negative_prompt=negative)
-            return torch.cat([ne, pe]), torch.cat([npooled, pooled])
-        pe, ne = pipe.encode_prompt(prompt, device, 1, True, negative)
-        return torch.cat([ne, pe]), None
-
     def _resolve(self, prompts, concepts, mask_words):
         tok = self.pipe.tokenizer
         samples = []  # (prompt index, token index, class)
@@ -182,7 +173,7 @@ class CLoRAPipeline(MethodPipeline):
         embeds, pooled = [], []
         for j, prompt in enumerate(prompts):
             self._activate(names[j] if config.text_encoder_lora else None, style, config.style_lora_weight)
-            e, p = self._encode(prompt, negatives[j], device)
+            e, p = self.encode_cfg(prompt, device, negatives[j])
             embeds.append(e)
             pooled.append(p)
         dtype = embeds[0].dtype

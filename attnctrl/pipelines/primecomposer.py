@@ -136,15 +136,6 @@ class PrimeComposerPipeline(MethodPipeline):
 
     config_class = PrimeComposer
 
-    def _encode(self, prompt: str, device, negative: str = ""):
-        pipe = self.pipe
-        if self.xl:
-            pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True, negative_prompt=negative)
-            return torch.cat([ne, pe]), torch.cat([npooled, pooled])
-        pe, ne = pipe.encode_prompt(prompt, device, 1, True, negative)
-        return torch.cat([ne, pe]), None
-
     def _unet(self, x, t, embeds, pooled, size):
         added = None
         if self.xl:
@@ -228,7 +219,7 @@ class PrimeComposerPipeline(MethodPipeline):
         L_bg = invert(self._latent(bg))
         L_ref = invert(self._latent(canvas))  # both domains invert the reference canvas (spec §4)
 
-        embeds, pooled = self._encode(prompt, device, negative_prompt or "")  # official: "" for the uncond half
+        embeds, pooled = self.encode_cfg(prompt, device, negative_prompt or "")  # official: "" for the uncond half
         S = num_inference_steps
         A = int(taus["tau_a"] * S + 1 - 2)
         C = int(taus["tau_c"] * S + 1 - 2)
