@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 
 import torch
@@ -44,7 +43,15 @@ import torch
 
 def main() -> None:
     import attnctrl
-    from attnctrl.models.toyworld.examples import SHIPPED, pair_rates, reference_of, shipped_references, took_look
+    from attnctrl.models.toyworld.examples import (
+        SHIPPED,
+        look_words,
+        pair_rates,
+        reference_of,
+        shipped_composition,
+        shipped_references,
+        took_look,
+    )
     from attnctrl.pipelines import (
         FreeCustomPipeline,
         IRDiffusionPipeline,
@@ -109,12 +116,10 @@ def main() -> None:
                    run(lambda g, p=prompt: ir(p, subjects=subjects, generator=g, **kw).images[0], seeds2), pair)
     if "primecomposer" in only:
         pc = PrimeComposerPipeline.from_pipe(pipe)
-        comp = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
-        x, y, w, h = comp["box_xywh"]
-        box = (x, y, x + w, y + h)
+        comp = shipped_composition()
+        box = comp["box"]
         for example in ex.values():
-            look = f"{example['pattern']} {example['colour']} {example['shape']}".replace("plain ", "")
-            for label, named in (("looks named", look), ("shape only", example["shape"])):
+            for label, named in (("looks named", look_words(example)), ("shape only", example["shape"])):
                 prompt = f"a yellow triangle on the left and a {named} on the right"
                 report(f"primecomposer {example['name']}, {label}",
                        run(lambda g, p=prompt: pipe(p, generator=g, num_inference_steps=20).images[0], seeds),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller
-from attnctrl.models.toyworld.examples import SHIPPED
+from attnctrl.models.toyworld.examples import SHIPPED, shipped_composition
 from attnctrl.pipelines import PrimeComposerPipeline
 from attnctrl.pipelines.dpm_solver import DPMSolverPP
 from attnctrl.pipelines.freecustom import _Bound
@@ -219,9 +218,8 @@ def test_box_at_the_image_edge_and_bad_inputs():
     assert PrimeComposer(rca_words=None).rca_words == () and PrimeComposer(rca_words=["cat"]).rca_words == ("cat",)
 
 
-EXAMPLE = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
-BOX = (EXAMPLE["box_xywh"][0], EXAMPLE["box_xywh"][1], EXAMPLE["box_xywh"][0] + EXAMPLE["box_xywh"][2],
-       EXAMPLE["box_xywh"][1] + EXAMPLE["box_xywh"][3])
+EXAMPLE = shipped_composition()
+BOX = EXAMPLE["box"]
 
 
 @functools.cache

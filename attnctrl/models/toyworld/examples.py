@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .world import Obj, Scene, caption_of, object_mask, render
 
-__all__ = ["EXAMPLES", "SHIPPED", "write_examples", "shipped_references", "reference_of", "took_look", "pair_rates"]
+__all__ = ["EXAMPLES", "SHIPPED", "write_examples", "shipped_references", "shipped_composition", "look_words",
+           "reference_of", "took_look", "pair_rates"]
 
 #: where the examples ship (``attnctrl/assets/examples``)
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -63,13 +64,25 @@ def shipped_references() -> dict[str, dict]:
     return {e["name"]: e for e in json.loads((SHIPPED / "examples.json").read_text()) if "image" in e}
 
 
+def shipped_composition() -> dict:
+    """PrimeComposer's shipped example (its ``examples.json`` entry), with ``box`` = (x0, y0, x1, y1) pixels."""
+    entry = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
+    x, y, w, h = entry["box_xywh"]
+    return {**entry, "box": (x, y, x + w, y + h)}
+
+
+def look_words(example: dict) -> str:
+    """The example's subject as a caption names it: "striped green star" ("green star" when plain)."""
+    return f"{example['pattern']} {example['colour']} {example['shape']}".removeprefix("plain ")
+
+
 def reference_of(example: dict, place: str | None = None):
     """An :class:`attnctrl.Reference` of a shipped example; its prompt is the scene's caption, or with ``place`` the
     subject alone where it goes in the target ("a striped green star on the left": IR-Diffusion's reference
     prompts)."""
     from ...pipelines.reference import Reference
 
-    prompt = f"a {example['pattern']} {example['colour']} {example['shape']} {place}" if place else example["prompt"]
+    prompt = f"a {look_words(example)} {place}" if place else example["prompt"]
     return Reference(SHIPPED / example["image"], SHIPPED / example["mask"], prompt=prompt)
 
 
