@@ -4,15 +4,16 @@
                                             [--only freecustom,magicface,irdiffusion,primecomposer]
 
 References are the shipped examples (``assets/examples``): a striped green star, a dotted blue square, a hollow pink
-circle and a striped purple cross, each drawn in a scene, with its mask. Prompts name shapes and places (and, for
-IR-Diffusion's leakage rows, one subject's look). Every figure is a fraction over the seeds, with and without the
-method, same seeds
-(:func:`~attnctrl.models.toyworld.examples.took_look`, :func:`~attnctrl.models.toyworld.examples.pair_rates`):
+circle, a striped purple cross, a striped green square and a striped red circle, each drawn in a scene, with its
+mask. Prompts name shapes and places (and, for IR-Diffusion's leakage rows, one subject's look). Every figure is a
+fraction over the seeds, with and without the method, same seeds (:func:`~attnctrl.models.toyworld.examples.took_look`,
+:func:`~attnctrl.models.toyworld.examples.pair_rates`):
 
-* ``freecustom``: each of the four shipped references, prompt "a <its shape> in the middle"; how often the largest
-  object drawn is that shape in the reference's colour, and with its colour and pattern;
+* ``freecustom``: each shipped reference, prompt "a <its shape> in the middle", at the default mask weight (3) and
+  at 2; how often the largest object drawn is that shape in the reference's colour, and with its colour and pattern;
 * ``magicface``: two references, prompt "a star on the left and a square on the right" with
-  ``ref_words=["star", "square"]``;
+  ``ref_words=["star", "square"]``, and the striped green square and striped red circle on "a square on the left
+  and a circle on the right", each at the default mask weight and at 2;
 * ``irdiffusion``: two subjects with references and target boxes (star left half, square right half), 2x the seeds
   (as the issue asks), on the look-free prompt, on the prompt that names both looks (where plain generation can
   swap them) and on the two prompts that name one subject's look (where plain generation carries that look onto the
@@ -28,8 +29,9 @@ method, same seeds
   hollow pink circle on the right"), and one naming only its shape (on this model a shape named without a look
   takes the other objects' looks, docs/toyworld.md).
 
-For the two-subject cases: ``bound`` = a star in the star's reference colour and a square in the square's, both
-present; ``leak`` = some star drawn in the square's colour or some square in the star's (attributes swapped).
+For the two-subject cases: ``each`` = subjects in their own reference's colour (``each+pattern``: and pattern);
+``bound`` = both subjects in their own colour; ``leak`` = some subject's shape drawn in the other's colour
+(attributes swapped).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main() -> None:
 
     def report(label, plain, ours, rates):
         (a, t0), (b, t1) = plain, ours
-        print(f"  {label:34s} plain {rates(a)} ({t0:.1f} s/image)\n  {'':34s} ours  {rates(b)} ({t1:.1f} s/image)",
+        print(f"  {label}\n    plain {rates(a)} ({t0:.1f} s/image)\n    ours  {rates(b)} ({t1:.1f} s/image)",
               flush=True)
 
     print(f"toyworld reference methods: {args.seeds} seeds, {args.steps} steps, model {args.model}")
@@ -89,17 +91,23 @@ def main() -> None:
         fc = FreeCustomPipeline.from_pipe(pipe)
         for example in ex.values():
             prompt = f"a {example['shape']} in the middle"
-            report(f"freecustom {example['name']}", run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds),
-                   run(lambda g, p=prompt, e=example: fc(p, references=[reference_of(e)], generator=g,
-                                                         **kw).images[0], seeds),
-                   lambda images, e=example: took_look(images, e))
-    pair = functools.partial(pair_rates, a=star, b=square)
+            plain = run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds)
+            for weight in (3.0, 2.0):
+                report(f"freecustom {example['name']}, weight {weight:g}", plain,
+                       run(lambda g, p=prompt, e=example, w=weight: fc(p, references=[reference_of(e)], mask_weights=w,
+                                                                        generator=g, **kw).images[0], seeds),
+                       lambda images, e=example: took_look(images, e))
     if "magicface" in only:
         mf = MagicFacePipeline.from_pipe(pipe)
-        prompt = "a star on the left and a square on the right"
-        report("magicface two references", run(lambda g: pipe(prompt, generator=g, **kw).images[0], seeds),
-               run(lambda g: mf(prompt, references=[reference_of(star), reference_of(square)],
-                                ref_words=["star", "square"], generator=g, **kw).images[0], seeds), pair)
+        for a, b in ((star, square), (ex["striped-green-square"], ex["striped-red-circle"])):
+            prompt = f"a {a['shape']} on the left and a {b['shape']} on the right"
+            plain = run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds)
+            for weight in (3.0, 2.0):
+                report(f"magicface {a['name']} + {b['name']}, weight {weight:g}", plain,
+                       run(lambda g, p=prompt, a=a, b=b, w=weight: mf(
+                           p, references=[reference_of(a), reference_of(b)], ref_words=[a["shape"], b["shape"]],
+                           mask_weights=w, generator=g, **kw).images[0], seeds),
+                       functools.partial(pair_rates, a=a, b=b))
     if "irdiffusion" in only:
         ir = IRDiffusionPipeline.from_pipe(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -113,7 +121,8 @@ def main() -> None:
                               ("star's look named", "a striped green star on the left and a square on the right"),
                               ("square's look named", "a star on the left and a dotted blue square on the right")):
             report(f"irdiffusion, {label}", run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds2),
-                   run(lambda g, p=prompt: ir(p, subjects=subjects, generator=g, **kw).images[0], seeds2), pair)
+                   run(lambda g, p=prompt: ir(p, subjects=subjects, generator=g, **kw).images[0], seeds2),
+                   functools.partial(pair_rates, a=star, b=square))
     if "primecomposer" in only:
         pc = PrimeComposerPipeline.from_pipe(pipe)
         comp = shipped_composition()

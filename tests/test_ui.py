@@ -271,7 +271,7 @@ def test_page_end_to_end(tmp_path):
             page.get_by_text("upload a background image").first.wait_for(timeout=30_000)
             # 3. FreeCustom from its example (references with painted masks), then Generate with our steps
             page.get_by_role("tab", name="FreeCustom").click()
-            rows = page.locator("tr").filter(has_text="a dotted blue square in the middle")
+            rows = page.locator("tr").filter(has_text="a striped red circle in the middle")
             rows.locator("visible=true").first.click()
             info = page.locator("#info")
             page.wait_for_function(f"(() => {{ const s = document.querySelector('#info').innerText; "

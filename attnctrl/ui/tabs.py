@@ -240,13 +240,17 @@ def _tab(app: App, key: str, name: str | None):
         groups = [editors, prompts] + ([words] if key == "magicface" else []) + [weight]
         groups += [inject] if key == "magicface" else []
         groups.append(more)
-        if {"striped-green-star", "dotted-blue-square"} <= set(refs):
-            star, square = refs["striped-green-star"], refs["dotted-blue-square"]
-            row = ["a striped green star on the left and a dotted blue square on the right",
-                   _example_editor(app, "striped-green-star"), _example_editor(app, "dotted-blue-square"), EMPTY,
-                   star["prompt"], square["prompt"], ""]
-            row += ["star", "square", ""] if key == "magicface" else []
-            row += [3.0] + ([0.4] if key == "magicface" else []) + [""]
+        # the shipped striped references whose stripes this model carries over (docs/methods/freecustom.md), with
+        # the mask weight that carries them best on it; the prompt names shapes only: the looks come from the images
+        if {"striped-green-square", "striped-red-circle"} <= set(refs):
+            square, circle = refs["striped-green-square"], refs["striped-red-circle"]
+            if key == "magicface":
+                row = ["a square on the left and a circle on the right", _example_editor(app, "striped-green-square"),
+                       _example_editor(app, "striped-red-circle"), EMPTY, square["prompt"], circle["prompt"], "",
+                       "square", "circle", "", 2.0, 0.4, ""]
+            else:
+                row = ["a circle in the middle", _example_editor(app, "striped-red-circle"), EMPTY, EMPTY,
+                       circle["prompt"], "", "", 2.0, ""]
             examples = [row]
     elif key == "irdiffusion":
         gr.Markdown("Subjects that stay consistent: each is a word of the prompt with a reference image (paint its "
