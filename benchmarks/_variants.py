@@ -6,6 +6,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 
 
 def in_own_process(script: str, variant: str, *args) -> dict:
@@ -20,3 +21,17 @@ def in_own_process(script: str, variant: str, *args) -> dict:
 def rss_growth_gib(before_kib: int) -> float:
     """Growth of this process's max RSS since ``before_kib`` (a ``ru_maxrss`` reading), in GiB."""
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) / 2**20
+
+
+def measure(fn, *args, repeat: int) -> dict:
+    """One call of ``fn(*args)`` for its peak memory (this process's RSS growth), then the best of ``repeat`` timed
+    calls; with a checksum of the output, to compare variants."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn(*args)
+    peak = rss_growth_gib(before)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return {"seconds": best, "peak_gib": peak, "checksum": float(out.double().sum())}

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 
 import torch
-from _variants import in_own_process, rss_growth_gib
+from _variants import in_own_process, measure
 
 
 def inputs(side: int, subjects: int):
@@ -64,16 +62,7 @@ def dense(q, k, v, owner, bias):
 
 def run_variant(name, side, subjects, repeat):
     args = inputs(side, subjects)
-    fn = ours if name == "ours" else dense
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fn(*args)
-    peak = rss_growth_gib(before)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t)
-    return {"seconds": best, "peak_gib": peak, "checksum": float(out.double().sum())}
+    return measure(ours if name == "ours" else dense, *args, repeat=repeat)
 
 
 def main() -> None:

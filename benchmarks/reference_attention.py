@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 
 import torch
-from _variants import in_own_process, rss_growth_gib
+from _variants import in_own_process, measure
 
 
 def inputs(latent: int, refs: int, dtype):
@@ -46,16 +44,7 @@ def explicit(q, k, v, bias):
 
 def run_variant(name: str, latent: int, refs: int, repeat: int) -> dict:
     q, k, v, bias = inputs(latent, refs, torch.float32)
-    fn = ours if name == "ours" else explicit
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fn(q, k, v, bias)
-    peak = rss_growth_gib(before)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(q, k, v, bias)
-        best = min(best, time.perf_counter() - t)
-    return {"name": name, "seconds": best, "peak_gib": peak, "checksum": float(out.double().sum())}
+    return {"name": name, **measure(ours if name == "ours" else explicit, q, k, v, bias, repeat=repeat)}
 
 
 def main() -> None:
