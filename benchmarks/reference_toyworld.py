@@ -22,7 +22,7 @@ fraction over the seeds, with and without the method, same seeds (:func:`~attnct
   target region, so the examples' scene captions ("... in the middle") would pull the subject back to where it was,
   and a prompt with no place (rare in toyworld's captions) often loses the star.
 
-* ``primecomposer``: each of the four references put into the shipped composition background (a yellow triangle
+* ``primecomposer``: each shipped reference put into the shipped composition background (a yellow triangle
   on the left) at the example's box, same-domain defaults, 20 steps (its default), ``rca_words`` = the shape; the
   largest object centred in the box judged as for ``freecustom``; plain = the same prompt without the method. Two
   prompts: one naming the object's looks, as a composite's description does ("a yellow triangle on the left and a

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import AttnCtrlError
+from ..models.toyworld.examples import shipped_composition, shipped_references
 from .app import EXAMPLES, MODEL_CHOICES, SLOTS, App, Result, Settings, default_options
 from .inputs import TABS
 
@@ -210,9 +211,7 @@ def _slots(make, label: str):
 
 def _tab(app: App, key: str, name: str | None):
     """The widgets of one tab: ``(button, groups, examples)``; groups are components or lists of them (slots)."""
-    ex = json.loads((EXAMPLES / "examples.json").read_text()) if (EXAMPLES / "examples.json").is_file() else []
-    refs = {e["name"]: e for e in ex if "image" in e}
-    comp = next((e for e in ex if e.get("name") == "composition"), None)
+    refs, comp = shipped_references(), shipped_composition()
     examples = []
     if key == "plain":
         gr.Markdown("Plain generation. Name words to see where the model put them (AttentionMaps heat maps).")

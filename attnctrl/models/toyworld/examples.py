@@ -65,14 +65,23 @@ def write_examples(folder: str | Path, size: int = 64) -> list[dict]:
     return index
 
 
+def _shipped_index() -> list[dict]:
+    index = SHIPPED / "examples.json"
+    return json.loads(index.read_text()) if index.is_file() else []
+
+
 def shipped_references() -> dict[str, dict]:
-    """The shipped reference examples by name (their ``examples.json`` entries: image, mask, prompt, looks)."""
-    return {e["name"]: e for e in json.loads((SHIPPED / "examples.json").read_text()) if "image" in e}
+    """The shipped reference examples by name (their ``examples.json`` entries: image, mask, prompt, looks); empty
+    if the examples are not installed."""
+    return {e["name"]: e for e in _shipped_index() if "image" in e}
 
 
-def shipped_composition() -> dict:
-    """PrimeComposer's shipped example (its ``examples.json`` entry), with ``box`` = (x0, y0, x1, y1) pixels."""
-    entry = next(e for e in json.loads((SHIPPED / "examples.json").read_text()) if e["name"] == "composition")
+def shipped_composition() -> dict | None:
+    """PrimeComposer's shipped example (its ``examples.json`` entry), with ``box`` = (x0, y0, x1, y1) pixels; None if
+    the examples are not installed."""
+    entry = next((e for e in _shipped_index() if e["name"] == "composition"), None)
+    if entry is None:
+        return None
     x, y, w, h = entry["box_xywh"]
     return {**entry, "box": (x, y, x + w, y + h)}
 
