@@ -20,7 +20,9 @@ fraction over the seeds, with and without the method, same seeds (:func:`~attnct
   other subject: the attribute leakage IR-Diffusion exists to remove). Their reference prompts describe the subject
   where it goes ("a striped green star on the left"): mutual cross-attention applies a reference's prompt inside its
   target region, so the examples' scene captions ("... in the middle") would pull the subject back to where it was,
-  and a prompt with no place (rare in toyworld's captions) often loses the star.
+  and a prompt with no place (rare in toyworld's captions) often loses the star. Each row with both mask rules
+  (``mask_rule="official"``, the default, and ``"coverage"``), plus the look-free prompt with the regions from the
+  layout rehearsal instead of boxes.
 
 * ``primecomposer``: each shipped reference put into the shipped composition background (a yellow triangle
   on the left) at the example's box, same-domain defaults, 20 steps (its default), ``rca_words`` = the shape; the
@@ -115,14 +117,20 @@ def main() -> None:
                             region=(0, size // 8, size // 2, size * 7 // 8)),
                     Subject("square", reference=reference_of(square, "on the right"),
                             region=(size // 2, size // 8, size, size * 7 // 8))]
+        laid_out = [Subject(s.word, reference=s.reference) for s in subjects]  # regions from the layout rehearsal
         seeds2 = range(2 * args.seeds)
-        for label, prompt in (("look-free prompt", "a star on the left and a square on the right"),
-                              ("looks named", "a striped green star on the left and a dotted blue square on the right"),
-                              ("star's look named", "a striped green star on the left and a square on the right"),
-                              ("square's look named", "a star on the left and a dotted blue square on the right")):
-            report(f"irdiffusion, {label}", run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds2),
-                   run(lambda g, p=prompt: ir(p, subjects=subjects, generator=g, **kw).images[0], seeds2),
-                   functools.partial(pair_rates, a=star, b=square))
+        for label, prompt, subj in (
+                ("look-free prompt", "a star on the left and a square on the right", subjects),
+                ("looks named", "a striped green star on the left and a dotted blue square on the right", subjects),
+                ("star's look named", "a striped green star on the left and a square on the right", subjects),
+                ("square's look named", "a star on the left and a dotted blue square on the right", subjects),
+                ("look-free prompt, layout rehearsal", "a star on the left and a square on the right", laid_out)):
+            plain = run(lambda g, p=prompt: pipe(p, generator=g, **kw).images[0], seeds2)
+            for rule in ("official", "coverage"):
+                report(f"irdiffusion, {label}, mask_rule={rule}", plain,
+                       run(lambda g, p=prompt, s=subj, r=rule: ir(p, subjects=s, mask_rule=r, generator=g,
+                                                                   **kw).images[0], seeds2),
+                       functools.partial(pair_rates, a=star, b=square))
     if "primecomposer" in only:
         pc = PrimeComposerPipeline.from_pipe(pipe)
         comp = shipped_composition()

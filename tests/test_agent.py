@@ -33,6 +33,15 @@ def test_off_is_bit_identical_and_undo_is_exact():
     np.testing.assert_array_equal(run(pipe, **SIZE), plain)
 
 
+def test_both_merge_orders_give_the_same_image_without_ties():
+    pipe = tiny("sd15")
+    with attnctrl.apply(pipe, AgentAttention()):
+        row_major = run(pipe, **SIZE)
+    with attnctrl.apply(pipe, AgentAttention(merge_order="official")):
+        official = run(pipe, **SIZE)
+    np.testing.assert_allclose(official, row_major, atol=1e-5, rtol=0)  # float summation order only
+
+
 def test_same_seed_same_image_and_the_global_rng_is_untouched():
     pipe = tiny("sd15")
     with attnctrl.apply(pipe, AgentAttention(merge_seed=3)):
@@ -83,6 +92,36 @@ def test_partition_is_top_left_without_randomness_and_shared_across_the_batch():
     assert rand.dst_pos.ndim == 1  # one partition for every batch item (CFG pairs share it)
     cells = (rand.dst_pos // 12 // 4) * 3 + (rand.dst_pos % 12) // 4
     assert sorted(cells.tolist()) == list(range(6))  # one dst per full cell; border tokens are src
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied-similarities", "distinct-similarities"])
+def test_official_merge_order_is_tomesds_own(tie):
+    """``merge_order="official"`` reproduces tomesd's merge token for token (AgentSD's merge is tomesd's plus the
+    agent merge on the same ranking), including how its non-stable argsorts break exactly tied similarities; the
+    default row-major order keeps the same tokens wherever nothing ties, in another order."""
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    g = torch.Generator().manual_seed(0)
+    if tie:  # every token is one of three directions: most similarities tie
+        metric = torch.randn(3, 16, generator=g)[torch.randint(0, 3, (96,), generator=g)][None].repeat(2, 1, 1)
+    else:
+        metric = torch.randn(2, 96, 16, generator=g)
+    x = torch.randn(2, 96, 16, generator=g)
+    for seed in (None, 3):
+        gens = [None if seed is None else torch.Generator().manual_seed(seed) for _ in range(2)]
+        merge, unmerge = bipartite_soft_matching_random2d(metric, 12, 8, 4, 4, 40, no_rand=seed is None,
+                                                          generator=gens[0])
+        official = bipartite_plan(metric, 8, 12, 4, 4, gens[1], "official")
+        assert torch.equal(official.merge(x, 40), merge(x))
+        assert torch.equal(official.unmerge(official.merge(x, 40), 40), unmerge(merge(x)))
+    row_major = bipartite_plan(metric, 8, 12, 4, 4, None)
+    merge, unmerge = bipartite_soft_matching_random2d(metric, 12, 8, 4, 4, 40, no_rand=True)
+    assert not torch.equal(row_major.merge(x, 40), merge(x))  # another token order ...
+    same_tokens = torch.equal(row_major.unmerge(row_major.merge(x, 40), 40), unmerge(merge(x)))
+    assert same_tokens != tie  # ... and the same merges unless similarities tie
+    assert torch.equal(row_major.dst_pos, row_major.dst_pos.sort().values)
+    with pytest.raises(AttnCtrlError, match="merge_order"):
+        AgentAttention(merge_order="sorted")
 
 
 def test_agent_attention_algebra():

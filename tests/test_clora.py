@@ -16,7 +16,7 @@ from attnctrl.models.lora import random_lora
 from attnctrl.pipelines import CLoRAPipeline
 from attnctrl.pipelines.clora import CLoRAState
 from attnctrl.pipelines.freecustom import _Bound
-from attnctrl.processors.clora import CLoRA, CrossAttnRecorder, lora_masks, min_max, nt_xent
+from attnctrl.processors.clora import CLoRA, CrossAttnRecorder, dilate, erode, lora_masks, min_max, nt_xent
 
 SIZE = 128
 PROMPTS = ["a cat and a dog", "a sks dog and a cat", "a zwx cat and a dog"]
@@ -96,6 +96,35 @@ def test_masks():
         assert masks[j].flatten()[flat] == 1  # the arg-max pixel of each listed token is inside its mask
     full = lora_masks(maps, [[], [5], []], threshold=0.0)
     assert torch.all(full[1] == 1)  # alpha = 0: every pixel with A > 0
+
+
+def _grid(rows: str) -> torch.Tensor:
+    return torch.tensor([[float(c) for c in row] for row in rows.split()])
+
+
+def test_mask_morphology_is_the_officials_3x3_max_pool():
+    """The official optional steps on a known blob: a 3 x 3 square with a one-pixel spur and a one-pixel hole
+    elsewhere; max-pool padding never wins, so a pixel on the map's border is not eroded by the outside."""
+    blob = _grid("0000000 0111000 0111000 0111100 0000000 0000000 0000000")
+    assert torch.equal(dilate(blob), _grid("1111100 1111100 1111110 1111110 1111110 0000000 0000000"))
+    assert torch.equal(erode(blob), _grid("0000000 0000000 0010000 0000000 0000000 0000000 0000000"))
+    assert torch.equal(dilate(erode(blob)), _grid("0000000 0111000 0111000 0111000 0000000 0000000 0000000"))  # opening
+    ring = _grid("11111 10111 11111 11111 11111")  # a hole at (1, 1)
+    assert torch.equal(erode(dilate(ring)), torch.ones(5, 5))  # closing fills it; the border stays set
+    assert torch.equal(erode(torch.ones(4, 4)), torch.ones(4, 4))
+    # through lora_masks: the maps put token 5's mask on the blob, the flags apply in the official order
+    # (dilate, erode, opening, closing), then branch 0 takes what no mask covers
+    maps = torch.zeros(2, 7, 7, 77)
+    maps[1, :, :, 5] = blob
+    plain = lora_masks(maps, [[], [5]], threshold=0.3)
+    assert torch.equal(plain[1], blob) and torch.equal(plain[0], 1 - blob)
+    for flags, expect in (({"mask_dilate": True}, dilate(blob)), ({"mask_erode": True}, erode(blob)),
+                          ({"mask_opening": True}, dilate(erode(blob))), ({"mask_closing": True}, erode(dilate(blob))),
+                          ({"mask_dilate": True, "mask_erode": True}, erode(dilate(blob))),
+                          ({"mask_erode": True, "mask_opening": True}, dilate(erode(erode(blob))))):
+        masks = lora_masks(maps, [[], [5]], threshold=0.3, **flags)
+        assert torch.equal(masks[1], expect) and torch.equal(masks[0], 1 - expect), flags
+    assert CLoRA().morphology() == dict.fromkeys(("mask_erode", "mask_dilate", "mask_opening", "mask_closing"), False)
 
 
 def test_identical_branches_fuse_to_the_single_branch_and_no_update_is_the_base_pipeline():

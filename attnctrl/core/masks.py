@@ -42,8 +42,10 @@ def load_mask(mask, threshold: float | None = 127) -> torch.Tensor:
     """A mask from a path, PIL image, numpy array or tensor as a float ``(H, W)`` tensor.
 
     8-bit images are binarised with ``value > threshold`` (127 by default; ``threshold=254`` reproduces the
-    "exactly 255" rule of some official code; ``None`` keeps the grey levels scaled to [0, 1]). Colour images use
-    their luminance; an alpha channel, when present and not fully opaque, is the mask.
+    "exactly 255" rule of some official code; ``None`` keeps the grey levels scaled to [0, 1]). An 8-bit mask whose
+    largest value is 1 is a {0, 1} mask (the format FreeCustom's and IR-Diffusion's own code pass around) and is
+    taken as it is. Colour images use their luminance; an alpha channel, when present and not fully opaque, is the
+    mask.
     """
     if isinstance(mask, (str, os.PathLike)):
         from PIL import Image
@@ -83,6 +85,8 @@ def load_mask(mask, threshold: float | None = 127) -> torch.Tensor:
     if arr.dtype == bool:
         return torch.from_numpy(arr.astype(np.float32))
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if scale_255 and t.numel() and t.max() == 1 and t.min() >= 0:  # a {0, 1} mask stored in 8 bits
+        return t
     if scale_255 or t.max() > 1:
         if threshold is None:
             return t / 255.0

@@ -8,6 +8,13 @@ most cosine-similar dst token (on the metric, e.g. the raw block input); src tok
 A merge with ``r`` averages the top-``r`` src tokens into their dst (``scatter_reduce`` "mean", dst included) and
 keeps ``[remaining src (ranked order), all dst]``; :meth:`MergePlan.unmerge` copies each merged src its dst's value.
 The agent merge uses the same ranking with ``agent_r``. No Python loop runs over tokens.
+
+``order="row-major"`` (default) lists dst and src tokens in row-major grid order and ranks src tokens with a stable
+sort, so ties (equal similarities) break by position, the same on every device. ``order="official"`` reproduces
+tomesd / AgentSD's own order op for op: dst|src from a non-stable ``argsort`` of the ``-1/0`` partition buffer and the
+ranking from a non-stable ``argsort`` of the similarities, so the kept tokens, their order and the tie-breaking
+are those of the official code on the same device and torch build. Both give the same merged values wherever no two
+similarities tie; only the token order (and float summation order) differs.
 """
 
 from __future__ import annotations
@@ -82,11 +89,15 @@ def bipartite_plan(
     sx: int,
     sy: int,
     generator: torch.Generator | None = None,
+    order: str = "row-major",
 ) -> MergePlan:
     """Match the tokens of ``metric`` ``(B, h * w, C)`` (row-major grid) as described in the module docstring.
 
     ``generator`` (CPU) draws the dst position in each cell; ``None`` takes the top-left token of every cell.
+    ``order``: ``"row-major"`` or ``"official"`` (see the module docstring).
     """
+    if order not in ("row-major", "official"):
+        raise ValueError(f"order must be 'row-major' or 'official', not {order!r}")
     b, n, _ = metric.shape
     if n != h * w:
         raise ValueError(f"metric has {n} tokens, the grid {h}x{w} has {h * w}")
@@ -104,12 +115,15 @@ def bipartite_plan(
         dst_y = cy * sy + pick // sx
         dst_x = cx * sx + pick % sx
         dst_pos = (dst_y * w + dst_x).flatten()
-        is_dst = torch.zeros(n, dtype=torch.bool, device=device)
-        is_dst[dst_pos] = True
-        dst_pos = torch.nonzero(is_dst).flatten()  # row-major order, as tomesd's stable split
-        src_pos = torch.nonzero(~is_dst).flatten()
+        buffer = torch.zeros(h, w, dtype=torch.int64, device=device)  # -1 = dst, 0 = src
+        buffer.view(-1)[dst_pos] = -1
+        if order == "official":  # tomesd: ``idx_buffer.reshape(1, -1, 1).argsort(dim=1)`` (not stable)
+            split = buffer.reshape(1, -1, 1).argsort(dim=1)[0, :, 0]
+        else:
+            split = buffer.flatten().argsort(stable=True)  # row-major dst, then row-major src
+        dst_pos, src_pos = split[: hsy * wsx], split[hsy * wsx :]
         m = metric / metric.norm(dim=-1, keepdim=True)
         scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(-1, -2)
         node_max, best_dst = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
-    return MergePlan(n=n, src_pos=src_pos, dst_pos=dst_pos, order=order, best_dst=best_dst)
+        ranked = node_max.argsort(dim=-1, descending=True, stable=order == "row-major")
+    return MergePlan(n=n, src_pos=src_pos, dst_pos=dst_pos, order=ranked, best_dst=best_dst)

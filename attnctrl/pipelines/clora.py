@@ -230,7 +230,7 @@ class CLoRAPipeline(MethodPipeline):
                     z = z.detach()
                     eps, maps = eps.detach(), maps.detach()
                     if i >= config.apply_mask_after:
-                        masks = lora_masks(maps, mask_tokens, config.mask_threshold)
+                        masks = lora_masks(maps, mask_tokens, config.mask_threshold, **config.morphology())
                     else:
                         masks = torch.ones(len(prompts), *maps.shape[1:3], device=maps.device, dtype=maps.dtype)
                     fused_masks = masks

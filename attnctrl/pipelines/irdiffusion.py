@@ -27,7 +27,7 @@ from ..core.errors import AttnCtrlError
 from ..core.masks import binarize, box_mask, is_box, load_mask, resize_mask
 from ..core.tokens import token_indices
 from ..processors.attention_maps import AttentionMaps
-from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion
+from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion, box_of, reposition_index, rescaled_grid_masks
 from .freecustom import ReferencePipeline
 from .reference import Reference, ReferenceRun
 
@@ -53,8 +53,9 @@ class IRRun(ReferenceRun):
     def setup(self, config: IRDiffusion, layers, target_masks: torch.Tensor, msa_layers: set[str]):
         self.config = config
         self.msa_layers = msa_layers
-        self.target_full = target_masks  # (N, H, W) disjoint binary
-        self._owner: dict = {}
+        self.target_full = target_masks  # (N, H, W) disjoint binary, at the image's resolution
+        self._members: dict = {}
+        self._sources: dict = {}
         self._source: dict = {}
         self._dropout: dict = {}
         self.dropout_gen = torch.Generator("cpu").manual_seed(int(self.generator.initial_seed()) + 7)
@@ -63,47 +64,48 @@ class IRRun(ReferenceRun):
     def _coverage(masks: torch.Tensor, grid) -> torch.Tensor:
         return F.adaptive_avg_pool2d(masks.float()[:, None], tuple(grid))[:, 0].flatten(1)  # (N, n) in [0, 1]
 
-    def owner(self, grid) -> torch.Tensor:
-        """``(n,)`` subject of each target token on a layer grid: 0 = background, i = subject i (disjoint)."""
+    def members(self, grid) -> torch.Tensor:
+        """``(N, n)`` bool: the target tokens of each subject on a layer grid (``T_i``; see ``mask_rule``)."""
         grid = tuple(grid)
-        if grid not in self._owner:
-            cover = self._coverage(self.target_full, grid)
-            areas = self.target_full.flatten(1).sum(1)
-            # a token belongs to the subject covering most of it (ties: the larger region), if covered over half
-            score = cover + 1e-6 * areas[:, None] / areas.max()
-            best = score.argmax(0)
-            # a subject covering no token over half is absent on this grid (no isolation, reposition or mutual
-            # cross-attention there): forcing it onto a token of a coarse grid spreads it over a far larger area
-            self._owner[grid] = torch.where(cover.max(0).values > 0.5, best + 1, torch.zeros_like(best))
-        return self._owner[grid]
+        if grid not in self._members:
+            if self.config.mask_rule == "official":
+                self._members[grid] = rescaled_grid_masks(self.target_full, grid, self.config.mask_threshold)
+            else:  # a token belongs to the subject covering most of it (ties: the larger region), if over half
+                cover = self._coverage(self.target_full, grid)
+                areas = self.target_full.flatten(1).sum(1)
+                best = (cover + 1e-6 * areas[:, None] / areas.max()).argmax(0)
+                owned = F.one_hot(best, self.n).T.bool()
+                self._members[grid] = owned & (cover.max(0).values > 0.5)
+        return self._members[grid]
+
+    def sources(self, grid) -> torch.Tensor:
+        """``(N, n)`` bool: each reference's mask on a layer grid (``S_i``; see ``mask_rule``)."""
+        grid = tuple(grid)
+        if grid not in self._sources:
+            if self.config.mask_rule == "official":
+                self._sources[grid] = rescaled_grid_masks(self.full_masks, grid, self.config.mask_threshold)
+            else:  # nearest sampling; a mask that misses every sample keeps its best-covered token
+                masks = self.grid_masks(grid).clone()
+                for i in torch.nonzero(~masks.any(1)).flatten().tolist():
+                    masks[i, self._coverage(self.masks[i][None], grid)[0].argmax()] = True
+                self._sources[grid] = masks
+        return self._sources[grid]
 
     def _source_map(self, grid, i: int):
         grid = tuple(grid)
         key = (grid, i)
         if key not in self._source:
             h, w = grid
-            src_mask = self.grid_masks(grid)[i].view(h, w)
-            if not torch.any(src_mask):
-                cover = self._coverage(self.masks[i][None], grid)[0]
-                src_mask = torch.zeros(h * w, dtype=torch.bool)
-                src_mask[cover.argmax()] = True
-                src_mask = src_mask.view(h, w)
-            tgt = (self.owner(grid) == i + 1).view(h, w)
-            if not torch.any(tgt):  # the subject is absent on this grid
+            src, tgt = self.sources(grid)[i], self.members(grid)[i]
+            if not (torch.any(src) and torch.any(tgt)):  # absent on this grid: its reference block stays closed
                 self._source[key] = (torch.zeros(h * w, dtype=torch.long), torch.zeros(h * w, dtype=torch.bool))
                 return self._source[key]
-            sy, sx = torch.nonzero(src_mask, as_tuple=True)
-            ty, tx = torch.nonzero(tgt, as_tuple=True)
-            s0y, s0x, s1y, s1x = int(sy.min()), int(sx.min()), int(sy.max()) + 1, int(sx.max()) + 1
-            t0y, t0x, t1y, t1x = int(ty.min()), int(tx.min()), int(ty.max()) + 1, int(tx.max()) + 1
-            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            inside = (yy >= t0y) & (yy < t1y) & (xx >= t0x) & (xx < t1x)
-            # nearest resize of the source box onto the target box (floor(dst * scale), as F.interpolate "nearest")
-            src_y = s0y + ((yy - t0y).clamp(min=0) * (s1y - s0y)) // (t1y - t0y)
-            src_x = s0x + ((xx - t0x).clamp(min=0) * (s1x - s0x)) // (t1x - t0x)
-            index = (src_y.clamp(max=h - 1) * w + src_x.clamp(max=w - 1)).flatten()
-            relocated = inside.flatten() & src_mask.flatten()[index]
-            self._source[key] = (torch.where(inside.flatten(), index, torch.zeros_like(index)), relocated)
+            t0y, t0x, t1y, t1x = box = box_of(tgt.view(h, w))
+            rule = "official" if self.config.mask_rule == "official" else "exact"
+            index = reposition_index(box_of(src.view(h, w)), box, grid, rule)
+            inside = torch.zeros(h, w, dtype=torch.bool)
+            inside[t0y:t1y, t0x:t1x] = True
+            self._source[key] = (index, inside.flatten() & src[index])
         return self._source[key]
 
     def source_index(self, grid, i: int) -> torch.Tensor:
@@ -115,16 +117,13 @@ class IRRun(ReferenceRun):
         return self._source_map(grid, i)[1]
 
     def dropout(self, grid, step: int) -> torch.Tensor:
-        """``(n,)`` bool, resampled per step and grid: target tokens that see their reference this step."""
+        """``(N, n)`` bool, drawn per subject, step and grid (as official): the target tokens that see their
+        reference this step; a subject that would lose every token keeps them all."""
         key = (tuple(grid), step)
         if key not in self._dropout:
-            n = grid[0] * grid[1]
-            keep = torch.rand(n, generator=self.dropout_gen) >= self.config.dropout
-            owner = self.owner(grid)
-            for i in range(self.n):  # restored if a subject loses every token
-                region = owner == i + 1
-                if not torch.any(keep & region):
-                    keep = keep | region
+            members = self.members(grid)
+            keep = torch.rand(members.shape, generator=self.dropout_gen) >= self.config.dropout
+            keep[~(keep & members).any(1)] = True
             self._dropout = {k: v for k, v in self._dropout.items() if k[1] == step}
             self._dropout[key] = keep
         return self._dropout[key]
@@ -161,8 +160,9 @@ def disjoint(masks: torch.Tensor) -> torch.Tensor:
 
 
 class IRDiffusionPipeline(ReferencePipeline):
-    """IR-Diffusion. Extra call arguments: ``subjects``, ``mutual_lambda``, ``dropout``, ``msa_layers``,
-    ``start_step``, ``end_step``, ``ref_sa_lambda``, ``reference_seed``; everything else goes to the base pipeline."""
+    """IR-Diffusion. Extra call arguments: ``subjects``, ``mutual_lambda``, ``dropout``, ``mask_rule``,
+    ``mask_threshold``, ``msa_layers``, ``start_step``, ``end_step``, ``ref_sa_lambda``, ``reference_seed``; everything
+    else goes to the base pipeline."""
 
     config_class = IRDiffusion
     processor_class = IRAttnProcessor

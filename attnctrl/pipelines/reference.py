@@ -135,6 +135,7 @@ class ReferenceRun(MethodState):
             images.append(image)
             masks.append(mask)
         self.images = images
+        self.full_masks = torch.stack(masks) if masks else torch.zeros(0, height, width)  # (N, H, W), image size
         # masks kept at twice the latent resolution (128 x 128 for 512 px, as the official code) and resized to each
         # layer's grid with 'nearest' on demand
         side = (2 * self.latent_hw[0], 2 * self.latent_hw[1])

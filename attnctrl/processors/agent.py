@@ -23,7 +23,9 @@ late_sy, late_agent_ratio`` (with 0.5 there are no agents: pure ToMe), as in the
 Decisions on official quirks: merge randomness comes from a private generator seeded by ``seed`` and re-seeded at
 every generation (the official forks the global RNG, so images depend on everything drawn before);
 ``ratio = 0`` or a layer where ``r`` rounds to 0 runs the stock attention (the official code crashes); ``remove``
-restores everything (the official leaves attention classes swapped).
+restores everything (the official leaves attention classes swapped); merged tokens are listed in row-major
+grid order with a stable ranking (ties break by position, on every device), where tomesd's non-stable ``argsort``
+orders them by implementation (``merge_order="official"`` reproduces it).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class AgentAttnProcessor(AttnCtrlProcessor):
                                          image_rotary_emb, temb)
         b = hidden_states.shape[0]
         use_rand = config.use_rand and b % 2 == 0  # as tomesd/AgentSD: odd batches take the top-left token
-        plan = bipartite_plan(x, h, w, sx, sy, self.state.generator if use_rand else None)
+        plan = bipartite_plan(x, h, w, sx, sy, self.state.generator if use_rand else None, config.merge_order)
         r = min(r, plan.n_src)
         merged = plan.merge(hidden_states, r)
         n_merged = merged.shape[1]
@@ -172,6 +174,9 @@ class AgentAttention(Method):
         k_scale2 (0.3), k_shortcut (0.075): the broadcast softmax's logit exponent and the value shortcut.
         attn_precision: "fp32" computes both agent softmaxes in float32 (needed for SD 2.1 in fp16).
         use_rand, merge_seed: random dst positions from a private generator (re-seeded every generation).
+        merge_order: ``"row-major"`` (stable: ties break by grid position, the same on every device) or
+            ``"official"`` (tomesd's non-stable argsorts: the official token order and tie-breaking on the same
+            device); see :mod:`attnctrl.kernels.token_merge`.
     """
 
     ratio: float = field(default=0.4, metadata={"help": "agent: fraction of tokens merged, [0, 1)"})
@@ -190,6 +195,8 @@ class AgentAttention(Method):
     attn_precision: str | None = field(default=None, metadata={"help": "agent: 'fp32' for float32 softmaxes"})
     use_rand: bool = field(default=True, metadata={"help": "agent: random dst token per cell"})
     merge_seed: int = field(default=0, metadata={"help": "agent: seed of the merge randomness"})
+    merge_order: str = field(default="row-major", metadata={"help": "agent: token order of the merge, 'row-major' "
+                                                            "or 'official' (tomesd's argsort order and ties)"})
 
     name = "agent"
     families = ("sd", "sdxl")
@@ -211,6 +218,8 @@ class AgentAttention(Method):
             raise AttnCtrlError(f"switch_step must be a step index >= 0 or a fraction in [0, 1], got {s!r}")
         if self.max_downsample is not None and self.max_downsample < 1:
             raise AttnCtrlError(f"max_downsample must be >= 1, got {self.max_downsample}")
+        if self.merge_order not in ("row-major", "official"):
+            raise AttnCtrlError(f"merge_order must be 'row-major' or 'official', got {self.merge_order!r}")
         if self.attn_precision not in (None, "fp32"):
             raise AttnCtrlError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
 

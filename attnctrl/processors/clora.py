@@ -25,7 +25,7 @@ from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
 
-__all__ = ["CLoRA", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "record_layers"]
+__all__ = ["CLoRA", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers"]
 
 
 def min_max(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -61,11 +61,24 @@ def nt_xent(samples: torch.Tensor, labels: torch.Tensor, temperature: float = 0.
     return losses[positive].mean()
 
 
-def lora_masks(maps: torch.Tensor, mask_tokens: list[list[int]], threshold: float) -> torch.Tensor:
+def dilate(mask: torch.Tensor) -> torch.Tensor:
+    """3 x 3 binary dilation of ``(..., h, w)`` masks: a max-pool, as the official ``dilate``."""
+    return F.max_pool2d(mask[..., None, :, :], 3, 1, 1)[..., 0, :, :]
+
+
+def erode(mask: torch.Tensor) -> torch.Tensor:
+    """3 x 3 binary erosion: ``1 - dilate(1 - mask)``, as the official ``erode`` (outside the map counts as set)."""
+    return 1 - dilate(1 - mask)
+
+
+def lora_masks(maps: torch.Tensor, mask_tokens: list[list[int]], threshold: float, *, mask_erode: bool = False,
+               mask_dilate: bool = False, mask_opening: bool = False, mask_closing: bool = False) -> torch.Tensor:
     """Binary fusion masks ``(N, h, w)`` from aggregated maps ``(N, h, w, T)`` (spec §3.5).
 
     Branch j's mask is the union over its ``mask_tokens[j]`` of ``A[..., k] > threshold * max A[..., k]`` (empty list:
-    zeros); branch 0 additionally takes every pixel no mask covers, so the masks sum to >= 1 everywhere.
+    zeros), then the official optional 3 x 3 morphology in the official order: dilate, erode, opening (erode then
+    dilate), closing (dilate then erode); finally branch 0 also takes every pixel no mask covers, so the masks sum
+    to >= 1 everywhere.
     """
     n, h, w, _ = maps.shape
     masks = torch.zeros(n, h, w, dtype=maps.dtype, device=maps.device)
@@ -73,6 +86,11 @@ def lora_masks(maps: torch.Tensor, mask_tokens: list[list[int]], threshold: floa
         for k in tokens:
             a = maps[j, :, :, k]
             masks[j] = torch.maximum(masks[j], (a > threshold * a.max()).to(maps.dtype))
+    official_order = ((mask_dilate, (dilate,)), (mask_erode, (erode,)), (mask_opening, (erode, dilate)),
+                      (mask_closing, (dilate, erode)))
+    for wanted, steps in official_order:
+        for step in steps if wanted else ():
+            masks = step(masks)
     masks[0] = torch.maximum(masks[0], (masks.sum(0) == 0).to(maps.dtype))
     return masks
 
@@ -126,6 +144,8 @@ class CLoRA(Method):
     Args to tinker with:
         iterative_steps, iterative_steps_steps: refinement steps and how many extra updates they run.
         temperature: NT-Xent temperature (0.5). apply_mask_after: masks from this step on (before: all ones).
+        mask_erode, mask_dilate, mask_opening, mask_closing: the official optional 3 x 3 morphology of the fusion
+            masks (all off, as official), applied in the official order (see :func:`lora_masks`).
         record_uncond: average the unconditional half into the maps (official parity; default off).
         record_layers: selector of the recorded cross-attention layers (default: 1/32 of the image).
         text_encoder_lora: each branch's prompt is encoded with its LoRA in the text encoder too (the official
@@ -144,6 +164,10 @@ class CLoRA(Method):
     temperature: float = field(default=0.5, metadata={"help": "clora: NT-Xent temperature"})
     mask_threshold: float = field(default=0.3, metadata={"help": "clora: fusion mask threshold alpha"})
     apply_mask_after: int = field(default=0, metadata={"help": "clora: first step with fusion masks"})
+    mask_erode: bool = field(default=False, metadata={"help": "clora: 3x3 erosion of the fusion masks"})
+    mask_dilate: bool = field(default=False, metadata={"help": "clora: 3x3 dilation of the fusion masks"})
+    mask_opening: bool = field(default=False, metadata={"help": "clora: 3x3 opening of the fusion masks"})
+    mask_closing: bool = field(default=False, metadata={"help": "clora: 3x3 closing of the fusion masks"})
     record_uncond: bool = field(default=False, metadata={"help": "clora: average the uncond half into the maps"})
     record_layers: object = field(default=None, metadata={"help": "clora: recorded cross-attention layers"})
     style_lora_weight: float = field(default=1.0, metadata={"help": "clora: weight of the style LoRA"})
@@ -165,6 +189,10 @@ class CLoRA(Method):
             raise AttnCtrlError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.mask_threshold <= 1:
             raise AttnCtrlError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+
+    def morphology(self) -> dict[str, bool]:
+        """The fusion-mask morphology switches, as :func:`lora_masks` takes them."""
+        return {name: getattr(self, name) for name in ("mask_erode", "mask_dilate", "mask_opening", "mask_closing")}
 
     def create_state(self, ctl, layers):
         raise AttnCtrlError("CLoRA needs prompts and LoRAs: use attnctrl.pipelines.CLoRAPipeline.from_pipe(pipe)")

@@ -20,11 +20,13 @@ regions are recomputed; every other row is the stock output, bit for bit. Reposi
 and values (the key/value projections are linear, so this equals projecting repositioned hidden states on the
 tokens the relocated mask lets through).
 
-Decisions on official quirks (spec §5-8): masks are built lazily for every resolution (the official code handles
-two and asserts otherwise); on a grid where a subject covers no token over half it is absent (no isolation,
-reposition or mutual cross-attention there: forcing it onto one coarse token spread its prompt over a far larger
-area and raised attribute swaps on the toyworld model); N <= 1
-skips isolation (nothing to isolate) and N = 0 is the plain pipeline; the dropout is seeded and resampled per step;
+Decisions on official quirks (spec §4-8): subject masks reach every layer's grid by the official rule (bilinear,
+min-max rescale, threshold 0.5 or the official ``thres=0`` histogram rule; ``mask_rule="official"``), built lazily
+for every resolution (the official code handles two grids and asserts otherwise); a subject smaller than a token
+keeps its best cells, as official; ``mask_rule="coverage"`` is attnctrl's earlier rule (see :class:`IRDiffusion`).
+Repositioning takes torch's own nearest resize, as official. N <= 1 skips isolation (nothing to isolate) and N = 0
+is the plain pipeline; a source mask that reaches a grid as one token is repositioned, where the official code
+asserts; the dropout is drawn per subject from a seeded generator and resampled per step (official: the global RNG);
 references are the FreeCustom-style re-noised clean latents of user images or of the pipeline's own rehearsal
 (official: generated jointly from the same noise). Not reproduced: the official zeroing of the bottom sixth of each
 rehearsed source mask (a portrait heuristic against hands and bodies).
@@ -46,6 +48,74 @@ from ..core.processor import AttnCtrlProcessor
 __all__ = ["IRDiffusion", "IRAttnProcessor"]
 
 
+#: clamp of the official binarisation threshold (``binarize_mask`` in the official code)
+_THRESHOLD_CLAMP = (1e-6, 1 - 1e-6)
+
+
+def official_otsu(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """The official ``get_otsu_threshold`` (spec §4.2, ``thres=0``), op for op, quirks included.
+
+    Its "between-class variance" is ``cumsum * (cumsum - bins) * (cummean - mean) ** 2`` over a ``histc`` of the
+    values' own range, so on a grid of fewer than ``bins`` tokens every term is <= 0 and the argmax is the last
+    bin: the threshold is ~1 and only the cells at the maximum survive. Returns a 0-dim float32 tensor.
+    """
+    x = values.float()
+    hist = torch.histc(x, bins=bins)
+    cumsum = torch.cumsum(hist, dim=0)
+    cummean = torch.cumsum(hist * torch.arange(bins, device=x.device), dim=0) / cumsum
+    variance = cumsum * (cumsum - bins) * (cummean - cummean[-1]) ** 2
+    return torch.argmax(variance) / (bins - 1)
+
+
+def rescaled_grid_masks(masks: torch.Tensor, grid, threshold: float | str = 0.5) -> torch.Tensor:
+    """The official mask rule (spec §4.2): each mask bilinearly resized to the layer ``grid``, min-max rescaled to
+    [0, 1] (``/ (max - min + 1e-8)``) and kept where it is ``> threshold`` (``"otsu"``: :func:`official_otsu`,
+    the official ``thres=0``), the threshold clamped to ``[1e-6, 1 - 1e-6]`` as official. ``masks`` ``(N, H, W)``;
+    returns ``(N, h * w)`` bool. A subject smaller than a token is kept: rescaling lifts its largest cell to 1.
+    (The official code resizes bilinearly a second time to the same size, which is the identity.)
+    """
+    x = F.interpolate(masks.float()[:, None], size=tuple(grid), mode="bilinear")[:, 0]
+    lo = x.amin(dim=(1, 2), keepdim=True)
+    hi = x.amax(dim=(1, 2), keepdim=True)
+    x = ((x - lo) / (hi - lo + 1e-8)).flatten(1)
+    out = []
+    for m in x:
+        t = official_otsu(m) if threshold == "otsu" else threshold
+        t = t if t < _THRESHOLD_CLAMP[1] else _THRESHOLD_CLAMP[1]
+        t = t if t > _THRESHOLD_CLAMP[0] else _THRESHOLD_CLAMP[0]
+        out.append(m > t)
+    return torch.stack(out)
+
+
+def box_of(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(y0, x0, y1, x1)`` (end-exclusive) of the true cells of a non-empty 2-D mask."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def reposition_index(src_box, dst_box, grid, rule: str = "official") -> torch.Tensor:
+    """``(n,)`` source token of every token of the ``dst_box`` when the ``src_box`` crop is resized onto it with
+    nearest sampling (spec §4.3); tokens outside ``dst_box`` get 0.
+
+    ``rule="official"``: torch's own ``F.interpolate(mode="nearest")`` on the crop, as the official code resizes the
+    features (its source index is ``floor(d * float32(in / out))``, which lands on the neighbouring token for about
+    1 % of box sizes and offsets); ``"exact"``: the exact ``floor(d * in / out)`` in integers.
+    """
+    h, w = grid
+    s0y, s0x, s1y, s1x = src_box
+    t0y, t0x, t1y, t1x = dst_box
+    if rule == "official":
+        tokens = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)[..., s0y:s1y, s0x:s1x]
+        inner = F.interpolate(tokens, size=(t1y - t0y, t1x - t0x), mode="nearest")[0, 0].long()
+    else:
+        dy = torch.arange(t1y - t0y).view(-1, 1)
+        dx = torch.arange(t1x - t0x).view(1, -1)
+        inner = (s0y + dy * (s1y - s0y) // (t1y - t0y)) * w + s0x + dx * (s1x - s0x) // (t1x - t0x)
+    index = torch.zeros(h, w, dtype=torch.long)
+    index[t0y:t1y, t0x:t1x] = inner
+    return index.flatten()
+
+
 class IRAttnProcessor(AttnCtrlProcessor):
     """Isolation + reposition in self-attention, mutual attention in cross-attention (see the module docstring)."""
 
@@ -61,37 +131,37 @@ class IRAttnProcessor(AttnCtrlProcessor):
             return out
         targets, refs = run.rows(query.shape[0], self.ctl.cfg)
         grid = self.layer.grid(self.ctl.call.grid)
+        members = run.members(grid).to(query.device)  # (N, n): target token in subject i's region (may overlap)
         if self.layer.kind == "cross":
-            return self._mutual(query, key, value, out, targets, refs, grid) if config.mutual_lambda > 0 else out
+            return self._mutual(query, key, value, out, targets, refs, members) if config.mutual_lambda > 0 else out
         step = self.ctl.step
         msa = (self.layer.name in run.msa_layers and step >= config.start_step
                and (config.end_step is None or step < config.end_step))
-        if run.n <= 1 and not msa:
+        n, n_sub = key.shape[2], run.n
+        if n_sub <= 1 and not msa:
             return out
-        owner = run.owner(grid).to(query.device)  # (n,) 0 = background, i = subject i
-        rows = torch.nonzero(owner > 0).flatten()
+        rows = torch.nonzero(members.any(0)).flatten()
         if rows.numel() == 0:
             return out
-        n, n_sub = key.shape[2], run.n
-        groups = owner[rows] - 1  # 0 .. N-1
-        n_groups = n_sub
-        if msa:
-            keep = run.dropout(grid, step).to(query.device)  # (n,) bool: query token survives the dropout
-            groups = torch.where(keep[rows], groups, groups + n_sub)  # dropped tokens: isolation only
-            n_groups = 2 * n_sub
+        # queries with the same subjects (and, in reposition layers, the same subjects kept by the dropout) share
+        # one key-bias row: a few groups, never a queries x keys mask
+        kept = run.dropout(grid, step).to(query.device) & members if msa else torch.zeros_like(members)
+        patterns, groups = torch.unique(torch.cat([members, kept]).T[rows].to(torch.uint8), dim=0,
+                                        return_inverse=True)
+        inside, sees = patterns[:, :n_sub].bool(), patterns[:, n_sub:].bool()  # (G, N) each
         width = n * (1 + n_sub) if msa else n
-        bias = torch.zeros(n_groups, width, device=query.device, dtype=query.dtype)
-        bias[:, n:] = float("-inf")  # reference blocks: closed unless opened below
-        for i in range(n_sub):
-            others = (owner > 0) & (owner != i + 1)  # isolation: other subjects' target keys
-            bias[i, :n][others] = float("-inf")
-            if msa:
-                bias[i + n_sub, :n][others] = float("-inf")
+        bias = torch.zeros(len(patterns), width, device=query.device, dtype=query.dtype)
+        # isolation (spec §4.3-4.4): key k of subject j is closed to a query that belongs to a subject other than j
+        other = inside.sum(1, keepdim=True) - inside.long() > 0  # (G, N)
+        closed = (other.float() @ members.float()) > 0  # (G, n)
+        closed &= ~closed.all(1, keepdim=True)  # a query in every subject's region is not isolated from everything
+        bias[:, :n][closed] = float("-inf")
         if msa:
+            bias[:, n:] = float("-inf")  # reference blocks: closed unless opened below
             for i in range(n_sub):
                 relocated = run.relocated_mask(grid, i).to(query.device)
-                block = bias[i, n * (i + 1) : n * (i + 2)]
-                block[relocated] = config.ref_sa_lambda
+                block = bias[:, n * (i + 1) : n * (i + 2)]
+                block[sees[:, i : i + 1] & relocated] = config.ref_sa_lambda
         out = out.clone()
         for half, t in enumerate(targets):
             keys, values = [key[t : t + 1]], [value[t : t + 1]]
@@ -106,14 +176,14 @@ class IRAttnProcessor(AttnCtrlProcessor):
             out[t : t + 1, :, rows] = result.to(out.dtype)
         return out
 
-    def _mutual(self, query, key, value, out, targets, refs, grid):
-        """DreamStory's mutual cross-attention (spec §4.5): blend with the attention to the subject's prompt."""
-        owner = self.run.owner(grid).to(query.device)
-        if not torch.any(owner > 0):
+    def _mutual(self, query, key, value, out, targets, refs, members):
+        """DreamStory's mutual cross-attention (spec §4.5): inside the subjects' regions, blend with the attention
+        to each subject's prompt, averaged where regions overlap."""
+        if not torch.any(members):
             return out
         lam = self.config.mutual_lambda
         out = out.clone()
-        masks = torch.stack([owner == i + 1 for i in range(self.run.n)]).to(out.dtype)  # (N, n)
+        masks = members.to(out.dtype)  # (N, n)
         covered = masks.sum(0)
         inside = (covered > 0).to(out.dtype)
         for half, t in enumerate(targets):
@@ -135,6 +205,13 @@ class IRDiffusion(Method):
     Args that matter:
         mutual_lambda: blend of the mutual cross-attention inside subject regions (0.9 as the official run; 0 = off).
         dropout: probability that a target token of a subject does *not* see its reference in a step (0.5).
+        mask_rule: how a subject's masks reach each layer's token grid. ``"official"`` (default, spec §4.2): bilinear
+            resize, min-max rescale, ``> mask_threshold``; a subject smaller than a token keeps its best cells and
+            regions may overlap; reposition indices from torch's nearest resize. ``"coverage"``: a token is the
+            subject's that covers most of it, if over half (disjoint; a subject covering no token over half is
+            absent on that grid); exact integer nearest indices.
+        mask_threshold: threshold of the official rule: 0.5, or ``"otsu"`` for the official code's ``thres=0``
+            histogram rule (see :func:`official_otsu`).
     Args to tinker with:
         msa_layers: layer selector of the reposition layers (None: SD 1.x/2.x blocks 10-15 = "decoder-high-res";
             SDXL: transformer blocks from 36/70 of the way on, i.e. spec §4.1's start_layer 36 of 70);
@@ -144,6 +221,10 @@ class IRDiffusion(Method):
     mutual_lambda: float = field(default=0.9, metadata={"help": "irdiffusion: mutual cross-attention weight"})
     dropout: float = field(default=0.5, metadata={"help": "irdiffusion: target-side reference dropout"})
     msa_layers: object = field(default=None, metadata={"help": "irdiffusion: reposition layers (selector)"})
+    mask_rule: str = field(default="official", metadata={"help": "irdiffusion: 'official' (bilinear, rescale, "
+                                                           "threshold) or 'coverage' masks on each grid"})
+    mask_threshold: float | str = field(default=0.5, metadata={"help": "irdiffusion: threshold of the official mask "
+                                                               "rule, or 'otsu' (the official thres=0)"})
     start_step: int = field(default=0, metadata={"help": "first step with reference attention"})
     end_step: int | None = field(default=None, metadata={"help": "reference attention before this step"})
     ref_sa_lambda: float = field(default=0.0, metadata={"help": "irdiffusion: logit bonus of reference keys"})
@@ -160,6 +241,11 @@ class IRDiffusion(Method):
             raise AttnCtrlError(f"mutual_lambda must lie in [0, 1], got {self.mutual_lambda}")
         if not 0 <= self.dropout < 1:
             raise AttnCtrlError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.mask_rule not in ("official", "coverage"):
+            raise AttnCtrlError(f"mask_rule must be 'official' or 'coverage', not {self.mask_rule!r}")
+        t = self.mask_threshold
+        if t != "otsu" and (isinstance(t, (bool, str)) or not 0 <= t <= 1):
+            raise AttnCtrlError(f"mask_threshold must be a number in [0, 1] or 'otsu', not {t!r}")
         if self.start_step < 0 or (self.end_step is not None and self.end_step <= self.start_step):
             raise AttnCtrlError(f"need 0 <= start_step < end_step, got {self.start_step}, {self.end_step}")
 

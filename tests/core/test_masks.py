@@ -42,6 +42,25 @@ def test_load_mask_sources_and_threshold(tmp_path):
     assert torch.equal(load_mask(np.array([[0.2, 0.9]])), torch.tensor([[0.2, 0.9]]))  # soft masks kept
 
 
+def test_zero_one_masks_in_8_bits_are_masks(tmp_path):
+    """The {0, 1} uint8 format of the official FreeCustom / IR-Diffusion code: a mask, not an empty one."""
+    from PIL import Image
+
+    from attnctrl.pipelines import Reference
+
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:5, 3:6] = 1
+    expect = torch.from_numpy(arr.astype(np.float32))
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    for source in (arr, torch.from_numpy(arr), Image.fromarray(arr), tmp_path / "m.png"):
+        assert torch.equal(load_mask(source), expect)
+        assert torch.equal(load_mask(source, threshold=None), expect)
+    _, mask = Reference(np.zeros((8, 8, 3), np.uint8), arr).load(0)
+    assert torch.equal(mask, expect)
+    assert torch.equal(load_mask(arr * 255), expect)  # 0 / 255 as before
+    assert load_mask(np.zeros((8, 8), np.uint8)).sum() == 0  # empty is still empty
+
+
 @pytest.mark.parametrize("bad, msg", [
     (np.zeros((2, 3, 4, 5)), "2-D"), ("/no/such/mask.png", "cannot read"), (3.5, "path, PIL"),
     (np.array([[-1.0, 0.5]]), r"\[0, 1\]"),
