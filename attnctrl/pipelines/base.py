@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..core.controller import Method
 from ..core.errors import UnsupportedModelError
 from ..core.families import detect_family
 
-__all__ = ["MethodPipeline"]
+__all__ = ["MethodPipeline", "upcast_vae"]
 
 _FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX", "cogvideox": "CogVideoX"}
+
+
+@contextmanager
+def upcast_vae(vae):
+    """``vae`` in float32 inside the block where diffusers upcasts it (float16 with ``force_upcast``), back to float16
+    after it, errors included (``.to`` changes the shared module in place)."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 class MethodPipeline:

@@ -27,7 +27,7 @@ from ..core.controller import MethodState, apply
 from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
 from ..processors.clora import CLoRA, CrossAttnRecorder, lora_masks, min_max, nt_xent
-from .base import MethodPipeline
+from .base import MethodPipeline, upcast_vae
 from .freecustom import _Bound
 
 __all__ = ["CLoRAPipeline", "CLoRAState"]
@@ -256,21 +256,16 @@ class CLoRAPipeline(MethodPipeline):
         if output_type == "latent":
             images = z
         else:
-            vae = pipe.vae
-            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-            if upcast:
-                vae = vae.to(torch.float32)
-            latents = z.to(vae.dtype)
-            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
-            images = vae.decode(latents, return_dict=False)[0]
-            if upcast:
-                vae.to(torch.float16)
+            with upcast_vae(pipe.vae) as vae:
+                latents = z.to(vae.dtype)
+                mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+                if mean is not None and std is not None:
+                    mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                    std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                    latents = latents * std / vae.config.scaling_factor + mean
+                else:
+                    latents = latents / vae.config.scaling_factor
+                images = vae.decode(latents, return_dict=False)[0]
             images = pipe.image_processor.postprocess(images, output_type=output_type)
         if not return_dict:
             return (images, None)

@@ -43,7 +43,7 @@ from ..core.errors import AttnCtrlError
 from ..core.masks import box_mask, is_box, is_fraction_box, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
-from .base import MethodPipeline
+from .base import MethodPipeline, upcast_vae
 from .dpm_solver import DPMSolverPP
 from .freecustom import _Bound
 from .reference import _load_image
@@ -159,15 +159,9 @@ class PrimeComposerPipeline(MethodPipeline):
 
     @torch.no_grad()
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae = vae.to(torch.float32)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        image = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
-        if upcast:
-            vae.to(torch.float16)
-        return image
+        with upcast_vae(self.pipe.vae) as vae:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self, background, reference, reference_mask=None, location=None, prompt: str = "",

@@ -27,6 +27,7 @@ from PIL import Image
 from ..core.controller import MethodState
 from ..core.errors import AttnCtrlError
 from ..core.masks import load_mask
+from .base import upcast_vae
 
 __all__ = ["Reference", "ReferenceRun", "ReferenceError"]
 
@@ -148,15 +149,9 @@ class ReferenceRun(MethodState):
     @torch.no_grad()
     def _encode(self, images) -> torch.Tensor:
         pipe = self.pipe
-        vae = pipe.vae
         pixels = pipe.image_processor.preprocess(images, height=self.height, width=self.width)
-        dtype = vae.dtype
-        if getattr(vae.config, "force_upcast", False) and dtype == torch.float16:
-            vae = vae.to(torch.float32)
-            dtype = torch.float32
-        latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean
-        if self.pipe.vae.dtype != vae.dtype:
-            self.pipe.vae.to(self.pipe.vae.dtype)
+        with upcast_vae(pipe.vae) as vae:
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).to(self.unet.dtype)
 

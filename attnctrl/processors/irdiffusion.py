@@ -192,7 +192,7 @@ class IRAttnProcessor(AttnCtrlProcessor):
                 r = ref_rows[half]
                 m_i = F.scaled_dot_product_attention(query[t : t + 1], key[r : r + 1], value[r : r + 1])
                 mixed = mixed + masks[i].view(1, 1, -1, 1) * m_i
-            mixed = mixed / (covered.view(1, 1, -1, 1) + 1e-8)
+            mixed = mixed / covered.clamp(min=1).view(1, 1, -1, 1)  # a count: the official "+ 1e-8" is 0 in fp16
             u = inside.view(1, 1, -1, 1)
             out[t : t + 1] = (1 - lam * u) * out[t : t + 1] + lam * u * mixed
         return out
