@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from test_freecustom import SIZE, box_mask, gen, image
 
 import attnctrl
+from attnctrl.cli.options import build_method_config
 from attnctrl.core import AttnCtrlError, Controller
 from attnctrl.core.attention import attention_probs
 from attnctrl.pipelines import IRDiffusionPipeline, Reference, Subject
@@ -317,3 +318,9 @@ def test_overlaps_go_to_the_larger_region_and_bad_inputs():
                                         Subject("dog", REFS[1], region=(0.2, 0.2, 0.4, 0.4))], num_inference_steps=2)
     with pytest.raises(AttnCtrlError, match="dropout"):
         IRDiffusion(dropout=1.0)
+    for bad in ({"mask_rule": "nearest"}, {"mask_threshold": 1.5}, {"mask_threshold": "half"}):
+        with pytest.raises(AttnCtrlError, match="mask_"):
+            IRDiffusion(**bad)
+    # the command line reads a threshold as a number, "otsu" as the official rule
+    assert build_method_config("irdiffusion", {"m_mask_threshold": "0.4"}).mask_threshold == 0.4
+    assert build_method_config("irdiffusion", {"m_mask_threshold": "otsu"}).mask_threshold == "otsu"

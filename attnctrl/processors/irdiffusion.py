@@ -15,7 +15,7 @@ spec ``irdiffusion.md``. The target is generated with one reference per subject 
   prompt: ``O = (1 - lambda) O + lambda M_i``.
 
 Isolation is a query-dependent bias: it runs as :func:`~attnctrl.core.attention.grouped_attention` with one key-bias
-vector per subject region (and per dropout state), never a ``queries x keys`` mask. Only the rows inside subject
+vector per combination of subjects a query belongs to (and sees after the dropout), never a ``queries x keys`` mask. Only the rows inside subject
 regions are recomputed; every other row is the stock output, bit for bit. Repositioning gathers the projected keys
 and values (the key/value projections are linear, so this equals projecting repositioned hidden states on the
 tokens the relocated mask lets through).
@@ -35,6 +35,7 @@ rehearsed source mask (a portrait heuristic against hands and bodies).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ class IRAttnProcessor(AttnCtrlProcessor):
         # isolation (spec §4.3-4.4): key k of subject j is closed to a query that belongs to a subject other than j
         other = inside.sum(1, keepdim=True) - inside.long() > 0  # (G, N)
         closed = (other.float() @ members.float()) > 0  # (G, n)
-        closed &= ~closed.all(1, keepdim=True)  # a query in every subject's region is not isolated from everything
+        closed &= ~closed.all(1, keepdim=True)  # overlapping regions covering the grid: no softmax over nothing
         bias[:, :n][closed] = float("-inf")
         if msa:
             bias[:, n:] = float("-inf")  # reference blocks: closed unless opened below
@@ -223,7 +224,7 @@ class IRDiffusion(Method):
     msa_layers: object = field(default=None, metadata={"help": "irdiffusion: reposition layers (selector)"})
     mask_rule: str = field(default="official", metadata={"help": "irdiffusion: 'official' (bilinear, rescale, "
                                                            "threshold) or 'coverage' masks on each grid"})
-    mask_threshold: float | str = field(default=0.5, metadata={"help": "irdiffusion: threshold of the official mask "
+    mask_threshold: float | Literal["otsu"] = field(default=0.5, metadata={"help": "irdiffusion: threshold of the official mask "
                                                                "rule, or 'otsu' (the official thres=0)"})
     start_step: int = field(default=0, metadata={"help": "first step with reference attention"})
     end_step: int | None = field(default=None, metadata={"help": "reference attention before this step"})
