@@ -1,9 +1,24 @@
-"""Method configs, applied with ``attnctrl.apply(pipe, config)``, and the name -> config registry used by the CLI.
+"""The method registry: one :class:`MethodEntry` per method, carrying everything the surfaces need.
 
-Each config is a frozen dataclass with the defaults of its paper's spec, validated on construction.
+An entry says what the method is (its config class: options with the spec's defaults, validated on construction),
+what it takes besides the prompt (input kinds of :mod:`attnctrl.inputs`), how it runs (a plugin applied with
+``attnctrl.apply``, or its pipeline built ``from_pipe`` and called by ``call``), which model families it supports,
+whether it makes video, and examples. The command line (``attnctrl generate --method NAME --opt KEY=VALUE``), the
+job-file schema, the output records and the web app's tabs are derived from the entries; nothing in ``cli/``,
+``ui/``, ``io/`` or ``run/`` names a method.
+
+Third-party methods register through the ``attnctrl.methods`` entry-point group: the entry point names a
+:class:`MethodEntry` (or a callable returning one), and the method then appears in every surface::
+
+    [project.entry-points."attnctrl.methods"]
+    hot = "attnctrl_hot:ENTRY"
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 from .core.controller import Method
 from .core.errors import AttnCtrlError
@@ -17,18 +32,262 @@ from .processors.irdiffusion import IRDiffusion
 from .processors.magicface import MagicFace
 from .processors.primecomposer import PrimeComposer
 
-__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "DiTCtrl", "FreeCustom", "IRDiffusion", "MagicFace", "PrimeComposer", "REGISTRY", "get",
-           "Method"]
+__all__ = ["AgentAttention", "AttentionMaps", "CLEAR", "CLoRA", "DiTCtrl", "FreeCustom", "IRDiffusion", "MagicFace",
+           "PrimeComposer", "Method", "MethodEntry", "Control", "REGISTRY", "get", "entry", "register", "entries"]
 
-#: CLI / job-file name -> method config class
-REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (AgentAttention, AttentionMaps, CLEAR, CLoRA, DiTCtrl, FreeCustom, IRDiffusion, MagicFace, PrimeComposer)
-}
+logger = logging.getLogger("attnctrl")
 
 
-def get(name: str) -> type[Method]:
-    """The method config class registered under ``name`` (e.g. ``"attention-maps"``)."""
-    key = name.strip().lower().replace("_", "-")
+@dataclass(frozen=True)
+class Control:
+    """An option the web app shows as a widget on the method's tab (the others are in its JSON box)."""
+
+    option: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method, as every surface sees it.
+
+    * ``config``: the config class (its dataclass fields are the method's options).
+    * ``inputs``: keys of :data:`attnctrl.inputs.KINDS` the method needs (all required), e.g. ``("references",)``.
+    * ``pipeline``: ``"module:Class"`` of the method's pipeline (built with ``from_pipe``); ``None`` for a plugin
+      applied with ``attnctrl.apply``.
+    * ``call(pipeline, config, prompts, inputs, **kwargs)``: one generation with the pipeline (``inputs``: key ->
+      list of records); required with ``pipeline``.
+    * ``prepare(pipeline, config, prompts, inputs)``: checks needing the loaded model, before any generation.
+    * ``mask_names(config, inputs)``: names of the masks ``pipeline.shown_masks()`` returns.
+    * ``prompts``: ``"one"`` or ``"many"`` (one per video segment).
+    * ``speedup``: the app offers it as a switch beside every tab instead of a tab of its own.
+    * ``examples``: job-file objects (paths relative to the shipped examples folder).
+    """
+
+    config: type[Method]
+    title: str
+    summary: str
+    inputs: tuple[str, ...] = ()
+    pipeline: str | None = None
+    call: Callable | None = None
+    prepare: Callable | None = None
+    mask_names: Callable | None = None
+    video: bool = False
+    prompts: str = "one"
+    speedup: bool = False
+    controls: tuple[Control, ...] = ()
+    examples: tuple[dict, ...] = ()
+    help: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.config.families)
+
+    @property
+    def options(self) -> tuple:
+        """The config's dataclass fields (name, type, default, ``metadata["help"]``)."""
+        return fields(self.config)
+
+    def pipeline_class(self) -> type | None:
+        if self.pipeline is None:
+            return None
+        import importlib
+
+        module, _, cls = self.pipeline.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def __post_init__(self) -> None:
+        from .inputs import KINDS
+
+        unknown = [k for k in self.inputs if k not in KINDS]
+        if unknown:
+            raise AttnCtrlError(f"method {self.config.__name__}: unknown input kind {unknown[0]!r}; known: "
+                                f"{', '.join(KINDS)}")
+        if (self.pipeline is None) != (self.call is None):
+            raise AttnCtrlError(f"method {self.config.__name__}: give both pipeline and call, or neither (a plugin)")
+        if self.prompts not in ("one", "many"):
+            raise AttnCtrlError(f"method {self.config.__name__}: prompts is 'one' or 'many'")
+
+
+def _options(config: Method) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+# -- how each pipeline method is called -------------------------------------------------------------------------------
+def _with_references(pipeline, config, prompts, inputs, **kwargs):
+    return pipeline(prompts[0], references=inputs["references"], **_options(config), **kwargs)
+
+
+def _with_subjects(pipeline, config, prompts, inputs, **kwargs):
+    return pipeline(prompts[0], subjects=inputs["subjects"], **_options(config), **kwargs)
+
+
+def _clora(pipeline, config, prompts, inputs, **kwargs):
+    from .pipelines.clora import branches
+
+    kwargs.pop("num_images_per_prompt", None)
+    return pipeline(*branches(prompts[0], inputs["loras"]), **_options(config), **kwargs)
+
+
+def _clora_prepare(pipeline, config, prompts, inputs) -> None:
+    for lora in inputs["loras"]:
+        pipeline.load_lora(lora.path)  # a missing or mismatched file fails now, before any generation
+
+
+def _primecomposer(pipeline, config, prompts, inputs, **kwargs):
+    comp = inputs["composition"][0]
+    return pipeline(comp.background, comp.object, comp.mask, location=comp.fractions(), prompt=prompts[0],
+                    **_options(config), **kwargs)
+
+
+def _ditctrl(pipeline, config, prompts, inputs, **kwargs):
+    kwargs.pop("num_images_per_prompt", None)
+    return pipeline(list(prompts), **_options(config), **kwargs)
+
+
+_EXAMPLE_REF = {"image": "striped-red-circle.png", "mask": "striped-red-circle-mask.png",
+                "prompt": "a striped red circle in the middle and a yellow circle on the right"}
+_EXAMPLE_SQUARE = {"image": "striped-green-square.png", "mask": "striped-green-square-mask.png",
+                   "prompt": "a striped green square in the middle and a yellow circle on the right"}
+
+BUILTIN: tuple[MethodEntry, ...] = (
+    MethodEntry(
+        AttentionMaps, "Attention maps", "Heat maps of where each named word went (DAAM-style cross-attention).",
+        controls=(Control("words", "Heat maps of words (comma-separated)"),),
+        examples=({"prompt": "a red circle on the left and a blue square on the right",
+                   "options": {"words": ["circle", "square"]}},),
+    ),
+    MethodEntry(
+        AgentAttention, "Agent attention", "Token merging + agent tokens in self-attention: faster, training-free.",
+        speedup=True, controls=(Control("ratio", "Token merging ratio", 0, 0.9, 0.05),
+                                Control("agent_ratio", "Agent ratio", 0.05, 1, 0.05)),
+        examples=({"model": "tiny-sd15", "prompt": "a photo of a cat", "steps": 2,
+                   "options": {"ratio": 0.4, "switch_step": 1}},),
+    ),
+    MethodEntry(
+        CLEAR, "CLEAR local attention", "Convolution-like local window attention for FLUX: linear cost.",
+        speedup=True, controls=(Control("radius", "CLEAR radius (tokens)", 1, 64, 1),),
+        examples=({"model": "tiny-flux", "prompt": "a photo of a cat", "steps": 2,
+                   "options": {"radius": 3, "backend": "tiled"}},),
+    ),
+    MethodEntry(
+        FreeCustom, "FreeCustom", "One reference image per concept, composed by multi-reference self-attention.",
+        inputs=("references",), pipeline="attnctrl.pipelines:FreeCustomPipeline", call=_with_references,
+        mask_names=lambda config, inputs: [r.name for r in inputs["references"]],
+        controls=(Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),),
+        examples=({"prompt": "a circle in the middle", "references": [_EXAMPLE_REF],
+                   "options": {"mask_weights": 2.0}},),
+    ),
+    MethodEntry(
+        MagicFace, "MagicFace", "References bound to words of the prompt: reference-aware, then region-grouped "
+        "blend attention.",
+        inputs=("references",), pipeline="attnctrl.pipelines:MagicFacePipeline", call=_with_references,
+        mask_names=lambda config, inputs: list(config.ref_words or [r.name for r in inputs["references"]]),
+        controls=(Control("ref_words", "Word of each reference in the prompt (comma-separated)"),
+                  Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),
+                  Control("inject_step", "Switch to region blending after (fraction of steps)", 0, 1, 0.05)),
+        examples=({"prompt": "a square on the left and a circle on the right",
+                   "references": [_EXAMPLE_SQUARE, _EXAMPLE_REF],
+                   "options": {"ref_words": ["square", "circle"], "mask_weights": 2.0}},),
+    ),
+    MethodEntry(
+        IRDiffusion, "IR-Diffusion", "Consistent subjects: isolation and reposition attention.",
+        inputs=("subjects",), pipeline="attnctrl.pipelines:IRDiffusionPipeline", call=_with_subjects,
+        mask_names=lambda config, inputs: [s.word for s in inputs["subjects"]],
+        controls=(Control("mutual_lambda", "Mutual attention weight (lambda)", 0, 1, 0.05),),
+        examples=({"prompt": "a star on the left and a square on the right", "subjects": [
+            {"word": "star", "reference": {"image": "striped-green-star.png", "mask": "striped-green-star-mask.png",
+                                           "prompt": "a striped green star on the left"},
+             "region": [0, 0.2, 0.45, 0.8]},
+            {"word": "square", "prompt": "a dotted blue square on the right", "region": [0.55, 0.2, 1, 0.8]}]},),
+    ),
+    MethodEntry(
+        CLoRA, "CLoRA", "Several LoRAs, one concept each, by contrastive attention steering and masked fusion.",
+        inputs=("loras",), pipeline="attnctrl.pipelines:CLoRAPipeline", call=_clora, prepare=_clora_prepare,
+        mask_names=lambda config, inputs: [b.words for b in inputs["loras"]],
+        controls=(Control("step_size", "Latent update step size", 0, 50, 1),
+                  Control("mask_threshold", "Mask threshold", 0, 1, 0.05)),
+        examples=({"prompt": "a square on the left and a star on the right", "loras": [
+            {"path": "toyworld-sks-lora.safetensors", "words": "sks square",
+             "prompt": "a sks square on the left and a star on the right"},
+            {"path": "toyworld-zwx-lora.safetensors", "words": "zwx star",
+             "prompt": "a square on the left and a zwx star on the right"}],
+            "options": {"record_layers": "res==8", "step_size": 2.0}},),
+    ),
+    MethodEntry(
+        PrimeComposer, "PrimeComposer", "Put an object into a background: correlation diffuser, attention steering, "
+        "background blending.",
+        inputs=("composition",), pipeline="attnctrl.pipelines:PrimeComposerPipeline", call=_primecomposer,
+        controls=(Control("domain", "Domain (same: object and background alike; cross: a photo object into a "
+                                    "painting, sketch or cartoon)"),),
+        examples=({"model": "tiny-sd21", "steps": 3,
+                   "prompt": "a yellow triangle on the left and a hollow pink circle on the right",
+                   "composition": {"background": "composition-background.png", "object": "hollow-pink-circle.png",
+                                   "mask": "hollow-pink-circle-mask.png", "box": [36, 16, 24, 28]},
+                   "options": {"domain": "same", "rca_words": ["circle"]}},),
+    ),
+    MethodEntry(
+        DiTCtrl, "DiTCtrl (video)", "A long video from several prompts on CogVideoX: KV-sharing, mask-guided "
+        "attention, latent blending.",
+        pipeline="attnctrl.pipelines:DiTCtrlPipeline", call=_ditctrl, video=True, prompts="many",
+        controls=(Control("num_transition_blocks", "Transition segments between prompts", 0, 4, 1),),
+        examples=({"model": "tiny-cogvideox", "prompt": ["a cat walks", "a dog runs"], "num_frames": 9, "steps": 3,
+                   "options": {"overlap": 1, "num_transition_blocks": 1, "kv_steps": [1, 2]}},),
+    ),
+)
+
+#: name -> entry (built-in, then the ``attnctrl.methods`` entry points)
+REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register(item: MethodEntry, replace: bool = False) -> MethodEntry:
+    """Add a method to the registry (what an ``attnctrl.methods`` entry point does); its name must be new."""
+    if not isinstance(item, MethodEntry):
+        raise AttnCtrlError(f"register() takes an attnctrl.methods.MethodEntry, not {type(item).__name__}")
+    if item.name in REGISTRY and not replace:
+        raise AttnCtrlError(f"a method named {item.name!r} is already registered")
+    REGISTRY[item.name] = item
+    return item
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="attnctrl.methods"):
+        try:
+            item = ep.load()
+            register(item() if callable(item) and not isinstance(item, MethodEntry) else item)
+        except Exception as e:  # a broken plug-in must not take the built-in methods down
+            logger.warning("attnctrl: cannot load the method entry point %s (%s): %s", ep.name, ep.value, e)
+
+
+for _item in BUILTIN:
+    register(_item)
+_load_entry_points()
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def entry(name: str) -> MethodEntry:
+    """The registry entry of method ``name`` (e.g. ``"attention-maps"``); a clear error naming the methods."""
+    key = _key(name)
     if key not in REGISTRY:
         raise AttnCtrlError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
+
+
+def get(name: str) -> type[Method]:
+    """The config class of method ``name``."""
+    return entry(name).config
+
+
+def entries() -> list[MethodEntry]:
+    return list(REGISTRY.values())

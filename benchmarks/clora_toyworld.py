@@ -42,10 +42,11 @@ def _rates(images, words) -> dict:
 
 def main() -> None:
     import attnctrl
-    from attnctrl.cli.runners import clora_inputs
+    from attnctrl.inputs import parse_lora
     from attnctrl.models.toyworld.examples import SHIPPED
     from attnctrl.models.toyworld.lora import CLORA_SETTINGS, CONCEPTS
     from attnctrl.pipelines import CLoRAPipeline
+    from attnctrl.pipelines.clora import branches
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=8)
@@ -75,10 +76,10 @@ def main() -> None:
                   **kw).images[0] for s in seeds]
     results["naive"] = {**_rates(naive, CONCEPTS), "s/image": (time.perf_counter() - started) / len(naive)}
 
-    prompts, _, concepts, mask_words = clora_inputs("a square on the left and a star on the right", [
+    prompts, _, concepts, mask_words = branches("a square on the left and a star on the right", [parse_lora(s, i) for i, s in enumerate([
         f"{folder / 'toyworld-sks-lora.safetensors'}:sks square:a sks square on the left and a star on the right",
         f"{folder / 'toyworld-zwx-lora.safetensors'}:zwx star:a square on the left and a zwx star on the right",
-    ])
+    ])])
     clora = CLoRAPipeline.from_pipe(pipe)
     for name, settings in (("clora", {}), ("clora-8x8", CLORA_SETTINGS)):
         started = time.perf_counter()

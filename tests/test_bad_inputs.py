@@ -10,13 +10,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attnctrl.cli.main import cli
-from attnctrl.cli.runners import _pixel_box, parse_reference, parse_subject, split_spec
 from attnctrl.core import AttnCtrlError
 from attnctrl.core.masks import box_mask, load_mask
-from attnctrl.io.jobs import JobFileError, load_jobs
+from attnctrl.inputs import Composition, parse_composition, parse_lora, parse_reference, parse_subject, split_spec
 from attnctrl.pipelines.primecomposer import composition_geometry
 from attnctrl.processors.freecustom import FreeCustom
 from attnctrl.processors.magicface import MagicFace
+from attnctrl.run.jobs import JobFileError, load_jobs
 
 
 @pytest.fixture
@@ -34,16 +34,34 @@ def test_specs_split_at_colons_but_not_at_a_windows_drive():
         "C:\\imgs\\a.png", "D:/m.png", "a prompt: with a colon"]
     assert split_spec("a.png", 3) == ["a.png", "", ""]
     assert split_spec("a.png::a prompt", 3) == ["a.png", "", "a prompt"]
+    assert split_spec("C:\\loras\\dog.safetensors:sks dog:a sks: dog", 3) == [
+        "C:\\loras\\dog.safetensors", "sks dog", "a sks: dog"]
+    assert split_spec("c:/bg.png:D:\\obj.png", 3) == ["c:/bg.png", "D:\\obj.png", ""]
+
+
+def test_lora_and_composition_shorthands(files):
+    lora = files / "dog.safetensors"
+    lora.write_bytes(b"x")
+    branch = parse_lora(f"{lora}:sks dog:a sks dog: running", 0)
+    assert (branch.path, branch.words, branch.prompt) == (str(lora), "sks dog", "a sks dog: running")
+    with pytest.raises(AttnCtrlError, match="give PATH:WORD:PROMPT"):
+        parse_lora(f"{lora}:sks dog", 0)
+    comp = parse_composition(f"{files / 'wide.png'}:{files / 'star.png'}:{files / 'mask.png'}@100,50,50,50")
+    assert comp.mask == str(files / "mask.png") and comp.fractions() == (0.5, 0.5, 0.75, 1.0)
+    with pytest.raises(AttnCtrlError, match="BACKGROUND:OBJECT"):
+        parse_composition(f"{files / 'wide.png'}:{files / 'star.png'}")
+    with pytest.raises(AttnCtrlError, match="W, H > 0"):
+        parse_composition(f"{files / 'wide.png'}:{files / 'star.png'}@0,0,0,5")
 
 
 def test_reference_and_subject_specs(files):
     star, mask = files / "star.png", files / "mask.png"
     with pytest.raises(AttnCtrlError, match="mask file a striped star does not exist .*IMAGE::PROMPT"):
         parse_reference(f"{star}:a striped star", 0)
-    with pytest.raises(AttnCtrlError, match="is a folder, not a file"):
+    with pytest.raises(AttnCtrlError, match="is a folder"):
         parse_reference(f"{files}", 0)
     assert parse_reference(f"{star}::a striped star", 0).prompt == "a striped star"
-    with pytest.raises(AttnCtrlError, match="image file .*strr.png does not exist"):  # a typo is not a prompt
+    with pytest.raises(AttnCtrlError, match="image: file .*strr.png does not exist"):  # a typo is not a prompt
         parse_subject(f"star={files / 'strr.png'}:{mask}:a star@0,0.2,0.45,0.8", 0)
     with pytest.raises(AttnCtrlError, match="one @REGION per subject"):
         parse_subject(f"star={star}:{mask}:a star@0,0,0.5,1@0,0.2,0.45,0.8", 0)
@@ -74,9 +92,10 @@ def test_non_finite_options_are_refused():
 
 
 def test_primecomposer_boxes_are_in_background_pixels(files):
-    assert _pixel_box((0, 0, 1, 1), files / "star.png") == (0.0, 0.0, 1 / 64, 1 / 64)  # one pixel, not the image
+    star = str(files / "star.png")
+    assert Composition(star, star, (0, 0, 1, 1)).fractions() == (0.0, 0.0, 1 / 64, 1 / 64)  # one pixel, not the image
     with pytest.raises(AttnCtrlError, match="outside the 64x64 background"):
-        _pixel_box((70, 0, 5, 5), files / "star.png")
+        Composition(star, star, (70, 0, 5, 5)).fractions()
     # a 200x100 background at 128x128: its pixel box (100, 50)-(150, 100) is the lower middle quarter
     _, _, _, loc, _ = composition_geometry(files / "wide.png", files / "star.png", files / "mask.png",
                                            (100, 50, 150, 100), 128, 128)
@@ -112,7 +131,7 @@ def test_job_file_that_is_not_utf8(tmp_path):
 
 
 def test_lists_and_widget_numbers():
-    from attnctrl.cli.options import parse_field
+    from attnctrl.run import parse_option as parse_field
     from attnctrl.ui.app import _number
 
     assert parse_field(FreeCustom, "mask_weights", "3,2") == (3.0, 2.0)  # "one value or one per reference"
@@ -151,6 +170,6 @@ def test_a_generation_that_fails_leaves_no_empty_output_folder(files):
     out = files / "fresh"
     ref = f"{files / 'star.png'}:{files / 'mask.png'}:a red square"
     result = CliRunner().invoke(cli, ["generate", "-m", "tiny-sd15", "--method", "magicface", "-p", "a cat and a dog",
-                                      "--ref", ref, "--ref", ref, "--ref-words", "cat", "--steps", "1", "-o", str(out)])
+                                      "--ref", ref, "--ref", ref, "--opt", "ref_words=cat", "--steps", "1", "-o", str(out)])
     assert result.exit_code != 0 and "ref_words" in result.output and "Traceback" not in result.output
     assert not out.exists()

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from attnctrl.cli.batch import run_batch, split_tasks
 from attnctrl.cli.main import cli
 from attnctrl.io import parse_infotext, read_png_metadata
-from attnctrl.io.jobs import JobFileError, expand, load_jobs
+from attnctrl.run.batch import run_batch, split_tasks
+from attnctrl.run.jobs import JobFileError, expand, load_jobs
 
 JOBS = Path(__file__).resolve().parents[1] / "attnctrl" / "assets" / "jobs"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -71,9 +71,9 @@ def test_invalid_files_list_every_error_before_anything_runs(tmp_path):
     with pytest.raises(JobFileError) as e:
         load_jobs(jobs)
     text = str(e.value)
-    for expected in (":2: stepz: Extra inputs", ":3: agent ratio must lie in [0, 1)", ":4: file missing.png",
+    for expected in (":2: stepz: Extra inputs", ":3: agent ratio must lie in [0, 1)", ":4: reference 1: image: file missing.png does not exist",
                      ":5: prompt: Value error", ":5: width: Input should be a multiple of 8", ":6: unknown method",
-                     ":7: unknown option 'speed'"):
+                     ":7: agent has no option 'speed'"):
         assert expected in text, (expected, text)
     result = CliRunner().invoke(cli, ["batch", str(jobs), "-o", str(tmp_path / "o")])
     assert result.exit_code != 0 and not (tmp_path / "o").exists()
@@ -151,3 +151,37 @@ def test_two_processes_give_the_union_of_a_single_run(tmp_path):
     lines = (multi / "manifest.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2]
     assert not list(multi.glob("manifest.*.jsonl")) and not list(multi.glob(".done-*"))
+
+
+def test_old_job_files_keep_working_and_read_as_the_structured_form(tmp_path):
+    """The first format's colon strings and top-level composition keys give the same requests as objects."""
+    examples = JOBS.parent / "examples"
+    old = tmp_path / "old.jsonl"
+    star, mask = examples / "striped-green-star.png", examples / "striped-green-star-mask.png"
+    old.write_text("\n".join(json.dumps(j) for j in [
+        {"method": "freecustom", "prompt": "a star", "references": [f"{star}:{mask}:a striped green star"]},
+        {"method": "irdiffusion", "prompt": "a star", "subjects": [f"star={star}:{mask}:a star@0,0,0.5,1"]},
+        {"method": "primecomposer", "prompt": "a star", "background": str(examples / "composition-background.png"),
+         "reference": str(star), "reference_mask": str(mask), "box": [1, 2, 30, 40]},
+    ]) + "\n")
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join(json.dumps(j) for j in [
+        {"method": "freecustom", "prompt": "a star", "references": [
+            {"image": str(star), "mask": str(mask), "prompt": "a striped green star"}]},
+        {"method": "irdiffusion", "prompt": "a star", "subjects": [
+            {"word": "star", "reference": {"image": str(star), "mask": str(mask), "prompt": "a star"},
+             "region": [0, 0, 0.5, 1]}]},
+        {"method": "primecomposer", "prompt": "a star", "composition": {
+            "background": str(examples / "composition-background.png"), "object": str(star), "mask": str(mask),
+            "box": [1, 2, 30, 40]}},
+    ]) + "\n")
+    from attnctrl.run import validate
+
+    for (_, a), (_, b) in zip(load_jobs(old), load_jobs(new)):
+        pa, pb = validate(a.request(tmp_path)), validate(b.request(tmp_path))
+        assert pa.inputs == pb.inputs and pa.inputs
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"method": "primecomposer", "prompt": "x", "background": "a.png",
+                                "composition": {"background": "a.png"}}) + "\n")
+    with pytest.raises(JobFileError, match="give the composition once"):
+        load_jobs(both)

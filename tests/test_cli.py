@@ -55,7 +55,7 @@ def test_generate_same_seed_same_pixels(runner, tmp_path):
 
 def test_generate_with_attention_maps_writes_overlays(runner, tmp_path):
     result = runner.invoke(cli, ["generate", "-p", "a photo of a cat", "--steps", "2", "--seed", "1",
-                                 "--method", "attention-maps", "--words", "cat,photo", "--layers", "cross",
+                                 "--method", "attention-maps", "--opt", "words=cat,photo", "--opt", "layers=cross",
                                  "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.glob("*.png"))
@@ -66,11 +66,17 @@ def test_generate_with_attention_maps_writes_overlays(runner, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--words", "cat"], "--words is an option of attention-maps; add --method NAME"),
+    (["--opt", "words=cat"], "--opt sets an option of a method: add --method NAME"),
+    (["--words", "cat"], "method options are given as --opt words=VALUE (an option of attention-maps)"),
     (["--method", "nope"], "unknown method 'nope'"),
-    (["--method", "attention-maps", "--words", "dog"], "the word 'dog' is not in the prompt"),
-    (["--method", "attention-maps", "--start-step", "x"], "--start-step='x' is not valid"),
-    (["--method", "attention-maps", "--layers", "up.9"], "matched none"),
+    (["--method", "attention-maps", "--opt", "words=dog"], "the word 'dog' is not in the prompt"),
+    (["--method", "attention-maps", "--opt", "start_step=x"], "option start_step='x' is not valid"),
+    (["--method", "attention-maps", "--opt", "layers=up.9"], "matched none"),
+    (["--method", "attention-maps", "--opt", "mask_weights=3"], "attention-maps has no option 'mask_weights'"),
+    (["--method", "attention-maps", "--opt", "words"], "give KEY=VALUE"),
+    (["--method", "freecustom"], "freecustom needs references: --ref"),
+    (["--method", "attention-maps", "--ref", "x.png"], "--ref (references) is not an input of attention-maps"),
+    (["-p", "a dog"], "several prompts are for ditctrl; plain generation takes one"),
     (["--width", "100"], "multiple of 8"),
     (["--num-frames", "9"], "video models"),
     (["--model", "tiny-sd9"], "unknown tiny model"),
@@ -119,3 +125,25 @@ def test_method_options_never_collide_with_generate_options():
 
     opts = [opt for p in generate.params for opt in p.opts]
     assert len(opts) == len(set(opts)), sorted(o for o in opts if opts.count(o) > 1)
+    assert "--mask-weights" not in opts and "--opt" in opts  # method options live in their own namespace
+
+
+def test_method_help_lists_its_inputs_and_options(runner):
+    result = runner.invoke(cli, ["generate", "--method", "freecustom", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--ref IMAGE[:MASK][:PROMPT]" in result.output and "--opt mask_weights=VALUE" in result.output
+    assert "--opt radius=VALUE" not in result.output  # another method's option
+    result = runner.invoke(cli, ["generate", "--help"])
+    assert all(name in result.output for name in ("freecustom", "clora", "ditctrl"))
+    result = runner.invoke(cli, ["generate", "--method", "nope", "--help"])
+    assert "unknown method 'nope'" in result.output
+
+
+def test_info_file_prints_the_stored_settings(runner, tmp_path):
+    assert runner.invoke(cli, ["generate", "-p", "a cat", "--steps", "1", "--seed", "2", "-o", str(tmp_path)]
+                         ).exit_code == 0
+    png = next(tmp_path.glob("*.png"))
+    result = runner.invoke(cli, ["info", str(png)])
+    assert result.exit_code == 0 and json.loads(result.output)["attnctrl"]["seed"] == 2
+    result = runner.invoke(cli, ["info", str(tmp_path / "nope.png")])
+    assert result.exit_code == 1 and "no such file" in result.output

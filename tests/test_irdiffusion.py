@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from test_freecustom import SIZE, box_mask, gen, image
 
 import attnctrl
-from attnctrl.cli.options import build_method_config
+from attnctrl.cli.options import method_options
 from attnctrl.core import AttnCtrlError, Controller
 from attnctrl.core.attention import attention_probs
 from attnctrl.pipelines import IRDiffusionPipeline, Reference, Subject
@@ -322,5 +322,5 @@ def test_overlaps_go_to_the_larger_region_and_bad_inputs():
         with pytest.raises(AttnCtrlError, match="mask_"):
             IRDiffusion(**bad)
     # the command line reads a threshold as a number, "otsu" as the official rule
-    assert build_method_config("irdiffusion", {"m_mask_threshold": "0.4"}).mask_threshold == 0.4
-    assert build_method_config("irdiffusion", {"m_mask_threshold": "otsu"}).mask_threshold == "otsu"
+    assert method_options("irdiffusion", ["mask_threshold=0.4"]) == {"mask_threshold": 0.4}
+    assert method_options("irdiffusion", ["mask_threshold=otsu"]) == {"mask_threshold": "otsu"}

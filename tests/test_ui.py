@@ -19,10 +19,11 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from attnctrl.core.errors import AttnCtrlError  # noqa: E402
+from attnctrl.run import method_config  # noqa: E402
 from attnctrl.ui import App, Settings  # noqa: E402
-from attnctrl.ui import inputs as tabs  # noqa: E402
-from attnctrl.ui.app import editor_inputs, method_config, options_json  # noqa: E402
-from attnctrl.ui.tabs import COMMON, _handler, _user_errors  # noqa: E402
+from attnctrl.ui.app import editor_inputs  # noqa: E402
+from attnctrl.ui.inputs import KIND_WIDGETS, options_json  # noqa: E402
+from attnctrl.ui.tabs import COMMON, Tab, _handler, _user_errors  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "attnctrl" / "assets" / "examples"
 # ATTNCTRL_UI_TEST_MODEL=toyworld ATTNCTRL_UI_TEST_STEPS=25 ATTNCTRL_SCREENSHOT=docs/ui.png makes the README picture
@@ -88,63 +89,78 @@ def test_options_json_and_method_config():
         options_json("{start_step: 2}")
     with pytest.raises(AttnCtrlError, match="JSON object"):
         options_json("[1, 2]")
-    config = method_config("freecustom", {"mask_weights": 2.5, "end_step": None}, '{"start_step": 3}')
+    config = method_config("freecustom", {"mask_weights": 2.5, "end_step": None, "start_step": 3})
     assert (config.mask_weights, config.start_step, config.end_step) == (2.5, 3, None)
-    with pytest.raises(AttnCtrlError, match="unknown option 'radius' for freecustom"):
-        method_config("freecustom", {}, '{"radius": 3}')
+    with pytest.raises(AttnCtrlError, match="freecustom has no option 'radius'"):
+        method_config("freecustom", {"radius": 3})
     with pytest.raises(AttnCtrlError, match="start_step"):
-        method_config("freecustom", {}, '{"start_step": "soon"}')
+        method_config("freecustom", {"start_step": "soon"})
 
 
-def test_tab_inputs_reject_incomplete_slots(app):
-    s = settings()
+def read(kind, app, *groups):
+    return KIND_WIDGETS[kind].read(app, [v for g in groups for v in g])
+
+
+def test_kind_widgets_reject_incomplete_slots(app):
     editor, _ = star_editor()
     with pytest.raises(AttnCtrlError, match="upload at least one reference image"):
-        tabs.freecustom(app, s, [None] * 3, [""] * 3)
+        read("references", app, [None] * 3, [""] * 3)
     with pytest.raises(AttnCtrlError, match="Reference 2 has a prompt but no image"):
-        tabs.freecustom(app, s, [editor, None, None], ["a star", "a square", ""])
-    with pytest.raises(AttnCtrlError, match="Reference 1: give the word of the prompt"):
-        tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["", "", ""])
+        read("references", app, [editor, None, None], ["a star", "a square", ""])
     with pytest.raises(AttnCtrlError, match="Subject 1: a region is x0,y0,x1,y1"):
-        tabs.irdiffusion(app, s, ["star", "", ""], [None] * 3, ["a star", "", ""], ["0.5,0,0.2,1", "", ""])
+        read("subjects", app, ["star", "", ""], ["a star", "", ""], ["0.5,0,0.2,1", "", ""], [None] * 3)
     with pytest.raises(AttnCtrlError, match="Subject 2 .circle.: upload a reference image or write a reference"):
-        tabs.irdiffusion(app, s, ["star", "circle", ""], [None] * 3, ["a star", "", ""], ["", "", ""])
+        read("subjects", app, ["star", "circle", ""], ["a star", "", ""], ["", "", ""], [None] * 3)
     with pytest.raises(AttnCtrlError, match="LoRA 1: upload the LoRA file"):
-        tabs.clora(app, s, [None] * 3, ["sks dog", "", ""], ["a sks dog", "", ""])
+        read("loras", app, [None] * 3, ["sks dog", "", ""], ["a sks dog", "", ""])
     with pytest.raises(AttnCtrlError, match="LoRA 1: file .* is missing"):
-        tabs.clora(app, s, ["/nonexistent/dog.safetensors", None, None], ["sks dog", "", ""], ["a sks dog", "", ""])
+        read("loras", app, ["/nonexistent/dog.safetensors", None, None], ["sks dog", "", ""], ["a sks dog", "", ""])
     with pytest.raises(AttnCtrlError, match="upload a background image"):
-        tabs.primecomposer(app, s, None, editor, 0, 0, 10, 10)
+        read("composition", app, [None, editor, 0, 0, 10, 10])
     with pytest.raises(AttnCtrlError, match="width and height > 0"):
-        tabs.primecomposer(app, s, Image.new("RGB", (64, 64)), editor, 0, 0, 0, 10)
-    with pytest.raises(AttnCtrlError, match="at least two prompts"):
-        tabs.ditctrl(app, s, "one prompt only")
+        read("composition", app, [Image.new("RGB", (64, 64)), editor, 0, 0, 0, 10])
+    with pytest.raises(AttnCtrlError, match="ditctrl needs at least two prompts"):
+        app.generate(settings(prompt="one prompt only"), "ditctrl")
 
 
-def test_tab_inputs_build_the_method_and_its_inputs(app):
-    s = settings()
+def test_kind_widgets_give_the_method_inputs(app):
     editor, mask = star_editor()
-    config, inputs = tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["star", "", ""], 2.0, 0.5)
-    assert (config.name, config.ref_words, config.mask_weights, config.inject_step) == ("magicface", ("star",), 2.0,
-                                                                                        0.5)
-    (ref,) = inputs.references
-    assert ref.prompt == "a star" and Path(ref.image).is_file() and Path(ref.mask).is_file()
-    np.testing.assert_array_equal(np.asarray(Image.open(ref.mask)) > 0, mask)  # the painted mask, saved losslessly
-    config, inputs = tabs.irdiffusion(app, s, ["star", "square", ""], [editor, None, None], ["", "a square", ""],
-                                      ["0,0,0.5,1", "", ""], 0.8)
-    assert config.mutual_lambda == 0.8
-    assert [(x.word, x.region, x.reference is not None, x.prompt) for x in inputs.subjects] == [
-        ("star", (0.0, 0.0, 0.5, 1.0), True, ""), ("square", None, False, "a square")]
-    config, inputs = tabs.ditctrl(app, s, "a car on a road\n\n  a car on snow  \n", 1)
-    assert inputs.prompts == ["a car on a road", "a car on snow"] and config.num_transition_blocks == 1
-    assert tabs.plain(app, s, "")[0] is None
-    assert tabs.plain(app, s, "circle, square")[0].words == ("circle", "square")
+    (ref,) = read("references", app, [editor, None, None], ["a star", "", ""])
+    assert ref["prompt"] == "a star" and Path(ref["image"]).is_file() and Path(ref["mask"]).is_file()
+    np.testing.assert_array_equal(np.asarray(Image.open(ref["mask"])) > 0, mask)  # the painted mask, losslessly
+    subjects = read("subjects", app, ["star", "square", ""], ["", "a square", ""], ["0,0,0.5,1", "", ""],
+                    [editor, None, None])
+    assert [(x["word"], x["region"], "reference" in x, x.get("prompt")) for x in subjects] == [
+        ("star", (0.0, 0.0, 0.5, 1.0), True, None), ("square", None, False, "a square")]
+    # the job-file objects are what the run layer reads: the same records as from a job file
+    from attnctrl.run import Request, validate
+
+    plan = validate(Request("a star and a square", method="irdiffusion", inputs={"subjects": subjects},
+                            options={"mutual_lambda": 0.8}), check_output=False)
+    assert [s.word for s in plan.inputs["subjects"]] == ["star", "square"] and plan.config.mutual_lambda == 0.8
+
+
+def test_every_tab_and_example_comes_from_the_registry(app):
+    from attnctrl.methods import entries
+    from attnctrl.ui.tabs import _tabs
+
+    tabs = {t.key for t in _tabs()}
+    assert tabs == {"plain"} | {e.name for e in entries() if not e.speedup}
+    demo = gr.Blocks()
+    with demo:
+        from attnctrl.ui.tabs import _build_tab
+
+        for tab in _tabs():
+            _build_tab(tab)
+            for example in tab.entry.examples if tab.entry else ():
+                row = tab.example_row(app, example)
+                assert len(row) == 4 + len(tab.flat())  # model, prompt, steps, frames + the tab's widgets
 
 
 # -- generation -----------------------------------------------------------------------------------------------------
 def test_generate_gallery_seeds_metadata_and_maps(app):
     s = settings(seed=7, count=2)
-    result = app.generate(s, *tabs.plain(app, s, "circle"))
+    result = app.generate(s, "attention-maps", {"words": ["circle"]})
     assert [caption for _, caption in result.images] == ["seed 7", "seed 8"]
     assert result.seed == 7 and "seed 7..8" in result.info
     first = Image.open(result.images[0][0])
@@ -154,24 +170,24 @@ def test_generate_gallery_seeds_metadata_and_maps(app):
     assert [caption for _, caption in result.artifacts] == ["attn-circle (seed 7)", "attn-circle (seed 8)"]
     assert all(Path(p).is_file() for p in result.files)
     # the same seed again gives the same pixels
-    again = app.generate(settings(seed=7), *tabs.plain(app, s, "circle"))
+    again = app.generate(settings(seed=7), "attention-maps", {"words": ["circle"]})
     np.testing.assert_array_equal(np.asarray(first), np.asarray(Image.open(again.images[0][0])))
 
 
 def test_random_seed_is_reported_and_reusable(app):
     s = settings(randomize=True)
-    result = app.generate(s, None, None)
+    result = app.generate(s)
     assert 0 <= result.seed < 2**32 and result.images[0][1] == f"seed {result.seed}"
-    reused = app.generate(settings(seed=result.seed), None, None)
+    reused = app.generate(settings(seed=result.seed))
     np.testing.assert_array_equal(np.asarray(Image.open(result.images[0][0])),
                                   np.asarray(Image.open(reused.images[0][0])))
 
 
 def test_before_after_is_the_same_seed_without_the_method(app):
-    s = settings(seed=3, compare=True, agent=True)
-    result = app.generate(s, None, None)
+    s = settings(seed=3, compare=True, speedups={"agent": {"ratio": 0.4}})
+    result = app.generate(s)
     before, after = result.before_after
-    plain = app.generate(settings(seed=3), None, None)
+    plain = app.generate(settings(seed=3))
     np.testing.assert_array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(plain.images[0][0])))
     assert after == result.images[0][0]
     assert json.loads(Image.open(after).text["attnctrl"])["plugins"][0]["method"] == "agent"
@@ -180,17 +196,33 @@ def test_before_after_is_the_same_seed_without_the_method(app):
 def test_reference_method_runs_and_shows_its_segmentation(app):
     s = settings(prompt="a striped green star")
     editor, _ = star_editor()
-    result = app.generate(s, *tabs.magicface(app, s, [editor, None, None], ["a star", "", ""], ["star", "", ""]))
+    refs = read("references", app, [editor, None, None], ["a star", "", ""])
+    result = app.generate(s, "magicface", {"ref_words": ["star"]}, {"references": refs})
     assert len(result.images) == 1 and [c for _, c in result.artifacts] == ["mask-star (seed 0)"]
 
 
-def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeypatch):
+def test_a_failed_model_load_never_leaves_a_stale_model_name(app, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = _handler(app, "plain", [object(), object()])
-    values = [getattr(settings(model="no-such-org/no-such-model"), k) for k in COMMON] + ["", ""]
+    other = App(MODEL, app.output)
+    other.pipeline(MODEL)
+    with pytest.raises(AttnCtrlError):
+        other.pipeline("no-such-org/no-such-model")
+    result = other.generate(settings())
+    assert f"on `{MODEL}`" in result.info
+    assert json.loads(Image.open(result.images[0][0]).text["attnctrl"])["model"] == MODEL
+
+
+def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeypatch):
+    from attnctrl.methods import Control, entry
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    maps = Tab("attention-maps", "Attention maps", entry("attention-maps"), [("words", [object()])], more=object())
+    assert entry("attention-maps").controls == (Control("words", "Heat maps of words (comma-separated)"),)
+    run = _handler(app, maps, ())
+    values = [getattr(settings(model="no-such-org/no-such-model"), k) for k in COMMON] + ["circle", ""]
     with pytest.raises(gr.Error, match="no-such-org/no-such-model"):
         run(None, *values)
-    values = [getattr(settings(prompt="   "), k) for k in COMMON] + ["", ""]
+    values = [getattr(settings(prompt="   "), k) for k in COMMON] + ["circle", ""]
     with pytest.raises(gr.Error, match="write a prompt first"):
         run(None, *values)
     values = [getattr(settings(), k) for k in COMMON] + ["elephant", ""]
@@ -202,7 +234,7 @@ def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeyp
 
     with pytest.raises(gr.Error, match="internal error .RuntimeError: kaput"):
         _user_errors(boom)
-    values = [getattr(settings(), k) for k in COMMON] + ["", ""]
+    values = [getattr(settings(), k) for k in COMMON] + ["circle", ""]
     gallery, *_rest, seed = run(None, *values)  # after all that, a good request still works
     assert len(gallery) == 1 and seed == 0
 
@@ -259,24 +291,23 @@ def test_page_end_to_end(tmp_path):
             page.locator("#prompt textarea").wait_for(timeout=60_000)
             page.get_by_text("Advanced").click()
             page.get_by_label("Steps").fill(os.environ.get("ATTNCTRL_UI_TEST_STEPS", "3"))
-            page.get_by_label("Heat maps of words (comma-separated, optional)").fill("circle")
-            # 1. text to image with AttentionMaps: the gallery shows the image with its seed, the maps appear
-            page.locator("#generate-plain").click()
+            # 1. attention maps: the gallery shows the image with its seed, the maps appear
+            page.get_by_role("tab", name="Attention maps").click()
+            page.get_by_label("Heat maps of words (comma-separated)").fill("circle")
+            page.locator("#generate-attention-maps").click()
             page.locator("#gallery img").first.wait_for(timeout=120_000)
             page.locator("#artifacts img").first.wait_for(timeout=30_000)
             assert "attention-maps" in page.locator("#info").inner_text()
             # 2. an invalid input: a page error message, and the server lives on
-            page.get_by_role("tab", name="PrimeComposer").click()
-            page.locator("#generate-primecomposer").click()
-            page.get_by_text("upload a background image").first.wait_for(timeout=30_000)
-            # 3. FreeCustom from its example (references with painted masks), then Generate with our steps
             page.get_by_role("tab", name="FreeCustom").click()
+            page.locator("#generate-freecustom").click()
+            page.get_by_text("upload at least one reference image").first.wait_for(timeout=30_000)
+            # 3. FreeCustom from its example (references with painted masks), then Generate with our steps
             rows = page.locator("tr").filter(has_text="a striped red circle in the middle")
             rows.locator("visible=true").first.click()
+            page.get_by_label("Model").fill(MODEL)
+            page.get_by_label("Steps").fill(os.environ.get("ATTNCTRL_UI_TEST_STEPS", "3"))
             info = page.locator("#info")
-            page.wait_for_function(f"(() => {{ const s = document.querySelector('#info').innerText; "
-                                   f"return s.includes('freecustom') && {IDLE}; }})()", timeout=240_000)
-            page.locator("#gallery img").first.wait_for(timeout=30_000)
             before = info.inner_text()
             page.locator("#generate-freecustom").click()
             page.wait_for_function(f"t => {{ const s = document.querySelector('#info').innerText; "

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-__all__ = ["collect_info", "format_info"]
+__all__ = ["collect_info", "format_info", "read_settings"]
 
 _PACKAGES = ("attnctrl", "torch", "diffusers", "transformers", "accelerate", "peft", "gradio", "xformers", "triton")
 
@@ -21,7 +21,7 @@ def _version(name: str) -> str | None:
 
 def collect_info() -> dict:
     from ..core.families import FAMILIES
-    from ..methods import REGISTRY
+    from ..methods import entries
     from ..models import DEFAULT_MODEL, TINY_FAMILIES
 
     cuda = torch.cuda.is_available()
@@ -46,7 +46,9 @@ def collect_info() -> dict:
         "families": {f.name: f.title for f in FAMILIES.values()},
         "tiny_models": ["tiny-" + f for f in TINY_FAMILIES],
         "default_model": DEFAULT_MODEL,
-        "methods": sorted(REGISTRY),
+        "methods": {e.name: {"title": e.title, "summary": e.summary, "families": list(e.families),
+                             "inputs": list(e.inputs), "video": e.video, "pipeline": e.pipeline}
+                    for e in sorted(entries(), key=lambda e: e.name)},
     }
 
 
@@ -69,6 +71,32 @@ def format_info(data: dict) -> str:
         "model families: " + "; ".join(f"{k} = {v}" for k, v in data["families"].items()),
         "tiny models: " + ", ".join(data["tiny_models"]),
         f"default model: {data['default_model']}",
-        "methods: " + ", ".join(data["methods"]),
+        "methods (attnctrl generate --method NAME --help):",
+        *(f"  {name:15s} {m['summary']} [{', '.join(m['families'])}]" for name, m in data["methods"].items()),
     ]
     return "\n".join(lines)
+
+
+def read_settings(path: str) -> dict:
+    """The settings stored in an output: a PNG's attnctrl metadata, or a JSON record / batch sidecar."""
+    import json
+    from pathlib import Path
+
+    from ..core.errors import AttnCtrlError
+    from ..io import read_png_metadata
+
+    p = Path(path)
+    if not p.is_file():
+        raise AttnCtrlError(f"{path}: no such file")
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AttnCtrlError(f"{path}: not a JSON record ({e})") from None
+    try:
+        meta = read_png_metadata(p)
+    except Exception as e:
+        raise AttnCtrlError(f"{path}: cannot read PNG metadata ({type(e).__name__}: {e})") from None
+    if not meta.get("attnctrl") and not meta.get("parameters"):
+        raise AttnCtrlError(f"{path}: no settings are stored in this file (written with --no-metadata?)")
+    return meta

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .options import build_method_config, method_options
+from .options import MethodCommand, given_inputs, method_inputs, method_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -57,13 +57,19 @@ def cli() -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
 @click.option("--layers", "layers_model", metavar="MODEL", help="Also print the attention-layer table of MODEL.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @user_errors
-def info(layers_model: str | None, as_json: bool) -> None:
-    """Versions, device, attention backends, supported families and methods."""
-    from .info import collect_info, format_info
+def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
+    """Versions, device, attention backends, families and methods; with FILE, the settings stored in an output
+    (a PNG's metadata or a JSON record / sidecar)."""
+    from .info import collect_info, format_info, read_settings
 
+    if file:
+        data = read_settings(file)
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
     data = collect_info()
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
     if layers_model:
@@ -75,11 +81,11 @@ def info(layers_model: str | None, as_json: bool) -> None:
         click.echo(f"\nattention layers of {layers_model}:\n{describe(denoiser).summary()}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(cls=MethodCommand, context_settings=CONTEXT)
 @click.option("-m", "--model", default=None, help="tiny-<family>, a local folder/file or a cached hub id "
               "[default: the embedded default model]")
 @click.option("-p", "--prompt", "prompts", required=True, multiple=True,
-              help="What to generate (ditctrl: repeat for each part of the video).")
+              help="What to generate (a method that takes several prompts: repeat it, one per segment).")
 @click.option("-n", "--negative-prompt", default=None, help="What to avoid.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (next images use seed+1, ...) "
               "[default: random]")
@@ -95,48 +101,27 @@ def info(layers_model: str | None, as_json: bool) -> None:
 @click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @click.option("--gif", is_flag=True, help="Videos: also write an animated GIF next to the MP4.")
-@click.option("--method", default=None, help="Attention method to apply (see `attnctrl info`).")
-@click.option("--ref", "references", multiple=True, metavar="IMAGE[:MASK][:PROMPT]",
-              help="A reference image for freecustom / magicface (repeat for several).")
-@click.option("--subject", "subjects", multiple=True, metavar="WORD=IMAGE[:MASK][:PROMPT][@REGION]",
-              help="A subject for irdiffusion: its word, a reference image (or a reference prompt) and optionally a "
-                   "target region (box x0,y0,x1,y1 or mask file); repeat for several.")
-@click.option("--lora", "loras", multiple=True, metavar="PATH:WORD:PROMPT",
-              help="A LoRA for clora, its trigger word and its prompt (e.g. dog.safetensors:sks dog:a sks dog and a "
-                   "cat); repeat for several. --prompt is the base branch.")
-@click.option("--background", type=click.Path(dir_okay=False), help="primecomposer: the background image.")
-@click.option("--reference", type=click.Path(dir_okay=False), help="primecomposer: the object's image.")
-@click.option("--reference-mask", type=click.Path(dir_okay=False), help="primecomposer: the object's mask.")
-@click.option("--box", metavar="X,Y,W,H", help="primecomposer: where to put the object, in pixels of the background.")
-@method_options
+@click.option("--method", default=None, help="Attention method to apply; `--method NAME --help` lists its options "
+              "and inputs.")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="An option of the method (repeat for several), e.g. --opt mask_weights=3,2.")
+@method_inputs
 @user_errors
 def generate(model, prompts, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, gif, method, references, subjects, loras, background, reference, reference_mask,
-             box, **method_kwargs) -> None:
+             device, dtype, no_metadata, gif, method, opts, **inputs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
-    from .generate import GenerateRequest, run_generate
+    from ..run import Request, generate, validate
 
-    config = build_method_config(method, method_kwargs)
-    composition = None
-    if background or reference or reference_mask or box:
-        try:
-            parsed_box = tuple(float(v) for v in box.split(",")) if box else None
-        except ValueError:
-            parsed_box = None
-        if box and (parsed_box is None or len(parsed_box) != 4 or parsed_box[2] <= 0 or parsed_box[3] <= 0):
-            raise click.ClickException(f"--box {box!r}: give X,Y,W,H with a positive width and height")
-        composition = {"background": background, "reference": reference, "reference_mask": reference_mask,
-                       "box": parsed_box}
-    request = GenerateRequest(
-        model=model, prompts=tuple(prompts), negative_prompt=negative_prompt,
+    request = Request(
+        model=model, prompts=tuple(prompts), negative_prompt=negative_prompt, method=method,
+        options=method_options(method, opts), inputs=given_inputs(inputs),
         seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
         height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
-        dtype=dtype, metadata=not no_metadata, method=config, references=tuple(references),
-        subjects=tuple(subjects), loras=tuple(loras), composition=composition, gif=gif,
+        dtype=dtype, metadata=not no_metadata, gif=gif,
     )
-    for output in run_generate(request):
-        click.echo(str(output.path))
+    for out in generate(validate(request)):
+        click.echo(str(out.path))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -154,7 +139,7 @@ def generate(model, prompts, negative_prompt, seed, steps, guidance, width, heig
 def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, no_metadata) -> None:
     """Run a job file (JSONL, or a YAML/JSON list) over every method; resumable and reproducible."""
     _quiet_libraries()
-    from .batch import run_batch
+    from ..run.batch import run_batch
 
     seed_list = None
     if seeds:

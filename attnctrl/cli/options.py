@@ -1,94 +1,154 @@
-"""Command-line options of the methods, generated from their config dataclasses.
+"""The command line's method options and inputs, derived from the registry (:mod:`attnctrl.methods`).
 
-Every field of every registered method config becomes one ``--field-name`` option (shared by the methods that
-have a field of that name, e.g. ``--layers``). Values are parsed with the field's type annotation through pydantic:
-numbers, ``none``, comma-separated lists for tuple fields, or JSON for anything structured.
+* A method's options live in their own namespace: ``--method NAME --opt KEY=VALUE`` (repeatable). Values are typed
+  by the config field (:func:`attnctrl.run.parse_option`); an option the method does not have is an error.
+* Each input kind of :mod:`attnctrl.inputs` is one flag (``--ref``, ``--subject``, ``--lora``, ``--composition``).
+* ``attnctrl generate --method NAME --help`` adds the method's inputs and options (with defaults) to the help.
 """
 
 from __future__ import annotations
 
-import json
-import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import click
 
 from ..core.errors import AttnCtrlError
-from ..methods import REGISTRY
 
-__all__ = ["method_options", "build_method_config", "parse_field"]
-
-
-def _method_fields() -> dict[str, list[tuple[type, object]]]:
-    """option dest -> [(method class, dataclass field)] for every field of every registered method."""
-    table: dict[str, list] = {}
-    for cls in REGISTRY.values():
-        for f in fields(cls):
-            table.setdefault(f.name, []).append((cls, f))
-    return table
+__all__ = ["MethodCommand", "method_inputs", "given_inputs", "method_options", "method_help"]
 
 
-def method_options(fn):
-    """Decorator adding one option per method field (see the module docstring)."""
-    for dest, owners in sorted(_method_fields().items(), reverse=True):
-        names = ", ".join(cls.name for cls, _ in owners)
-        help_text = next((f.metadata.get("help") for _, f in owners if f.metadata.get("help")), "")
-        fn = click.option(
-            f"--{dest.replace('_', '-')}", f"m_{dest}", default=None, metavar="VALUE",
-            help=f"{help_text} [method: {names}]",
-        )(fn)
+def _kinds():
+    from ..inputs import KINDS
+
+    return KINDS
+
+
+def method_inputs(fn):
+    """Decorator adding one option per input kind."""
+    for key, kind in reversed(list(_kinds().items())):
+        fn = click.option(kind.flag, f"input_{key}", multiple=not kind.single, metavar=kind.metavar,
+                          help=f"{kind.help} [methods: {', '.join(_takers(key)) or '-'}]")(fn)
     return fn
 
 
-def parse_field(cls: type, name: str, raw: str):
-    """Parse the command-line string ``raw`` for field ``name`` of method class ``cls``."""
-    from pydantic import TypeAdapter, ValidationError
+def _takers(key: str) -> list[str]:
+    from ..methods import entries
 
-    hint = typing.get_type_hints(cls)[name]
-    origin = typing.get_origin(hint)
-    listed = origin in (tuple, list) or any(typing.get_origin(a) in (tuple, list) for a in typing.get_args(hint))
-    text = raw.strip()
-    if text[:1] in "[{":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AttnCtrlError(f"--{name.replace('_', '-')}: invalid JSON {raw!r} ({e.msg})") from None
-    elif text.lower() in ("none", "null"):
-        value = None
-    elif origin in (tuple, list) or (listed and "," in text):  # "3,2" for "one number or one per reference"
-        value = [part.strip() for part in text.split(",") if part.strip()]
-    else:
-        value = text
-    if hint is object:
-        return value
-    try:
-        return TypeAdapter(hint).validate_python(value)
-    except ValidationError as e:
-        msg = e.errors()[0]["msg"]
-        raise AttnCtrlError(f"--{name.replace('_', '-')}={raw!r} is not valid for {cls.name}: {msg}") from None
+    return [e.name for e in entries() if key in e.inputs]
 
 
-def build_method_config(method: str | None, kwargs: dict):
-    """The method config for ``--method`` and its options (None when no method was chosen)."""
-    from .. import methods
+def given_inputs(values: dict) -> dict:
+    """``{kind key: [shorthand, ...]}`` of the input flags that were given."""
+    out = {}
+    for name, value in values.items():
+        key = name.removeprefix("input_")
+        if value:
+            out[key] = list(value) if isinstance(value, (list, tuple)) else [value]
+    return out
 
-    given = {k[2:]: v for k, v in kwargs.items() if k.startswith("m_") and v is not None}
+
+def method_options(method: str | None, opts) -> dict:
+    """``{option: typed value}`` from ``--opt KEY=VALUE`` items of ``method``."""
+    from ..methods import entry
+    from ..run import parse_option
+
+    if not opts:
+        return {}
     if method is None:
-        if given:
-            owners = _method_fields()
-            first = next(iter(given))
-            names = ", ".join(cls.name for cls, _ in owners[first])
-            raise AttnCtrlError(f"--{first.replace('_', '-')} is an option of {names}; add --method NAME")
-        return None
-    cls = methods.get(method)
+        raise AttnCtrlError("--opt sets an option of a method: add --method NAME")
+    cls = entry(method).config
     own = {f.name for f in fields(cls)}
-    foreign = [k for k in given if k not in own]
-    if foreign:
-        valid = ", ".join("--" + n.replace("_", "-") for n in sorted(own))
-        raise AttnCtrlError(
-            f"--{foreign[0].replace('_', '-')} is not an option of {cls.name}; its options are {valid}"
-        )
-    try:
-        return cls(**{k: parse_field(cls, k, v) for k, v in given.items()})
-    except TypeError as e:
-        raise AttnCtrlError(f"invalid options for {cls.name}: {e}") from None
+    options = {}
+    for item in opts:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise AttnCtrlError(f"--opt {item!r}: give KEY=VALUE, e.g. --opt {sorted(own)[0]}=...")
+        if key not in own:
+            raise AttnCtrlError(f"{cls.name} has no option {key!r}; its options are {', '.join(sorted(own))} "
+                                f"(attnctrl generate --method {cls.name} --help)")
+        options[key] = parse_option(cls, key, value)
+    return options
+
+
+def _default(f) -> str:
+    if f.default is not MISSING:
+        return repr(f.default)
+    if f.default_factory is not MISSING:
+        return repr(f.default_factory())
+    return "required"
+
+
+def method_help(name: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Help sections of one method: its inputs and its options (``--opt``) with defaults."""
+    from ..core.families import FAMILIES
+    from ..inputs import KINDS
+    from ..methods import entry
+
+    e = entry(name)
+    families = ", ".join(FAMILIES[f].title if f in FAMILIES else f for f in e.families)
+    about = [(e.title, e.summary), ("families", families), ("makes", "video" if e.video else "images"),
+             ("prompts", "several (-p per segment)" if e.prompts == "many" else "one")]
+    inputs = [(f"{KINDS[k].flag} {KINDS[k].metavar}", KINDS[k].help) for k in e.inputs]
+    options = [(f"--opt {f.name}=VALUE", f"{f.metadata.get('help', '')} [default: {_default(f)}]")
+               for f in fields(e.config)]
+    sections = [(f"Method {e.name}", about)]
+    if inputs:
+        sections.append(("Inputs (required)", inputs))
+    sections.append(("Options of " + e.name, options))
+    return sections
+
+
+class MethodCommand(click.Command):
+    """``generate``: ``--method NAME --help`` shows that method's inputs and options; a method option given as its
+    own flag (the first command line's form) gets a one-line hint to ``--opt``."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["attnctrl.method"] = _method_arg(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            hint = _old_flag_hint(e.option_name)
+            if hint:
+                raise click.UsageError(f"No such option: {e.option_name}; {hint}", ctx) from None
+            raise
+
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)
+        from ..methods import entries
+
+        name = ctx.meta.get("attnctrl.method")
+        if name:
+            try:
+                sections = method_help(name)
+            except AttnCtrlError as e:
+                formatter.write_paragraph()
+                formatter.write_text(str(e))
+                return
+            for title, rows in sections:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        else:
+            with formatter.section("Methods (--method NAME --help for one's inputs and options)"):
+                formatter.write_dl([(e.name, e.summary) for e in entries()])
+
+
+def _method_arg(args) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _old_flag_hint(option: str) -> str | None:
+    from ..methods import entries
+
+    name = option.lstrip("-").replace("-", "_")
+    owners = [e.name for e in entries() if name in {f.name for f in fields(e.config)}]
+    if owners:
+        return f"method options are given as --opt {name}=VALUE (an option of {', '.join(owners)})"
+    if name in ("background", "reference", "reference_mask", "box"):
+        return "a composition is one --composition BACKGROUND:OBJECT[:MASK]@X,Y,W,H"
+    return None

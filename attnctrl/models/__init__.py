@@ -1,9 +1,17 @@
 """Model loading: tiny offline pipelines, local folders and files, cached hub ids, and the embedded default model."""
 
-from .loading import DEFAULT_MODEL, load_pipeline, parse_dtype, recommended_settings, resolve_device, toyworld_path
+from .loading import (
+    DEFAULT_MODEL,
+    load_pipeline,
+    makes_video,
+    parse_dtype,
+    recommended_settings,
+    resolve_device,
+    toyworld_path,
+)
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = [
-    "DEFAULT_MODEL", "load_pipeline", "parse_dtype", "recommended_settings", "resolve_device", "toyworld_path",
+    "DEFAULT_MODEL", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "toyworld_path",
     "TINY_FAMILIES", "tiny_pipeline",
 ]

@@ -121,6 +121,19 @@ def model_folder(model: str) -> Path:
     return toyworld_path() if model == "toyworld" else Path(model).expanduser()
 
 
+def makes_video(model: str | None) -> bool:
+    """Whether ``model`` is a video model, read before loading it: its folder's ``model_index.json`` class, else
+    its name (``tiny-cogvideox``, ``THUDM/CogVideoX-2b``)."""
+    if not model:
+        return False
+    index = model_folder(str(model)) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else str(model)
+    except (OSError, ValueError):
+        name = str(model)
+    return "video" in name.lower()
+
+
 def recommended_settings(pipe) -> dict:
     """Generation settings a model folder recommends (``attnctrl.json`` next to ``model_index.json``), else {}."""
     return dict(getattr(pipe, "attnctrl_defaults", {}) or {})

@@ -271,3 +271,24 @@ class CLoRAPipeline(MethodPipeline):
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
+
+
+def branches(prompt: str, loras) -> tuple[list, list, list, list]:
+    """``(prompts, loras, concepts, mask_words)`` of :meth:`CLoRAPipeline.__call__` from a base prompt and
+    :class:`~attnctrl.inputs.LoraBranch` records.
+
+    Branch 0 is the base prompt without a LoRA. LoRA k's concept is its trigger words (e.g. "sks dog") in its own
+    prompt and their last word (the class noun, "dog") in every other prompt that contains it; its mask is named by
+    its trigger words.
+    """
+    import re
+
+    prompts = [prompt] + [b.prompt for b in loras]
+    paths = [None] + [b.path for b in loras]
+    words = [b.words for b in loras]
+    concepts = []
+    for k, word in enumerate(words):
+        noun = word.split()[-1]
+        concepts.append([word if j == k + 1 else (noun if re.search(rf"\b{re.escape(noun)}\b", p, flags=re.IGNORECASE)
+                                                  else None) for j, p in enumerate(prompts)])
+    return prompts, paths, concepts, [[]] + [[w] for w in words]

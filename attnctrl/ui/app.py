@@ -1,8 +1,8 @@
 """The attnctrl web app: one ``gr.Blocks`` with a tab per method over a shared model, prompt and output area.
 
-The work is done by the same code as ``attnctrl generate`` (:func:`attnctrl.cli.generate.run_generate`): the app only
-turns widget values into a method config and its inputs (:class:`~attnctrl.cli.runners.MethodInputs`), so a picture
-made here can be re-made from its PNG metadata with the CLI. Every output is a file in the app's output folder,
+The work is done by the run layer, as for ``attnctrl generate`` (:func:`attnctrl.run.validate`, then
+:func:`attnctrl.run.generate`): the app only turns widget values into a :class:`~attnctrl.run.Request` (method name,
+options, inputs as job-file objects), so a picture made here can be re-made from its PNG metadata with the CLI. Every output is a file in the app's output folder,
 written with its metadata, so the gallery's download button gives the PNG with its settings.
 
 Errors a user can fix (a bad mask, a missing LoRA, a model that is not available offline, a prompt without the
@@ -13,14 +13,13 @@ The server keeps running either way. One generation runs at a time (``concurrenc
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from PIL import Image
 from ..core.errors import AttnCtrlError
 from ..models.loading import DEFAULT_MODEL
 
-__all__ = ["Settings", "Result", "App", "build_app", "launch", "MODEL_CHOICES", "editor_inputs"]
+__all__ = ["Settings", "Result", "App", "build_app", "launch", "MODEL_CHOICES", "editor_inputs", "default_options"]
 
 logger = logging.getLogger("attnctrl.ui")
 
@@ -54,22 +53,8 @@ class Settings:
     height: int | None = None
     count: int = 1
     compare: bool = False  # also generate without the method, same seed (before/after)
-    agent: bool = False
-    agent_ratio: float = 0.4
-    agent_agent_ratio: float = 0.95
-    clear: bool = False
-    clear_radius: int = 8
-    num_frames: int | None = None  # video models: frames per clip (DiTCtrl: per segment)
-
-    def plugins(self) -> tuple:
-        from ..methods import CLEAR, AgentAttention
-
-        out = []
-        if self.agent:
-            out.append(AgentAttention(ratio=self.agent_ratio, agent_ratio=self.agent_agent_ratio))
-        if self.clear:
-            out.append(CLEAR(radius=int(self.clear_radius)))
-        return tuple(out)
+    num_frames: int | None = None  # video models: frames per clip (a multi-prompt method: per segment)
+    speedups: dict = field(default_factory=dict)  # speed-up plugin name -> its options, applied beside the tab
 
 
 @dataclass
@@ -104,31 +89,6 @@ def _number(value, name: str, kind=float, minimum=None, maximum=None):
     return number
 
 
-def options_json(text: str | None) -> dict:
-    """The 'More options (JSON)' box: an object of method options, or empty."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AttnCtrlError(f"More options: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(value, dict):
-        raise AttnCtrlError('More options must be a JSON object such as {"start_step": 2}')
-    return value
-
-
-def method_config(name: str | None, knobs: dict, more: str | None = None):
-    """The validated config of method ``name`` from the tab's knobs (None values skipped) and its JSON box."""
-    from ..io.jobs import method_config as validated
-
-    if name is None:
-        return None
-    options = {k: v for k, v in knobs.items() if v is not None}
-    options.update(options_json(more))
-    return validated(name, options)
-
-
 class App:
     """The app's state: the output folder and the loaded pipeline (one model at a time, loaded lazily)."""
 
@@ -149,7 +109,7 @@ class App:
 
         model = (model or "").strip() or self.default_model
         if self._model_id != model:
-            self._pipe = None
+            self._pipe, self._model_id = None, None  # a failed load leaves no stale name behind
             self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device)
             self._pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
             self._model_id = model
@@ -175,33 +135,36 @@ class App:
         return self.save_input(image, "image"), (self.save_input(mask, "mask") if mask is not None else None)
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def generate(self, settings: Settings, method=None, inputs=None) -> Result:
-        """Generate ``settings.count`` outputs with ``method`` (a config or None) and its ``inputs``."""
-        from ..cli.generate import GenerateRequest, run_generate
-        from ..cli.runners import MethodInputs
+    def generate(self, settings: Settings, method: str | None = None, options: dict | None = None,
+                 inputs: dict | None = None) -> Result:
+        """Generate ``settings.count`` outputs with ``method`` (a registered name or None), its ``options`` and its
+        ``inputs`` (kind -> job-file objects); everything is validated before the model loads."""
+        from ..run import Request, generate, validate
 
-        prompt = settings.prompt.strip()
-        inputs = inputs or MethodInputs([prompt])
-        if not any(p.strip() for p in inputs.prompts):
+        prompt = (settings.prompt or "").strip()
+        if not prompt:
             raise AttnCtrlError("write a prompt first")
+        many = method is not None and _entry(method).prompts == "many"
+        prompts = [p.strip() for p in prompt.splitlines() if p.strip()] if many else [prompt]
         count = _number(settings.count, "Batch count", int, 1) or 1
         seed = random.SystemRandom().randrange(2**32) if settings.randomize else (
             _number(settings.seed, "Seed", int, 0) or 0)
         seed %= 2**32
-        request = GenerateRequest(
-            prompts=tuple(inputs.prompts), negative_prompt=settings.negative_prompt.strip() or None, seed=seed,
+        request = Request(
+            prompts=prompts, model=(settings.model or "").strip() or self.default_model, method=method,
+            options=options or {}, inputs=inputs or {}, plugins=tuple(settings.speedups.items()),
+            negative_prompt=(settings.negative_prompt or "").strip() or None, seed=seed,
             steps=_number(settings.steps, "Steps", int, 1, 1000), guidance=_number(settings.guidance, "Guidance", float, 0),
             width=_number(settings.width, "Width", int, 8), height=_number(settings.height, "Height", int, 8),
-            num_images=count, output=self.output, device=self.device, dtype=self.dtype, method=method,
-            references=tuple(inputs.references), subjects=tuple(inputs.subjects), loras=tuple(inputs.loras),
-            composition=inputs.composition, plugins=settings.plugins(), gif=False,
+            num_images=count, output=self.output, device=self.device, dtype=self.dtype,
             num_frames=_number(settings.num_frames, "Frames", int, 1),
         )
+        plan = validate(request)
         result = Result(seed=seed)
         started = time.perf_counter()
         with self._lock:
-            pipe = self.pipeline(settings.model)
-            for out in run_generate(request, pipe=pipe):
+            pipe = self.pipeline(request.model)
+            for out in generate(plan, pipe=pipe):
                 result.files.append(str(out.path))
                 if out.kind == "image":
                     result.images.append((str(out.path), f"seed {out.seed}"))
@@ -210,24 +173,28 @@ class App:
                 elif out.kind == "artifact":
                     result.artifacts.append((str(out.path), f"{out.name} (seed {out.seed})"))
             seconds = time.perf_counter() - started
-            if settings.compare and (method is not None or request.plugins):
+            if settings.compare and (method is not None or plan.plugins):
                 if result.video is not None:
                     raise AttnCtrlError("before/after is for images; untick it for videos")
-                plain = GenerateRequest(prompts=(prompt or inputs.prompts[0],), negative_prompt=request.negative_prompt,
-                                        seed=seed, steps=request.steps, guidance=request.guidance,
-                                        width=result_size(result, request.width, 0),
-                                        height=result_size(result, request.height, 1),
-                                        output=self.output / "without-method", device=self.device, dtype=self.dtype)
-                before = next(o for o in run_generate(plain, pipe=pipe) if o.kind == "image")
+                plain = Request(prompts=[prompts[0]], model=request.model, negative_prompt=request.negative_prompt,
+                                seed=seed, steps=request.steps, guidance=request.guidance,
+                                width=result_size(result, request.width, 0), height=result_size(result, request.height, 1),
+                                output=self.output / "without-method", device=self.device, dtype=self.dtype)
+                before = next(o for o in generate(validate(plain), pipe=pipe) if o.kind == "image")
                 result.before_after = (str(before.path), result.images[0][0])
                 result.files.append(str(before.path))
-        names = [method.name] if method is not None else []
-        names += [p.name for p in request.plugins]
+        names = ([method] if method is not None else []) + [p.name for p in plan.plugins]
         result.info = (f"**{len(result.images) or (1 if result.video else 0)} output(s)** with "
                        f"{' + '.join(names) or 'no method'} on `{self._model_id}`, seed {seed}"
                        f"{f'..{seed + count - 1}' if count > 1 else ''}, {seconds:.1f} s: "
                        f"`{Path(result.files[0]).name if result.files else ''}` ... in `{self.output}`.")
         return result
+
+
+def _entry(name: str):
+    from ..methods import entry
+
+    return entry(name)
 
 
 def result_size(result: Result, given, axis: int):
@@ -285,10 +252,7 @@ def _as_image(value, label: str, mode: str = "RGBA") -> Image.Image:
 
 def default_options(name: str) -> str:
     """Markdown table of a method's options and defaults (shown under 'More options')."""
-    from .. import methods
-
-    cls = methods.get(name)
-    rows = [f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |" for f in fields(cls)]
+    rows = [f"| `{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |" for f in _entry(name).options]
     return "| option | default | meaning |\n|---|---|---|\n" + "\n".join(rows)
 
 

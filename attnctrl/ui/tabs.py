@@ -1,73 +1,105 @@
-"""The layout of the web app: shared controls on top, one tab per method, shared outputs on the right.
+"""The layout of the web app, derived from the method registry: shared controls on top, a tab per method, shared
+outputs on the right.
 
-Each tab's inputs are turned into a method config and its inputs by :mod:`attnctrl.ui.inputs`; AgentAttention and
-CLEAR are switches (in "Speed-ups") applied beside whatever the tab does.
+A method's tab is its input kinds' widgets (:data:`attnctrl.ui.inputs.KIND_WIDGETS`), a widget per option its
+registry entry lists in ``controls``, a JSON box for the other options, and its examples; a method the registry
+marks ``speedup`` is a switch (in "Speed-ups") applied beside whatever the tab does. Nothing here names a method.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
 from ..core.errors import AttnCtrlError
-from ..models.toyworld.examples import shipped_composition, shipped_references
-from .app import EXAMPLES, MODEL_CHOICES, SLOTS, App, Result, Settings, default_options
-from .inputs import TABS
+from ..methods import MethodEntry, entries
+from .app import EXAMPLES, MODEL_CHOICES, App, Result, Settings, default_options
+from .inputs import KIND_WIDGETS, example_option, option_value, option_widget, options_json
 
 logger = logging.getLogger("attnctrl.ui")
 
-COMMON = [f.name for f in fields(Settings)]
+COMMON = [f.name for f in fields(Settings) if f.name != "speedups"]
 INTRO = """# attnctrl
 Training-free attention control for diffusers. Pick a model (the embedded **toyworld** model draws coloured shapes
 offline: try *a red circle on the left and a blue square on the right*), a tab for the method, and press **Generate**.
-Every picture carries its settings in its PNG metadata (`attnctrl info FILE`)."""
+Every picture carries its settings in its PNG metadata (`attnctrl info FILE` prints them)."""
 
 
-def _editor(label: str, **kw):
-    return gr.ImageEditor(label=label, type="pil", format="png", image_mode="RGBA", sources=("upload", "clipboard"),
-                          brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"), height=260,
-                          layers=gr.LayerOptions(allow_additional_layers=False), transforms=(), **kw)
+@dataclass
+class Tab:
+    """One tab: its method (None: plain generation), widget groups (``(kind key or option name, components)``)."""
+
+    key: str
+    title: str
+    entry: MethodEntry | None
+    groups: list
+    more: object = None
+
+    def flat(self) -> list:
+        return [c for _, comps in self.groups for c in comps] + ([self.more] if self.more is not None else [])
+
+    def request(self, app: App, values) -> tuple[str | None, dict, dict]:
+        """``(method, options, inputs)`` from the tab's widget values (see :meth:`flat`)."""
+        if self.entry is None:
+            return None, {}, {}
+        i, options, inputs = 0, {}, {}
+        for name, comps in self.groups:
+            part = list(values[i:i + len(comps)])
+            i += len(comps)
+            if name in KIND_WIDGETS:
+                inputs[name] = KIND_WIDGETS[name].read(app, part)
+            else:
+                value = option_value(self.entry.config, name, part[0])
+                if value is not None:
+                    options[name] = value
+        options.update(options_json(values[i] if self.more is not None else None))
+        return self.entry.name, options, inputs
+
+    def example_row(self, app: App, example: dict) -> list:
+        """The widget values of a registry example (job-file form, paths relative to the shipped examples)."""
+        row = [example.get("model") or app.default_model, example["prompt"] if isinstance(example["prompt"], str)
+               else "\n".join(example["prompt"]), example.get("steps") or 0, example.get("num_frames") or 0]
+        options = dict(example.get("options") or {})
+        for name, _ in self.groups:
+            if name in KIND_WIDGETS:
+                row += KIND_WIDGETS[name].example(app, example.get(name), EXAMPLES)
+            else:
+                row.append(example_option(options.pop(name, option_widget_default(self.entry, name))))
+        if self.more is not None:
+            import json
+
+            row.append(json.dumps(options) if options else "")
+        return row
 
 
-def _more(name: str):
+def option_widget_default(entry: MethodEntry, name: str):
+    f = next(f for f in entry.options if f.name == name)
+    return f.default
+
+
+def _tabs() -> list[Tab]:
+    return [Tab("plain", "Text to image", None, [])] + [
+        Tab(e.name, e.title, e, []) for e in entries() if not e.speedup]
+
+
+def _build_tab(tab: Tab) -> None:
+    e = tab.entry
+    if e is None:
+        gr.Markdown("Plain generation, no method: the base for every comparison.")
+        return
+    note = " Give one prompt per line in the Prompt box, one segment each." if e.prompts == "many" else ""
+    gr.Markdown(f"**{e.title}**: {e.summary}{note}")
+    for key in e.inputs:
+        tab.groups.append((key, KIND_WIDGETS[key].build()))
+    with gr.Row():
+        for control in e.controls:
+            tab.groups.append((control.option, [option_widget(e.config, control)]))
     with gr.Accordion("More options", open=False):
-        box = gr.Textbox(label="More options (JSON)", placeholder='{"start_step": 0}', lines=2)
-        gr.Markdown(default_options(name))
-    return box
-
-
-EMPTY = {"background": None, "layers": [], "composite": None}  # an empty editor in an example (None drops the column)
-
-
-def _example_layer(mask_file: Path, folder: Path) -> str:
-    """An editor layer (red paint with alpha) from a mask file, so an example opens with its mask painted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"layer-{mask_file.name}"
-    if not out.exists():
-        mask = np.asarray(Image.open(mask_file).convert("L")) > 127
-        rgba = np.zeros((*mask.shape, 4), np.uint8)
-        rgba[mask] = (255, 0, 0, 160)
-        Image.fromarray(rgba).save(out)
-    return str(out)
-
-
-def _example_editor(app: App, name: str):
-    image, mask = EXAMPLES / f"{name}.png", EXAMPLES / f"{name}-mask.png"
-    return {"background": str(image), "layers": [_example_layer(mask, app.output / "example-layers")],
-            "composite": None}
-
-
-def _outputs(result: Result):
-    video = gr.Video(value=result.video, visible=result.video is not None)
-    before_after = gr.ImageSlider(value=result.before_after, visible=result.before_after is not None)
-    return (result.images, video, before_after, result.artifacts, result.files, result.info, result.seed)
+        tab.more = gr.Textbox(label="More options (JSON)", placeholder='{"start_step": 0}', lines=2)
+        gr.Markdown(default_options(e.name))
 
 
 def _user_errors(fn):
@@ -81,6 +113,16 @@ def _user_errors(fn):
     except Exception as e:
         logger.exception("generation failed")
         raise gr.Error(f"internal error ({type(e).__name__}: {e}); the server log has the details") from None
+
+
+def _outputs(result: Result):
+    video = gr.Video(value=result.video, visible=result.video is not None)
+    before_after = gr.ImageSlider(value=result.before_after, visible=result.before_after is not None)
+    return (result.images, video, before_after, result.artifacts, result.files, result.info, result.seed)
+
+
+def _speedups() -> list[MethodEntry]:
+    return [e for e in entries() if e.speedup]
 
 
 def build(app: App) -> gr.Blocks:
@@ -118,57 +160,44 @@ def build(app: App) -> gr.Blocks:
                         frames = gr.Number(0, label="Frames (video)", precision=0, minimum=0,
                                            info="video models: frames per clip / segment; 0: the model's")
                     compare = gr.Checkbox(False, label="Before/after: also generate without the method (same seed)")
+                speed = []  # (entry, switch, [(option, widget)])
                 with gr.Accordion("Speed-ups (apply to every tab)", open=False):
-                    with gr.Row():
-                        agent = gr.Checkbox(False, label="Agent attention (SD / SDXL)")
-                        agent_ratio = gr.Slider(0, 0.9, 0.4, step=0.05, label="Token merging ratio")
-                        agent_agent_ratio = gr.Slider(0.05, 1, 0.95, step=0.05, label="Agent ratio")
-                    with gr.Row():
-                        clear = gr.Checkbox(False, label="CLEAR local attention (FLUX)")
-                        clear_radius = gr.Slider(1, 64, 8, step=1, label="CLEAR radius (tokens)")
+                    for e in _speedups():
+                        with gr.Row():
+                            switch = gr.Checkbox(False, label=f"{e.title} ({', '.join(e.families)})")
+                            speed.append((e, switch, [(c.option, option_widget(e.config, c)) for c in e.controls]))
                 common = dict(model=model, prompt=prompt, negative_prompt=negative, seed=seed, randomize=randomize,
                               steps=steps, guidance=guidance, width=width, height=height, count=count,
-                              compare=compare, agent=agent, agent_ratio=agent_ratio,
-                              agent_agent_ratio=agent_agent_ratio, clear=clear, clear_radius=clear_radius,
-                              num_frames=frames)
+                              compare=compare, num_frames=frames)
                 assert list(common) == COMMON
-                tabs = {}
+                speed_widgets = [w for _, switch, ws in speed for w in [switch, *(w for _, w in ws)]]
+                tabs = []
                 with gr.Tabs():
-                    for key, (title, name, _) in TABS.items():
-                        with gr.Tab(title, id=key):
-                            button, groups, examples = _tab(app, key, name)
-                            flat = [c for g in groups for c in (g if isinstance(g, list) else [g])]
-                            tabs[key] = button, groups, flat
-                            if examples:  # run on first click with the default model, then served from the cache
-                                gr.Examples(examples, inputs=[prompt] + flat, outputs=[gallery, artifacts, info],
-                                            fn=_example_handler(app, key, groups), cache_examples=True,
-                                            cache_mode="lazy", label="Examples (default model and settings)")
+                    for tab in _tabs():
+                        with gr.Tab(tab.title, id=tab.key):
+                            _build_tab(tab)
+                            button = gr.Button(f"Generate ({tab.title})", variant="primary",
+                                               elem_id=f"generate-{tab.key}")
+                            tabs.append((tab, button))
+                            rows = [tab.example_row(app, x) for x in (tab.entry.examples if tab.entry else ())]
+                            if rows:  # a click fills the inputs (its model too); Generate runs it
+                                gr.Examples(rows, inputs=[model, prompt, steps, frames] + tab.flat(),
+                                            label="Examples (shipped inputs and settings)")
             with gr.Column(scale=2):
                 for component in (gallery, video, before_after, artifacts, files, info):
                     component.render()
         last_seed = gr.State(0)
         outputs = [gallery, video, before_after, artifacts, files, info, last_seed]
         reuse.click(lambda s: (s, False), inputs=last_seed, outputs=[seed, randomize])
-        for key, (button, groups, flat) in tabs.items():
-            button.click(_handler(app, key, groups), inputs=list(common.values()) + flat, outputs=outputs,
-                         concurrency_limit=1, concurrency_id="generate")
+        for tab, button in tabs:
+            button.click(_handler(app, tab, speed), inputs=list(common.values()) + speed_widgets + tab.flat(),
+                         outputs=outputs, concurrency_limit=1, concurrency_id="generate")
     return demo
 
 
-def _unflatten(groups, values):
-    out, i = [], 0
-    for g in groups:
-        if isinstance(g, list):
-            out.append(list(values[i:i + len(g)]))
-            i += len(g)
-        else:
-            out.append(values[i])
-            i += 1
-    return out
-
-
-def widget_settings(values) -> Settings:
-    """Settings from the widgets' values; 0 in steps, guidance, size and frames means the model's value."""
+def widget_settings(values, speed=(), speed_values=()) -> Settings:
+    """Settings from the widgets' values; 0 in steps, guidance, size and frames means the model's value; the
+    speed-ups switched on, with their options."""
     given = dict(zip(COMMON, values))
     for key in ("prompt", "negative_prompt", "model"):  # a widget never shown (closed accordion) sends None
         if given.get(key) is None:
@@ -176,154 +205,26 @@ def widget_settings(values) -> Settings:
     for key in ("steps", "guidance", "width", "height", "num_frames"):
         if not given.get(key):
             given[key] = None
-    return Settings(**given)
+    speedups, i = {}, 0
+    for e, _, ws in speed:
+        on, opts = speed_values[i], speed_values[i + 1:i + 1 + len(ws)]
+        i += 1 + len(ws)
+        if on:
+            speedups[e.name] = {name: option_value(e.config, name, v) for (name, _), v in zip(ws, opts)
+                                if option_value(e.config, name, v) is not None}
+    return Settings(**given, speedups=speedups)
 
 
-def _generate(app: App, key: str, settings: Settings, args) -> Result:
-    """One generation from a tab: its widgets' values -> method config and inputs -> :meth:`App.generate`."""
-    config, inputs = TABS[key][2](app, settings, *args)
-    return app.generate(settings, config, inputs)
+def _handler(app: App, tab: Tab, speed):
+    n_speed = sum(1 + len(ws) for _, _, ws in speed)
 
-
-def _handler(app: App, key: str, groups):
     def run(progress=gr.Progress(track_tqdm=True), *values):  # noqa: B008 (gradio reads the default)
-        settings = widget_settings(values[:len(COMMON)])
-        args = _unflatten(groups, values[len(COMMON):])
-        return _outputs(_user_errors(lambda: _generate(app, key, settings, args)))
+        def work():
+            settings = widget_settings(values[:len(COMMON)], speed, values[len(COMMON):len(COMMON) + n_speed])
+            method, options, inputs = tab.request(app, values[len(COMMON) + n_speed:])
+            return app.generate(settings, method, options, inputs)
 
-    run.__name__ = f"generate_{key}"
+        return _outputs(_user_errors(work))
+
+    run.__name__ = f"generate_{tab.key}"
     return run
-
-
-def _example_handler(app: App, key: str, groups):
-    def run(prompt, *values):
-        settings = Settings(model=app.default_model, prompt=prompt)
-        result = _user_errors(lambda: _generate(app, key, settings, _unflatten(groups, values)))
-        return result.images, result.artifacts, result.info
-
-    run.__name__ = f"example_{key}"
-    return run
-
-
-def _slots(make, label: str):
-    return [make(f"{label} {i + 1}") for i in range(SLOTS)]
-
-
-def _tab(app: App, key: str, name: str | None):
-    """The widgets of one tab: ``(button, groups, examples)``; groups are components or lists of them (slots)."""
-    refs, comp = shipped_references(), shipped_composition()
-    examples = []
-    if key == "plain":
-        gr.Markdown("Plain generation. Name words to see where the model put them (AttentionMaps heat maps).")
-        words = gr.Textbox(label="Heat maps of words (comma-separated, optional)", placeholder="circle, square")
-        more = _more("attention-maps")
-        groups = [words, more]
-        examples = [["a red circle on the left and a blue square on the right", "circle, square", ""]]
-    elif key in ("freecustom", "magicface"):
-        gr.Markdown("One reference image per concept; paint over the concept to give its mask (no paint: the whole "
-                    "image). The prompt of a reference describes its image."
-                    + (" Each reference binds to a word of the prompt." if key == "magicface" else ""))
-        editors, prompts, words = [], [], []
-        for i in range(SLOTS):
-            with gr.Group():
-                editors.append(_editor(f"Reference {i + 1}"))
-                with gr.Row():
-                    prompts.append(gr.Textbox(label=f"Reference {i + 1} prompt"))
-                    if key == "magicface":
-                        words.append(gr.Textbox(label=f"Reference {i + 1} word in the prompt"))
-        with gr.Row():
-            weight = gr.Slider(0, 6, 3.0, step=0.1, label="Mask weight (w)")
-            if key == "magicface":
-                inject = gr.Slider(0, 1, 0.4, step=0.05, label="Switch to region blending after (fraction of steps)")
-        more = _more(name)
-        groups = [editors, prompts] + ([words] if key == "magicface" else []) + [weight]
-        groups += [inject] if key == "magicface" else []
-        groups.append(more)
-        # the shipped striped references whose stripes this model carries over (docs/methods/freecustom.md), with
-        # the mask weight that carries them best on it; the prompt names shapes only: the looks come from the images
-        if {"striped-green-square", "striped-red-circle"} <= set(refs):
-            square, circle = refs["striped-green-square"], refs["striped-red-circle"]
-            if key == "magicface":
-                row = ["a square on the left and a circle on the right", _example_editor(app, "striped-green-square"),
-                       _example_editor(app, "striped-red-circle"), EMPTY, square["prompt"], circle["prompt"], "",
-                       "square", "circle", "", 2.0, 0.4, ""]
-            else:
-                row = ["a circle in the middle", _example_editor(app, "striped-red-circle"), EMPTY, EMPTY,
-                       circle["prompt"], "", "", 2.0, ""]
-            examples = [row]
-    elif key == "irdiffusion":
-        gr.Markdown("Subjects that stay consistent: each is a word of the prompt with a reference image (paint its "
-                    "mask) or a reference prompt (IR-Diffusion draws the reference first), and optionally a region "
-                    "x0,y0,x1,y1 (pixels or fractions; empty: a layout rehearsal picks it).")
-        words, editors, prompts, regions = [], [], [], []
-        for i in range(SLOTS):
-            with gr.Group():
-                with gr.Row():
-                    words.append(gr.Textbox(label=f"Subject {i + 1} word"))
-                    prompts.append(gr.Textbox(label=f"Subject {i + 1} reference prompt",
-                                              placeholder="the subject where it goes: a striped green star on the left"))
-                    regions.append(gr.Textbox(label=f"Subject {i + 1} region", placeholder="0,0,0.5,1"))
-                editors.append(_editor(f"Subject {i + 1} reference image (optional)"))
-        lam = gr.Slider(0, 1, 0.9, step=0.05, label="Mutual attention weight (lambda)")
-        more = _more(name)
-        groups = [words, editors, prompts, regions, lam, more]
-        if "striped-green-star" in refs:
-            examples = [["a star on the left and a circle on the right", "star", "circle", "",
-                         _example_editor(app, "striped-green-star"), EMPTY, EMPTY,
-                         "a striped green star on the left", "a hollow pink circle on the right", "",
-                         "0,0,0.5,1", "0.5,0,1,1", "", 0.9, ""]]
-    elif key == "clora":
-        gr.Markdown("Compose LoRAs, one concept each: upload each LoRA with its trigger word (e.g. `sks dog`) and "
-                    "its own prompt; the prompt above names every concept by its class word.")
-        files, words, prompts = [], [], []
-        for i in range(SLOTS):
-            with gr.Row():
-                files.append(gr.File(label=f"LoRA {i + 1}", file_types=[".safetensors"], height=90))
-                words.append(gr.Textbox(label=f"LoRA {i + 1} trigger word"))
-                prompts.append(gr.Textbox(label=f"LoRA {i + 1} prompt"))
-        with gr.Row():
-            step = gr.Slider(0, 50, 20.0, step=1, label="Latent update step size")
-            threshold = gr.Slider(0, 1, 0.3, step=0.05, label="Mask threshold")
-        more = _more(name)
-        groups = [files, words, prompts, step, threshold, more]
-        loras = [EXAMPLES / f"toyworld-{w}-lora.safetensors" for w in ("sks", "zwx")]
-        if all(p.is_file() for p in loras):  # sks square = a dotted blue square, zwx star = a striped green star
-            from ..models.toyworld.lora import CLORA_SETTINGS  # the 64-px model's settings
-
-            more_options = json.dumps({k: v for k, v in CLORA_SETTINGS.items() if k != "step_size"})
-            examples = [["a square on the left and a star on the right", str(loras[0]), str(loras[1]), None,
-                         "sks square", "zwx star", "", "a sks square on the left and a star on the right",
-                         "a square on the left and a zwx star on the right", "", CLORA_SETTINGS["step_size"], 0.3,
-                         more_options]]
-    elif key == "primecomposer":
-        gr.Markdown("Put an object into a background: paint over the object in its image, then give the box "
-                    "(pixels of the background) it goes into.")
-        with gr.Row():
-            background = gr.Image(label="Background", type="pil", format="png", height=260)
-            obj = _editor("Object (paint its mask)")
-        with gr.Row():
-            x = gr.Number(0, label="Box x")
-            y = gr.Number(0, label="Box y")
-            w = gr.Number(None, label="Box width")
-            h = gr.Number(None, label="Box height")
-        domain = gr.Radio(["same", "cross"], value="cross", label="Domain",
-                          info="same: object and background alike (photo into photo, toyworld into toyworld); "
-                               "cross: a photo object into a painting, sketch or cartoon")
-        more = _more(name)
-        groups = [background, obj, x, y, w, h, domain, more]
-        if comp is not None:
-            bx = comp["box_xywh"]
-            examples = [[comp["prompt"], str(EXAMPLES / comp["background"]),
-                         _example_editor(app, Path(comp["reference"]).stem), *bx, "same", ""]]
-    elif key == "ditctrl":
-        gr.Markdown("A long video from several prompts (CogVideoX models, e.g. `tiny-cogvideox` or "
-                    "`THUDM/CogVideoX-2b`): one prompt per line, a segment each, with smooth transitions.")
-        lines = gr.Textbox(label="Prompts, one per line", lines=4,
-                           placeholder="a car drives on a road\na car drives on a snowy road")
-        transitions = gr.Slider(0, 4, 2, step=1, label="Transition segments between prompts")
-        more = _more(name)
-        groups = [lines, transitions, more]
-    else:  # pragma: no cover
-        raise KeyError(key)
-    button = gr.Button(f"Generate ({TABS[key][0]})", variant="primary", elem_id=f"generate-{key}")
-    return button, groups, examples

@@ -1,10 +1,10 @@
-"""``attnctrl batch``: run a job file, resumably and reproducibly, on one or several processes.
+"""Run a job file, resumably and reproducibly, on one or several processes (``attnctrl batch``).
 
 Outputs ``{job:05d}-{seed}-{slug}[-v{k}].png`` (videos ``.mp4``), each with a JSON sidecar holding the job that
 reproduces it (``attnctrl batch OUT/00000-7-a-cat.json`` re-runs it), a line in ``manifest.jsonl`` (status,
 seconds, peak memory) and, for the run, ``run.json`` (versions, device, dtype, resolved config, model ids, input file
-hashes). Every file is written atomically; an existing output is never overwritten unless ``--overwrite``; with
-``--resume`` outputs whose file and sidecar are complete are skipped, so an interrupted run (Ctrl-C, a crash)
+hashes). Every file is written atomically; an existing output is never overwritten unless ``overwrite``; with
+``resume`` outputs whose file and sidecar are complete are skipped, so an interrupted run (Ctrl-C, a crash)
 finishes where it stopped. Under ``accelerate launch`` (or ``torchrun``) the tasks are split between the processes
 in contiguous shares, as ``PartialState().split_between_processes`` does; each writes a manifest shard and the
 main process merges them when all are done. (On a CPU-only machine ``accelerate launch --cpu`` starts a single
@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from ..core.errors import AttnCtrlError
-from ..io.jobs import Task, expand, load_jobs, load_run_config, method_config, resolve
-from ..io.metadata import save_json, save_png, save_video
-from .generate import GenerateRequest, _call_defaults, settings_record, slug, writable_folder
-from .runners import MethodInputs, prepare
+from ..inputs import KINDS
+from ..io.metadata import save_json
+from .generate import Session, load, slug, write
+from .jobs import Task, expand, load_jobs, load_run_config
+from .request import validate, writable_folder
 
-__all__ = ["run_batch", "task_stem", "is_video_task"]
+__all__ = ["run_batch", "task_stem", "is_video_task", "split_tasks"]
 
 
 def process_rank() -> tuple[int, int]:
@@ -50,8 +51,11 @@ def split_tasks(tasks: list, rank: int, world: int) -> list:
 
 
 def is_video_task(task: Task) -> bool:
-    model = (task.job.model or "").lower()
-    return task.job.method == "ditctrl" or "cogvideo" in model
+    """Whether the task makes a video: its method's entry says so, or its model is a video model."""
+    from ..methods import entry
+    from ..models import makes_video
+
+    return (task.job.method is not None and entry(task.job.method).video) or makes_video(task.job.model)
 
 
 def task_stem(task: Task) -> str:
@@ -60,15 +64,15 @@ def task_stem(task: Task) -> str:
     return stem + (f"-v{task.variant_index}" if task.job.sweep else "")
 
 
-def _complete(out: Path, stem: str, video: bool) -> bool:
-    main = out / f"{stem}.{'mp4' if video else 'png'}"
+def _complete(out: Path, stem: str) -> bool:
+    """The sidecar exists and names a non-empty output file (a PNG or a video)."""
     side = out / f"{stem}.json"
-    if not (main.is_file() and main.stat().st_size > 0 and side.is_file()):
-        return False
     try:
-        return json.loads(side.read_text(encoding="utf-8")).get("output") == main.name
+        name = json.loads(side.read_text(encoding="utf-8")).get("output")
     except (json.JSONDecodeError, OSError):
         return False
+    main = out / str(name)
+    return bool(name) and main.is_file() and main.stat().st_size > 0
 
 
 def _sha256(path: str) -> str:
@@ -79,42 +83,23 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _input_files(task: Task, base: Path) -> list[str]:
-    job = task.job
+def _input_files(records: dict) -> list[str]:
+    """Every input file of a task (from its records)."""
     files = []
-    for spec in job.references:
-        image, _, rest = spec.partition(":")
-        files += [image, rest.partition(":")[0]]
-    files += [spec.partition(":")[0] for spec in job.loras]
-    files += [job.background, job.reference, job.reference_mask]
-    return [resolve(f, base) for f in files if f and Path(resolve(f, base)).is_file()]
 
+    def walk(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in ("image", "mask", "path", "background", "object", "region") and isinstance(v, str):
+                    files.append(v)
+                else:
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
 
-def _resolved_specs(job, base: Path):
-    def ref(spec):
-        image, _, rest = spec.partition(":")
-        mask, _, prompt = rest.partition(":")
-        return ":".join([resolve(image, base), resolve(mask, base) if mask else "", prompt]).rstrip(":")
-
-    def subject(spec):
-        word, _, rest = spec.partition("=")
-        body, at, tail = rest.rpartition("@")
-        body = body if at else rest
-        head, colon, remainder = body.partition(":")
-        if Path(resolve(head, base)).is_file():
-            body = ref(body)
-        region = ""
-        if at:
-            region = "@" + (resolve(tail, base) if Path(resolve(tail, base)).is_file() else tail)
-        return f"{word}={body}{region}"
-
-    loras = [resolve(s.partition(":")[0], base) + ":" + s.partition(":")[2] for s in job.loras]
-    comp = None
-    if job.background or job.reference or job.box:
-        comp = {"background": job.background and resolve(job.background, base),
-                "reference": job.reference and resolve(job.reference, base),
-                "reference_mask": job.reference_mask and resolve(job.reference_mask, base), "box": job.box}
-    return [ref(s) for s in job.references], [subject(s) for s in job.subjects], loras, comp
+    walk(records)
+    return [f for f in files if Path(f).is_file()]
 
 
 def _peak_mb() -> float:
@@ -148,8 +133,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     if resume and overwrite:
         raise AttnCtrlError("--resume and --overwrite exclude each other")
     if not resume and not overwrite:
-        existing = [stems[t.index] for t in tasks if (out / f"{stems[t.index]}.json").exists()
-                    or (out / f"{stems[t.index]}.{'mp4' if is_video_task(t) else 'png'}").exists()]
+        existing = [stems[t.index] for t in tasks if any(out.glob(f"{stems[t.index]}.*"))]
         if existing:
             raise AttnCtrlError(f"{len(existing)} output(s) already exist in {out}, e.g. {existing[0]}; use --resume to "
                                 f"skip finished ones or --overwrite to replace them")
@@ -159,8 +143,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     my_tasks = split_tasks(tasks, rank, world)
     manifest = out / ("manifest.jsonl" if world == 1 else f"manifest.{rank}.jsonl")
 
-    from .. import __version__, load_pipeline
-    from ..models import recommended_settings
+    from .. import __version__
 
     pipes: dict = {}
     counts = {"ok": 0, "skipped": 0, "error": 0}
@@ -168,9 +151,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     bar = tqdm(my_tasks, desc="jobs", disable=not progress, position=0)
     for task in bar:
         stem = stems[task.index]
-        video = is_video_task(task)
         job = task.job
-        if resume and _complete(out, stem, video):
+        if resume and _complete(out, stem):
             counts["skipped"] += 1
             continue
         started = time.perf_counter()
@@ -178,60 +160,28 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             torch.cuda.reset_peak_memory_stats()
         entry = {"index": task.index, "job_line": task.line, "seed": task.seed, "variant": task.variant,
                  "output": None, "status": "ok"}
-        prepared = None
         try:
+            plan = validate(job.request(base, task.seed, task.variant, device=device, dtype=dtype, output=out,
+                                        metadata=metadata))
             key = (job.model, dtype, device)
             if key not in pipes:
-                pipes[key] = load_pipeline(job.model, dtype=dtype, device=device)
+                pipes[key] = load(plan)
                 pipes[key].set_progress_bar_config(disable=not progress, leave=False, position=1)
             pipe = pipes[key]
             started = time.perf_counter()  # the model load is not the job's time
             models.add(getattr(pipe, "attnctrl_model_id", job.model))
-            for f in _input_files(task, base):
+            records = {k: [KINDS[k].record(r) for r in v] for k, v in plan.inputs.items()}
+            for f in _input_files(records):
                 hashes.setdefault(f, _sha256(f))
-            config = method_config(job.method, {**job.options, **task.variant})
-            references, subjects, loras, comp = _resolved_specs(job, base)
-            prepared = prepare(pipe, config, MethodInputs(job.prompts, references, subjects, loras, comp))
-            defaults = {**_call_defaults(pipe), **recommended_settings(pipe)}
-            steps = job.steps or defaults.get("num_inference_steps", 50)
-            guidance = job.guidance if job.guidance is not None else defaults.get("guidance_scale")
-            kwargs = {"prompt": job.prompts[0], "num_inference_steps": steps}
-            if guidance is not None:
-                kwargs["guidance_scale"] = guidance
-            if job.negative_prompt:
-                kwargs["negative_prompt"] = job.negative_prompt
-            for name in ("width", "height"):
-                value = getattr(job, name) or defaults.get(name)
-                if value:
-                    kwargs[name] = value
-            if job.num_frames:
-                kwargs["num_frames"] = job.num_frames
-            result = prepared.generate(**kwargs, generator=torch.Generator("cpu").manual_seed(task.seed), output_type="pil")
+            with Session(plan, pipe) as session:
+                result = session(task.seed)
+                files = list(write(plan, session, result, out, stem, metadata))
             seconds = time.perf_counter() - started
             rerun = job.model_dump(exclude_defaults=True)
-            rerun.update(seeds=[task.seed], options={**job.options, **task.variant})
+            rerun.update(seeds=[task.seed], options={**job.options, **task.variant}, **records)
             rerun.pop("sweep", None)
-            for k in ("references", "subjects", "loras"):
-                if rerun.get(k):
-                    rerun[k] = {"references": references, "subjects": subjects, "loras": loras}[k]
-            for k in ("background", "reference", "reference_mask"):
-                if rerun.get(k):
-                    rerun[k] = comp[k]
-            request = _request(job, config)
-            if video:
-                frames = result.frames[0]
-                name = f"{stem}.mp4"
-                save_video(out / name, frames)
-                record = settings_record(request, pipe, task.seed, steps, guidance, frames[0].size,
-                                         {"num_frames": len(frames)})
-            else:
-                image = result.images[0]
-                name = f"{stem}.png"
-                record = settings_record(request, pipe, task.seed, steps, guidance, image.size, {})
-                save_png(out / name, image, record, metadata=metadata)
-                for art, im in prepared.artifacts(image).items():
-                    save_png(out / f"{stem}-{art}.png", im, record, metadata=metadata)
-            save_json(out / f"{stem}.json", {"jobs": [rerun], "output": name, "record": record})
+            name = files[0].path.name
+            save_json(out / f"{stem}.json", {"jobs": [rerun], "output": name, "record": result.settings})
             entry.update(output=name, seconds=round(seconds, 3), peak_memory_mb=round(_peak_mb(), 1))
             counts["ok"] += 1
         except KeyboardInterrupt:
@@ -243,9 +193,6 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
                 entry["traceback"] = traceback.format_exc(limit=5)
             counts["error"] += 1
             echo(f"job {jobs_path}:{task.line} seed {task.seed} failed: {entry['error']}")
-        finally:
-            if prepared is not None:
-                prepared.close()
         with open(manifest, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
     if world > 1:  # file-based barrier: works under accelerate launch and torchrun, with or without a GPU
@@ -275,11 +222,3 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
         })
     return counts
 
-
-def _request(job, method) -> GenerateRequest:
-    """The generate request a job amounts to, for :func:`settings_record` (one definition of a request's fields)."""
-    composition = ({"background": job.background, "reference": job.reference, "reference_mask": job.reference_mask,
-                    "box": job.box} if job.background else None)
-    return GenerateRequest(prompts=tuple(job.prompts), negative_prompt=job.negative_prompt, method=method,
-                           references=tuple(job.references), subjects=tuple(job.subjects), loras=tuple(job.loras),
-                           composition=composition)

@@ -2,35 +2,40 @@
 deterministic expansion into tasks.
 
 A job file is JSONL (one JSON object per line; blank lines and ``#`` comments are skipped) or a YAML/JSON list.
-A job names a method (optional), a model (optional), a prompt (a list for DiTCtrl), the method's inputs and any
-generation option; a run config (YAML/JSON) gives defaults for every job; command-line flags override both.
+A job names a method (optional), a model (optional), a prompt (a list for a method that takes several), the
+method's inputs (one key per input kind of :mod:`attnctrl.inputs`: ``references``, ``subjects``, ``loras``,
+``composition``; objects with named fields, or the command-line shorthand strings), its ``options`` and any
+generation setting; a run config (YAML/JSON) gives defaults for every job; command-line flags override both.
+Each job is checked by the same :func:`attnctrl.run.validate` as a command-line request, for every swept value.
 
-Method options go under ``options`` and are validated by pydantic against the method's config dataclass (the same
-types and checks as the Python API); option values to sweep go under ``sweep`` (``{"ratio": [0.3, 0.5]}``). The
-expansion order is: jobs in file order, then seeds in the order given, then the cartesian product of the swept
-values (keys sorted).
+Option values to sweep go under ``sweep`` (``{"ratio": [0.3, 0.5]}``). The expansion order is: jobs in file order,
+then seeds in the order given, then the cartesian product of the swept values (keys sorted).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..core.errors import AttnCtrlError
+from ..inputs import KINDS
+from .request import Request, validate
 
-__all__ = ["Job", "RunConfig", "Task", "JobFileError", "load_jobs", "load_run_config", "expand", "method_config"]
+__all__ = ["Job", "RunConfig", "Task", "JobFileError", "load_jobs", "load_run_config", "expand"]
+
+_LEGACY_COMPOSITION = {"background": "background", "reference": "object", "reference_mask": "mask", "box": "box"}
 
 
 class JobFileError(AttnCtrlError):
     """One or more invalid jobs; ``str()`` lists every problem with file:line and field."""
 
 
-class Job(BaseModel):
+class _JobBase(BaseModel):
     """One job line. Unknown keys are errors (a typo never silently does nothing)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,35 +50,50 @@ class Job(BaseModel):
     width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
     height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
     num_frames: int | None = Field(default=None, ge=1, le=1000)
-    references: list[str] = []
-    subjects: list[str] = []
-    loras: list[str] = []
-    background: str | None = None
-    reference: str | None = None
-    reference_mask: str | None = None
-    box: list[float] | None = None
     options: dict[str, Any] = {}
     sweep: dict[str, list[Any]] = {}
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data):
+        """The first job format put PrimeComposer's inputs at the top level; they are one ``composition`` now."""
+        if isinstance(data, dict) and any(k in data for k in _LEGACY_COMPOSITION):
+            data = dict(data)
+            if "composition" in data:
+                raise ValueError("give the composition once: background/reference/reference_mask/box are the old "
+                                 "form of composition {background, object, mask, box}")
+            data["composition"] = {new: data.pop(old) for old, new in _LEGACY_COMPOSITION.items() if old in data}
+        return data
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value):
         prompts = [value] if isinstance(value, str) else value
         if not prompts or any(not p.strip() for p in prompts):
-            raise ValueError("prompt must be a non-empty string (or a list of them for ditctrl)")
-        return value
-
-    @field_validator("box")
-    @classmethod
-    def _box(cls, value):
-        if value is not None and (len(value) != 4 or value[2] <= 0 or value[3] <= 0):
-            raise ValueError("box is [x, y, w, h] with a positive width and height")
+            raise ValueError("prompt must be a non-empty string (or a list of them for a multi-prompt method)")
         return value
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def inputs(self) -> dict:
+        return {k: getattr(self, k) for k in KINDS if getattr(self, k)}
+
+    def request(self, base: Path, seed: int = 0, variant: dict | None = None, **settings) -> Request:
+        """The request this job makes for ``seed`` and one swept ``variant`` (paths relative to ``base``)."""
+        return Request(prompts=self.prompts, model=self.model, method=self.method,
+                       options={**self.options, **(variant or {})}, inputs=self.inputs(),
+                       negative_prompt=self.negative_prompt, seed=seed, steps=self.steps, guidance=self.guidance,
+                       width=self.width, height=self.height, num_frames=self.num_frames, base=base, **settings)
+
+
+#: the job schema: the settings above plus one key per input kind (a list, or one object for a single input)
+Job = create_model("Job", __base__=_JobBase, **{
+    k: ((dict | str | None), None) if kind.single else (list[Any], []) for k, kind in KINDS.items()
+})
+Job.__doc__ = _JobBase.__doc__
 
 
 class RunConfig(BaseModel):
@@ -86,31 +106,6 @@ class RunConfig(BaseModel):
     device: str | None = None
     dtype: str | None = None
     metadata: bool = True
-
-
-def method_config(name: str | None, options: dict):
-    """The validated method config of ``name`` with ``options`` (pydantic over the config dataclass)."""
-    if name is None:
-        if options:
-            raise AttnCtrlError("options given without a method")
-        return None
-    from pydantic import TypeAdapter
-
-    from .. import methods
-
-    cls = methods.get(name)
-    own = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - own)
-    if unknown:
-        raise AttnCtrlError(f"unknown option {unknown[0]!r} for {cls.name}; its options are {', '.join(sorted(own))}")
-    try:
-        return TypeAdapter(cls).validate_python(dict(options))
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        if not where:  # a check of the config itself (its __post_init__)
-            raise AttnCtrlError(str(err.get("ctx", {}).get("error", err["msg"]))) from None
-        raise AttnCtrlError(f"option {where}: {err['msg']}") from None
 
 
 def _read(path: Path) -> list[tuple[int, Any]]:
@@ -174,7 +169,7 @@ def load_jobs(path: str | Path, run: RunConfig | None = None) -> list[tuple[int,
     path = Path(path)
     run = run or RunConfig()
     jobs, errors = [], []
-    base = Path(path).parent
+    base = path.resolve().parent
     for line, raw in _read(path):
         if not isinstance(raw, dict):
             errors.append(f"{path}:{line}: a job must be an object, got {type(raw).__name__}")
@@ -190,14 +185,12 @@ def load_jobs(path: str | Path, run: RunConfig | None = None) -> list[tuple[int,
                 errors.append(f"{path}:{line}: {field}: {err['msg']}")
             continue
         try:
-            options = dict(job.options)
             for key, values in job.sweep.items():
                 if not values:
                     raise AttnCtrlError(f"sweep {key!r} has no values")
                 for value in values:
-                    method_config(job.method, {**options, key: value})
-            method_config(job.method, options)
-            _check_files(job, base)
+                    validate(job.request(base, variant={key: value}), check_output=False)
+            validate(job.request(base), check_output=False)
         except AttnCtrlError as e:
             errors.append(f"{path}:{line}: {e}")
             continue
@@ -209,32 +202,6 @@ def load_jobs(path: str | Path, run: RunConfig | None = None) -> list[tuple[int,
     return jobs
 
 
-def resolve(value: str, base: Path) -> str:
-    """A path relative to the job file's folder (absolute paths and existing paths from the cwd stay)."""
-    p = Path(value)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    return str(base / p)
-
-
-def _check_files(job: Job, base: Path) -> None:
-    paths = []
-    for spec in job.references:
-        image, _, rest = spec.partition(":")
-        paths += [image, rest.partition(":")[0]]
-    for spec in job.loras:
-        paths.append(spec.partition(":")[0])
-    for spec in job.subjects:
-        body = spec.partition("=")[2].rpartition("@")[0] or spec.partition("=")[2]
-        head = body.split(":", 1)[0]
-        if Path(resolve(head, base)).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-            paths.append(head)
-    paths += [job.background, job.reference, job.reference_mask]
-    for p in paths:
-        if p and not Path(resolve(p, base)).is_file():
-            raise AttnCtrlError(f"file {p} does not exist")
-
-
 @dataclass
 class Task:
     index: int  # position in the expansion
@@ -243,10 +210,10 @@ class Task:
     seed: int
     variant: dict  # swept option values of this task
     variant_index: int
-    job: Job
+    job: Any  # a Job
 
 
-def expand(jobs: list[tuple[int, Job]], seeds: list[int] | None = None) -> list[Task]:
+def expand(jobs: list[tuple[int, Any]], seeds: list[int] | None = None) -> list[Task]:
     """Jobs x seeds x swept values, deterministic (see the module docstring). ``seeds`` overrides job seeds."""
     tasks = []
     for j, (line, job) in enumerate(jobs):

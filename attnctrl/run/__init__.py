@@ -1,0 +1,12 @@
+"""The run layer: a request (model, method, options, inputs, prompts, seeds) -> validated -> outputs + metadata.
+
+Every surface stands on it: ``attnctrl generate`` builds a :class:`Request`, ``attnctrl batch`` reads job files into
+requests (:mod:`.jobs`, :mod:`.batch`), the web app builds one per press of Generate. All checks are in
+:func:`validate`; :func:`generate` loads the model, runs the method and writes the files.
+"""
+
+from .generate import Output, Result, Session, generate, load, settings_record, slug
+from .request import Plan, Request, method_config, parse_option, validate, writable_folder
+
+__all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "Output", "Result",
+           "Session", "generate", "load", "settings_record", "slug"]

@@ -1,0 +1,232 @@
+"""A request (model, method, options, inputs, prompts, seeds, sizes) and its one validation, before any model loads.
+
+:func:`validate` turns a :class:`Request` into a :class:`Plan` or raises one :class:`~attnctrl.core.errors.
+AttnCtrlError` sentence: the method and its options (the config's own checks), the inputs the method takes (each
+read through its kind in :mod:`attnctrl.inputs`, files checked), inputs it does not take, prompts (non-empty UTF-8;
+several only for a method that takes several), numbers (finite, in range, sizes multiples of 8) and the output
+folder (writable). Checks that need the loaded model (the family, a word of the prompt, a LoRA's keys) run in
+:func:`attnctrl.run.generate` before the first generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from ..core.controller import Method
+from ..core.errors import AttnCtrlError
+from ..inputs import KINDS, check_text
+from ..methods import MethodEntry, entry
+
+__all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder"]
+
+
+@dataclass
+class Request:
+    """What to generate. ``method`` is a registered name (or None: plain generation); ``options`` its options (a
+    dict, or the config itself); ``inputs`` maps an input kind (``"references"``, ...) to a list of records, job-file
+    objects or shorthand strings (paths relative to ``base``); ``plugins`` are further ``(name, options)`` plugin
+    methods applied beside it (AgentAttention, CLEAR)."""
+
+    prompts: tuple[str, ...] | list[str] | str
+    model: str | None = None
+    method: str | None = None
+    options: dict | Method = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    plugins: tuple = ()
+    negative_prompt: str | None = None
+    seed: int = 0
+    num_images: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    output: Path = Path("outputs")
+    device: str = "auto"
+    dtype: str = "auto"
+    metadata: bool = True
+    gif: bool = False
+    base: Path | None = None
+
+
+@dataclass
+class Plan:
+    """A validated request: the method's entry and config, its inputs as records, the plugin configs."""
+
+    request: Request
+    prompts: list[str]
+    entry: MethodEntry | None
+    config: Method | None
+    inputs: dict[str, list]
+    plugins: list[Method]
+
+    @property
+    def method(self) -> str | None:
+        return self.entry.name if self.entry is not None else None
+
+
+def parse_option(cls: type, name: str, raw: str):
+    """The command-line text ``raw`` of option ``name`` of config ``cls``, typed by the field's annotation:
+    numbers, ``none``, comma-separated lists, or JSON for anything structured."""
+    from pydantic import TypeAdapter, ValidationError
+
+    hint = typing.get_type_hints(cls)[name]
+    origin = typing.get_origin(hint)
+    listed = origin in (tuple, list) or any(typing.get_origin(a) in (tuple, list) for a in typing.get_args(hint))
+    text = raw.strip()
+    if text[:1] in "[{":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AttnCtrlError(f"option {name}: invalid JSON {raw!r} ({e.msg})") from None
+    elif text.lower() in ("none", "null"):
+        value = None
+    elif origin in (tuple, list) or (listed and "," in text):  # "3,2" for "one number or one per reference"
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    else:
+        value = text
+    if hint is object:
+        return value
+    try:
+        return TypeAdapter(hint).validate_python(value)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"]
+        raise AttnCtrlError(f"option {name}={raw!r} is not valid for {cls.name}: {msg}") from None
+
+
+def method_config(name: str, options: dict | Method | None = None) -> Method:
+    """The validated config of method ``name`` (pydantic over its dataclass: the same types and checks as the
+    Python API); an option the method does not have is an error naming its options."""
+    from pydantic import TypeAdapter, ValidationError
+
+    cls = entry(name).config
+    if isinstance(options, Method):
+        if not isinstance(options, cls):
+            raise AttnCtrlError(f"options of {name} must be a {cls.__name__}, not a {type(options).__name__}")
+        return options
+    options = dict(options or {})
+    own = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - own)
+    if unknown:
+        raise AttnCtrlError(f"{cls.name} has no option {unknown[0]!r}; its options are {', '.join(sorted(own))}")
+    try:
+        return TypeAdapter(cls).validate_python(options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if not where:  # a check of the config itself (its __post_init__)
+            raise AttnCtrlError(str(err.get("ctx", {}).get("error", err["msg"]))) from None
+        raise AttnCtrlError(f"{cls.name} option {where}: {err['msg']}") from None
+    except TypeError as e:
+        raise AttnCtrlError(f"invalid options for {cls.name}: {e}") from None
+
+
+def writable_folder(folder: Path) -> Path:
+    """Create ``folder`` and check that files can be written there (before any generation), else a clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise AttnCtrlError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def _number(value, name: str, kind=int, minimum=None, maximum=None, multiple=None):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AttnCtrlError(f"{name} must be a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise AttnCtrlError(f"{name} must be a whole number, got {value!r}")
+    value = kind(value)
+    if minimum is not None and value < minimum:
+        raise AttnCtrlError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise AttnCtrlError(f"{name} must be at most {maximum}, got {value}")
+    if multiple and value % multiple:
+        raise AttnCtrlError(f"{name} must be a multiple of {multiple}, got {value}")
+    return value
+
+
+def validate(request: Request, check_output: bool = True) -> Plan:
+    """Every check that needs no model (see the module docstring); returns the :class:`Plan`."""
+    prompts = [request.prompts] if isinstance(request.prompts, str) else list(request.prompts)
+    if not prompts:
+        raise AttnCtrlError("give a prompt: write what to draw")
+    for i, p in enumerate(prompts):
+        label = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if not check_text(p, label).strip():
+            raise AttnCtrlError(f"{label} is empty: write what to draw")
+    if request.negative_prompt:
+        check_text(request.negative_prompt, "the negative prompt")
+    r = request
+    _number(r.seed, "the seed", int, 0)
+    _number(r.num_images, "the number of images", int, 1, 10000)
+    _number(r.steps, "steps", int, 1, 1000)
+    _number(r.guidance, "guidance", float, 0)
+    _number(r.width, "width", int, 8, 8192, 8)
+    _number(r.height, "height", int, 8, 8192, 8)
+    _number(r.num_frames, "frames", int, 1, 1000)
+
+    method = entry(r.method) if r.method is not None else None
+    config = method_config(method.name, r.options) if method is not None else None
+    if method is None and r.options:
+        raise AttnCtrlError("method options given without a method: add the method's name")
+    given = {k: v for k, v in (r.inputs or {}).items() if v}
+    for key in given:
+        if key not in KINDS:
+            raise AttnCtrlError(f"unknown input {key!r}; inputs are {', '.join(KINDS)}")
+    wanted = set(method.inputs) if method is not None else set()
+    stray = [k for k in given if k not in wanted]
+    if stray:
+        raise AttnCtrlError(f"{KINDS[stray[0]].flag} ({stray[0]}) is not an input of "
+                            f"{method.name if method else 'plain generation'}")
+    inputs = {}
+    for key in sorted(wanted):
+        kind = KINDS[key]
+        values = given.get(key) or []
+        if not isinstance(values, (list, tuple)):
+            values = [values]
+        if not values:
+            raise AttnCtrlError(f"{method.name} needs {key}: {kind.flag} {kind.metavar}")
+        if kind.single and len(values) != 1:
+            raise AttnCtrlError(f"{method.name} takes one {key}, got {len(values)}")
+        inputs[key] = [kind.read(v, i, r.base) for i, v in enumerate(values)]
+    many = method is not None and method.prompts == "many"
+    if len(prompts) > 1 and not many:
+        takers = [e.name for e in _entries() if e.prompts == "many"]
+        raise AttnCtrlError(f"several prompts are for {', '.join(takers) or 'no method'}; "
+                            f"{method.name if method else 'plain generation'} takes one")
+    if many and len(prompts) < 2:
+        raise AttnCtrlError(f"{method.name} needs at least two prompts, one per segment")
+    plugins = []
+    for item in r.plugins:
+        name, options = (item.name, item) if isinstance(item, Method) else item
+        plugin = entry(name)
+        if plugin.pipeline is not None:
+            raise AttnCtrlError(f"{plugin.name} needs its pipeline; it cannot be applied beside another method")
+        plugins.append(method_config(plugin.name, options))
+    if check_output:
+        r.output = Path(r.output)
+    return Plan(request=r, prompts=prompts, entry=method, config=config, inputs=inputs, plugins=plugins)
+
+
+def _entries():
+    from ..methods import entries
+
+    return entries()
+
+
+def plain(value):
+    """A config or record as JSON-ready data (paths as text)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
