@@ -64,6 +64,7 @@ class MethodEntry:
     * ``prompts``: ``"one"`` or ``"many"`` (one per video segment).
     * ``speedup``: the app offers it as a switch beside every tab instead of a tab of its own.
     * ``examples``: job-file objects (paths relative to the shipped examples folder).
+    * ``command``: ``"module:click_command"`` of a training tool, mounted as ``attnctrl distill NAME``.
     """
 
     config: type[Method]
@@ -79,7 +80,7 @@ class MethodEntry:
     speedup: bool = False
     controls: tuple[Control, ...] = ()
     examples: tuple[dict, ...] = ()
-    help: str = ""
+    command: str | None = None
 
     @property
     def name(self) -> str:
@@ -173,6 +174,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         CLEAR, "CLEAR local attention", "Convolution-like local window attention for FLUX: linear cost.",
         speedup=True, controls=(Control("radius", "CLEAR radius (tokens)", 1, 64, 1),),
+        command="attnctrl.distill.command:command",
         examples=({"model": "tiny-flux", "prompt": "a photo of a cat", "steps": 2,
                    "options": {"radius": 3, "backend": "tiled"}},),
     ),

@@ -1,5 +1,8 @@
 """The ``attnctrl`` command line: ``info``, ``generate``, ``batch``, ``ui``, ``train-toy`` and ``distill``.
 
+It stands on the run layer (:mod:`attnctrl.run`); ``ui`` and the ``distill`` tools are mounted by module path, so
+the command line imports neither the web app nor any method.
+
 User errors (bad options, unknown model, word not in prompt, ...) print one line ``Error: ...`` and exit with
 status 1; a traceback means a bug in attnctrl.
 """
@@ -50,7 +53,40 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings=CONTEXT)
+class _Lazy(click.Group):
+    """A group whose commands live elsewhere (``{name: "module:command"}``), imported when used: the web app's
+    command, and the training tools a method's registry entry names (``MethodEntry.command``)."""
+
+    def __init__(self, *args, lazy=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def _table(self) -> dict:
+        return self._lazy() if callable(self._lazy) else dict(self._lazy or {})
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self._table()})
+
+    def get_command(self, ctx, name):
+        target = self._table().get(name)
+        if target is None:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        from ..core.errors import AttnCtrlError
+
+        _quiet_libraries()
+        try:
+            return super().invoke(ctx)
+        except AttnCtrlError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Lazy, lazy={"ui": "attnctrl.ui.command:ui"}, context_settings=CONTEXT)
 @click.version_option(package_name="attnctrl")
 def cli() -> None:
     """Training-free attention-control plugins for diffusers."""
@@ -209,72 +245,14 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, l
     click.echo(str(path))
 
 
-@cli.group(context_settings=CONTEXT)
-def distill() -> None:
-    """Train the weights some methods need (CLEAR)."""
+def _method_commands() -> dict:
+    from ..methods import entries
+
+    return {e.name: e.command for e in entries() if e.command}
 
 
-@distill.command("clear", context_settings=CONTEXT)
-@click.option("-m", "--model", required=True, help="A FLUX pipeline: local folder, cached hub id or tiny-flux.")
-@click.option("--radius", type=click.FloatRange(1), required=True, help="Disc radius in image tokens.")
-@click.option("--down-factor", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--data", type=click.Path(file_okay=False), help="Folder of images with same-name .txt captions.")
-@click.option("--generate", type=click.IntRange(0), default=0, help="Teacher-generated images to train on.")
-@click.option("--prompts", type=click.Path(dir_okay=False), help="Prompt file for --generate (one per line).")
-@click.option("--steps", type=click.IntRange(1), required=True, help="Optimizer steps.")
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--resolution", type=click.IntRange(16), default=None, help="Training resolution in px.")
-@click.option("--max-sequence-length", type=click.IntRange(1, 512), default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
-@user_errors
-def distill_clear_cmd(model, radius, down_factor, data, generate, prompts, steps, lr, batch, grad_accum, resolution,
-                      max_sequence_length, seed, device, dtype, output) -> None:
-    """Distil CLEAR window-attention weights (teacher: full attention) in the official key layout."""
-    _quiet_libraries()
-    from .. import load_pipeline
-    from ..distill.clear import distill_clear, read_caption_folder
-
-    if not data and not generate:
-        raise click.UsageError("give --data DIR or --generate N")
-    pipe = load_pipeline(model, dtype=dtype, device=device)
-    pipe.set_progress_bar_config(disable=True)
-    prompt_list = None
-    if prompts:
-        prompt_list = [line.strip() for line in Path(prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-    path = distill_clear(
-        pipe, radius, output, down_factor=down_factor, data=read_caption_folder(data) if data else None,
-        generate=generate, prompts=prompt_list, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum,
-        resolution=resolution, max_sequence_length=max_sequence_length, seed=seed,
-        log=lambda m: click.echo(m, err=True),
-    )
-    click.echo(str(path))
-
-
-@cli.command(context_settings=CONTEXT)
-@click.option("-m", "--model", default=None, help="Model selected when the page opens [default: the embedded default]")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
-@click.option("--share", is_flag=True, help="Also open a public gradio.live link (needs internet; off by default).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
-              help="Folder for the outputs [default: a new temporary folder].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
-@user_errors
-def ui(model, host, port, share, output, device, dtype) -> None:
-    """Start the web app (needs the extra: pip install 'attnctrl[ui]')."""
-    _quiet_libraries()
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise click.ClickException("the web app needs gradio: pip install 'attnctrl[ui]'") from None
-    from ..ui import launch
-
-    launch(model=model, host=host, port=port or None, share=share, output=output, device=device, dtype=dtype)
+cli.add_command(_Lazy("distill", lazy=_method_commands, context_settings=CONTEXT,
+                      help="Train the weights a method needs (its registry entry names the command)."))
 
 
 def main(argv: list[str] | None = None) -> int:

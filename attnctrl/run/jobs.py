@@ -57,7 +57,7 @@ class _JobBase(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _legacy(cls, data):
-        """The first job format put PrimeComposer's inputs at the top level; they are one ``composition`` now."""
+        """The first job format put a composition's parts at the top level; they are one ``composition`` now."""
         if isinstance(data, dict) and any(k in data for k in _LEGACY_COMPOSITION):
             data = dict(data)
             if "composition" in data:

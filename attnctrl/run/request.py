@@ -30,7 +30,7 @@ class Request:
     """What to generate. ``method`` is a registered name (or None: plain generation); ``options`` its options (a
     dict, or the config itself); ``inputs`` maps an input kind (``"references"``, ...) to a list of records, job-file
     objects or shorthand strings (paths relative to ``base``); ``plugins`` are further ``(name, options)`` plugin
-    methods applied beside it (AgentAttention, CLEAR)."""
+    methods applied beside it (the speed-ups)."""
 
     prompts: tuple[str, ...] | list[str] | str
     model: str | None = None

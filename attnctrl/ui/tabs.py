@@ -133,7 +133,7 @@ def build(app: App) -> gr.Blocks:
         video = gr.Video(label="Video", visible=False, elem_id="video", render=False)
         before_after = gr.ImageSlider(label="Before (no method) / after", type="filepath", visible=False,
                                       render=False)
-        artifacts = gr.Gallery(label="Attention maps and masks", columns=3, height=200, format="png",
+        artifacts = gr.Gallery(label="Maps and masks of the method", columns=3, height=200, format="png",
                                interactive=False, elem_id="artifacts", render=False)
         files = gr.File(label="Files (PNG with metadata, JSON records, videos)", file_count="multiple",
                         interactive=False, render=False)
