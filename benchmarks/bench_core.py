@@ -21,7 +21,7 @@ import torch
 
 import attnctrl
 from attnctrl.core import AttnCtrlProcessor, Method
-from attnctrl.core.attention import attention_probs, attention_with_lse, grouped_attention, sdpa
+from attnctrl.kernels.attention import attention_probs, attention_with_lse, grouped_attention, sdpa
 from attnctrl.methods import AttentionMaps
 
 

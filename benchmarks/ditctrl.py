@@ -52,7 +52,7 @@ def mask_inputs(video: int, heads: int):
 
 @torch.no_grad()
 def ours(q, k, v):
-    from attnctrl.core.attention import attention_with_lse, merge_attention
+    from attnctrl.kernels.attention import attention_with_lse, merge_attention
 
     t = 226
     out, lse = attention_with_lse(q, k, v)

@@ -39,7 +39,7 @@ def inputs(side: int, subjects: int):
 
 @torch.no_grad()
 def ours(q, k, v, owner, bias):
-    from attnctrl.core.attention import grouped_attention, sdpa
+    from attnctrl.kernels.attention import grouped_attention, sdpa
 
     out = sdpa(q, k[:, :, : q.shape[2]], v[:, :, : q.shape[2]])  # background rows: plain self-attention
     rows = torch.nonzero(owner > 0).flatten()

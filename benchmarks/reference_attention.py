@@ -31,7 +31,7 @@ def inputs(latent: int, refs: int, dtype):
 
 @torch.no_grad()
 def ours(q, k, v, bias):
-    from attnctrl.core.attention import sdpa
+    from attnctrl.kernels.attention import sdpa
 
     return sdpa(q, k, v, bias.view(1, 1, 1, -1))
 

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller, TokenLookupError
-from attnctrl.core.attention import attention_probs, attention_with_lse
+from attnctrl.kernels.attention import attention_probs, attention_with_lse
 from attnctrl.pipelines import DiTCtrlPipeline
 from attnctrl.pipelines.ditctrl import plan_segments, triangular_weights
 from attnctrl.pipelines.freecustom import _Bound

@@ -11,7 +11,7 @@ from PIL import Image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller
-from attnctrl.core.attention import attention_probs
+from attnctrl.kernels.attention import attention_probs
 from attnctrl.pipelines import FreeCustomPipeline, Reference, ReferenceError
 from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.reference import ReferenceRun

@@ -13,7 +13,7 @@ from test_freecustom import SIZE, box_mask, gen, image
 import attnctrl
 from attnctrl.cli.options import method_options
 from attnctrl.core import AttnCtrlError, Controller
-from attnctrl.core.attention import attention_probs
+from attnctrl.kernels.attention import attention_probs
 from attnctrl.pipelines import IRDiffusionPipeline, Reference, Subject
 from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.irdiffusion import IRRun, disjoint

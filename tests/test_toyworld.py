@@ -21,7 +21,7 @@ from attnctrl.models.toyworld import (
     score,
 )
 from attnctrl.models.toyworld.bench import benchmark_captions
-from attnctrl.models.toyworld.train import toy_tokenizer
+from attnctrl.models.toyworld.tokenizer import toy_tokenizer
 
 
 def test_generator_is_deterministic_by_seed():
@@ -131,15 +131,35 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert pipe.attnctrl_defaults["num_inference_steps"] == 25
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+    # the saved UNet is the checkpoint's EMA UNet (diffusers' EMAModel, written back before saving), not the live one
+    from safetensors.torch import load_file
+
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] > 0 and state["config"]["reference_fraction"] == 0.5 and state["config"]["grounding_weight"]
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v.half()) for k, v in state["ema_unet"].items())
+    assert any(not torch.equal(state["ema_unet"][k], v) for k, v in state["unet"].items())
+    # migration: a checkpoint saved before beta_end and x0_weight_floor existed resumes with the settings it had
+    older = tmp_path / "older"
+    older.mkdir()
+    del state["config"]["beta_end"], state["config"]["x0_weight_floor"]
+    torch.save(state, older / "checkpoint.pt")
+    (older / "pool.pt").write_bytes((tmp_path / "pool.pt").read_bytes())
+    out = train(older, minutes=state["elapsed"] / 60, resume=True, final_eval=False, log=lambda m: None)
+    config = json.loads((out / "attnctrl.json").read_text())["config"]
+    assert config["beta_end"] == 0.012 and config["x0_weight_floor"] == 0.0
+    assert load_pipeline(str(out)).scheduler.config.beta_end == 0.012
 
 
 def test_grounding_targets_recorder_and_loss():
     """TokenCompose's token term: targets name each object's words and silhouette; the recorder changes nothing;
     a map that puts a word's mass inside its object scores 1, a uniform map its area fraction."""
-    from attnctrl.models.toyworld.train import _CrossAttentionRecorder, _grounding_targets, grounding_terms
+    from attnctrl.models.toyworld.attention import record_cross_attention
+    from attnctrl.models.toyworld.data import grounding_targets
+    from attnctrl.models.toyworld.losses import grounding_terms
 
     scene = make_scene(4)  # "a green star on the left and a orange star in the middle and a pink cross on the right"
-    masks, words = _grounding_targets(scene)
+    masks, words = grounding_targets(scene)
     tok = toy_tokenizer()
     ids = tok(scene.caption).input_ids
     assert [tok.decode([ids[j]]) for j in words[2].tolist() if j >= 0] == ["pink", "cross"]
@@ -176,12 +196,15 @@ def test_grounding_targets_recorder_and_loss():
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 32, 128)
     before = unet.attn_processors
     reference = unet(x, t, ctx).sample
-    recorder = _CrossAttentionRecorder(unet)
-    recorder.maps = []
+    recorder = record_cross_attention(unet)
+    assert set(recorder.processors) == {n for n in before if n.endswith("attn2.processor")}
+    assert torch.equal(unet(x, t, ctx).sample, reference)  # not recording: the stock attention
+    recorder.state.maps = []
     out = unet(x, t, ctx).sample
-    assert torch.allclose(out, reference, atol=1e-4)
-    assert len(recorder.maps) == sum(n.endswith("attn2.processor") for n in before)
-    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in recorder.maps)
+    assert torch.equal(out, reference)  # recording changes nothing either (CLoRA's recorder: the stock output)
+    assert len(recorder.state.maps) == sum(n.endswith("attn2.processor") for n in before)
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in recorder.state.maps)
+    assert {m.shape[1] for m in recorder.state.maps} == {256, 64, 16, 4}  # 16x16 down to the 2x2 mid block
     recorder.remove()
     assert unet.attn_processors == before
 
@@ -189,19 +212,22 @@ def test_grounding_targets_recorder_and_loss():
 def test_reference_attention_is_mrsa_in_the_decoder_and_plain_elsewhere():
     """Reference training's processor: no plan or no reference = the stock attention; a reference changes its target
     only; an empty mask is -inf on all its keys (= no reference); reference rows attend to themselves only."""
-    from attnctrl.models.toyworld.train import _ReferenceAttention
+    from attnctrl.core import describe
+    from attnctrl.models.toyworld.attention import ReferenceAttnProcessor, reference_attention
 
     unet = toyworld().unet
     x, t, ctx = torch.randn(3, 4, 16, 16), torch.tensor([500] * 3), torch.randn(3, 32, 128)
     before = unet.attn_processors
     with torch.no_grad():
         plain = unet(x, t, ctx).sample
-        references = _ReferenceAttention(unet)
-        assert 0 < sum(p is references for p in unet.attn_processors.values()) < len(before) // 2
+        references = reference_attention(unet)
+        chosen = {la.name for la in describe(unet).select("decoder-high-res") if la.kind == "self"}
+        assert 0 < len(chosen) < len(before) // 2 and set(references.processors) == chosen
+        assert all(isinstance(unet.attn_processors[n], ReferenceAttnProcessor) for n in chosen)
         assert torch.equal(unet(x, t, ctx).sample, plain)
 
         def run(slots, mask):
-            references.plan = {"slots": torch.tensor(slots), "weights": torch.full((2, 2), 3.0), "masks": mask}
+            references.state.plan = {"slots": torch.tensor(slots), "weights": torch.full((2, 2), 3.0), "masks": mask}
             return unet(x, t, ctx).sample
 
         full, empty = torch.ones(1, 16, 16), torch.zeros(1, 16, 16)
@@ -210,24 +236,26 @@ def test_reference_attention_is_mrsa_in_the_decoder_and_plain_elsewhere():
         assert (out[0] - plain[0]).abs().max() > 0.05
         assert torch.allclose(out[1], plain[1], atol=1e-5) and torch.equal(out[2], plain[2])
         assert torch.allclose(run([[0, -1], [-1, -1]], empty), plain, atol=1e-5)
-    references.plan = None
+    references.state.plan = None
     references.remove()
     assert unet.attn_processors == before
 
 
 def test_reference_training_draws_same_look_references_and_drops_their_look_words(tmp_path):
-    from attnctrl.models.toyworld.train import TrainConfig, _drop_looks, _Trainer
+    from functools import partial
 
-    cfg = TrainConfig(pool_size=512, reference_fraction=0.5, look_alike_fraction=0.3)
-    trainer = _Trainer(tmp_path, cfg, log=lambda m: None)
-    trainer.build_pool()
-    trainer.lat_mean = trainer.lat_logvar = torch.zeros(512, 4, 16, 16, dtype=torch.half)
+    from attnctrl.models.toyworld.data import ScenePool, drop_looks, sample_latents
+
+    pool = ScenePool.load_or_build(tmp_path / "pool.pt", 512, look_alike_fraction=0.3, log=lambda m: None)
+    pool.index_looks()
+    zeros = torch.zeros(512, 4, 16, 16, dtype=torch.half)
+    latents = partial(sample_latents, zeros, zeros, 1.0)
     gen = torch.Generator().manual_seed(0)
     drawn = 0
     for _ in range(8):
         idx = torch.randint(0, 512, (16,), generator=gen)
-        captions = [trainer.captions[i] for i in idx.tolist()]
-        refs = trainer._references(idx, captions, gen)
+        captions = [pool.captions[i] for i in idx.tolist()]
+        refs = pool.references(idx, captions, gen, 0.5, latents)
         if refs is None:
             continue
         slots = refs["slots"]
@@ -236,18 +264,43 @@ def test_reference_training_draws_same_look_references_and_drops_their_look_word
         dropped = {}
         for (b, s), (j, o, k) in zip((slots >= 0).nonzero().tolist(), refs["sources"]):
             i = int(idx[b])
-            assert j != i and trainer.looks[j][o] == trainer.looks[i][k]  # same colour, shape and pattern
+            assert j != i and pool.looks[j][o] == pool.looks[i][k]  # same colour, shape and pattern
             assert 0 <= refs["weights"][b, s] <= 3
             mask = refs["masks"][slots[b, s]]
             assert mask.max() > 0.5 and mask.min() >= 0 and mask.max() <= 1  # coverage: the processor keeps > 0.5
-            dropped.setdefault(b, []).extend(trainer.words[i, k].tolist())
+            dropped.setdefault(b, []).extend(pool.words[i, k].tolist())
             drawn += 1
         for b in range(16):  # exactly the referenced objects' colour and pattern words are gone
-            original = trainer.captions[int(idx[b])]
-            assert captions[b] == (_drop_looks(original, dropped[b]) if b in dropped else original)
+            original = pool.captions[int(idx[b])]
+            assert captions[b] == (drop_looks(original, dropped[b]) if b in dropped else original)
     assert drawn > 20
-    assert _drop_looks("a small striped green star on the left and a red square", [2, 3, 4, 5]) == \
+    assert drop_looks("a small striped green star on the left and a red square", [2, 3, 4, 5]) == \
         "a small star on the left and a red square"
+
+
+def test_ema_is_diffusers_emamodel_with_the_decay_of_the_runs():
+    """The trainer's EMA (diffusers' EMAModel) decays by min(0.999, (1 + n) / (10 + n)) at optimiser step n, as the
+    hand-written EMA the shipped model was trained with, also when a run resumes at step n; and it updates as
+    ``ema.lerp_(live, 1 - decay)`` did."""
+    from attnctrl.models.toyworld.train import _ema
+
+    live = [torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(3, 5))]
+    for start in (0, 700, 20_000):
+        shadow = [p.detach().clone() for p in live]
+        ema, by_hand = _ema(shadow, 0.999, start), [p.detach().clone() for p in live]
+        for n in range(start + 1, start + 40):
+            with torch.no_grad():
+                for p in live:
+                    p.add_(torch.randn(p.shape), alpha=0.1)
+            ema.step(live)
+            decay = min(0.999, (1 + n) / (10 + n))
+            assert ema.cur_decay_value == decay and ema.optimization_step == n
+            for e, p in zip(by_hand, live):
+                e.lerp_(p.detach(), 1 - decay)
+        target = [p.detach().clone() for p in live]
+        ema.copy_to(target)
+        for a, b in zip(target, by_hand):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_grounding_refuses_a_pool_built_without_object_masks(tmp_path):
@@ -260,9 +313,10 @@ def test_grounding_refuses_a_pool_built_without_object_masks(tmp_path):
 
 
 def test_loss_weights_keep_the_clean_image_error_weighted_at_high_noise():
-    from attnctrl.models.toyworld.train import _scheduler, min_snr_weights
+    from attnctrl.models.toyworld.architecture import noise_scheduler
+    from attnctrl.models.toyworld.losses import min_snr_weights
 
-    sch = _scheduler()
+    sch = noise_scheduler()
     snr = sch.alphas_cumprod / (1 - sch.alphas_cumprod)
     plain, floored = min_snr_weights(sch, 5.0), min_snr_weights(sch, 5.0, floor=0.1)
     torch.testing.assert_close(plain * snr, torch.clamp(snr, max=5.0))  # min-SNR: clean-image weight min(SNR, 5)

@@ -1,15 +1,9 @@
-"""The machinery every method shares: layer description, controller, attention primitives, masks, store, tokens."""
+"""The machinery every method shares: layer description, controller, masks, store, tokens, errors.
 
-from .attention import (
-    KVBlock,
-    attention_probs,
-    attention_with_lse,
-    concat_kv_blocks,
-    grouped_attention,
-    merge_attention,
-    multi_block_attention,
-    sdpa,
-)
+The attention primitives (SDPA with key biases, several key/value blocks in one softmax, log-sum-exp merging,
+selected probabilities) are the ground floor below core: :mod:`attnctrl.kernels.attention`.
+"""
+
 from .controller import Controller, Handle, Method, MethodState, applied, apply, remove
 from .errors import (
     AttnCtrlError,
@@ -26,8 +20,7 @@ from .store import AttentionStore
 from .tokens import find_token_indices, token_indices
 
 __all__ = [
-    "KVBlock", "attention_probs", "attention_with_lse", "concat_kv_blocks", "grouped_attention", "merge_attention",
-    "multi_block_attention", "sdpa", "Controller", "Handle", "Method", "MethodState", "applied", "apply", "remove",
+    "Controller", "Handle", "Method", "MethodState", "applied", "apply", "remove",
     "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
     "UnsupportedModelError", "FAMILIES", "CallInfo", "Family", "detect_family", "find_denoiser", "LayerInfo",
     "LayerMap", "describe", "AttnCtrlProcessor", "AttentionStore", "find_token_indices", "token_indices",

@@ -1,6 +1,12 @@
-"""Errors users see. Each message is one sentence that says what was wrong and what would be right."""
+"""Errors users see. Each message is one sentence that says what was wrong and what would be right.
+
+The base class, :class:`AttnCtrlError`, is defined in :mod:`attnctrl.errors` (so that the kernels can raise it) and
+re-exported here; ``attnctrl.core.errors.AttnCtrlError is attnctrl.errors.AttnCtrlError``.
+"""
 
 from __future__ import annotations
+
+from ..errors import AttnCtrlError
 
 __all__ = [
     "AttnCtrlError",
@@ -10,10 +16,6 @@ __all__ = [
     "ModelNotAvailableError",
     "TokenLookupError",
 ]
-
-
-class AttnCtrlError(ValueError):
-    """Base class of every error attnctrl raises on bad input."""
 
 
 class UnsupportedModelError(AttnCtrlError):

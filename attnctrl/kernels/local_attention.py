@@ -31,8 +31,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import attention_with_lse
-from ..core.errors import AttnCtrlError
+from ..errors import AttnCtrlError
+from .attention import attention_with_lse
 
 __all__ = ["LocalSpec", "local_attention", "dense_mask", "tile_utilisation", "BACKENDS", "pool_keys"]
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.attention import attention_with_lse, merge_attention
 from ..core.controller import Controller, Method, MethodState
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
+from ..kernels.attention import attention_with_lse, merge_attention
 
 __all__ = ["DiTCtrl", "DiTCtrlAttnProcessor", "DiTCtrlState"]
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.attention import KVBlock, multi_block_attention
 from ..core.controller import Controller, Method
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
+from ..kernels.attention import KVBlock, multi_block_attention
 
 __all__ = ["FreeCustom", "MRSAAttnProcessor"]
 

@@ -40,11 +40,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import grouped_attention
 from ..core.controller import Controller, Method
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
+from ..kernels.attention import grouped_attention
 
 __all__ = ["IRDiffusion", "IRAttnProcessor"]
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import KVBlock, grouped_attention, multi_block_attention
 from ..core.controller import Controller, Method
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
+from ..kernels.attention import KVBlock, grouped_attention, multi_block_attention
 from .freecustom import per_reference
 
 __all__ = ["MagicFace", "MagicFaceAttnProcessor", "GAUSSIAN_3", "smooth3", "segment", "region_rate"]

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..lora import LORA_TARGETS, save_unet_lora
 from .examples import SHIPPED
-from .train import min_snr_weights
+from .losses import epsilon_loss, min_snr_weights
 from .world import PLACEHOLDERS, VOCABULARY, Scene, caption_of, render, sample_scene
 
 __all__ = ["CONCEPTS", "CLORA_SETTINGS", "concept_scene", "train_concept_lora"]
@@ -91,7 +90,7 @@ def train_concept_lora(pipe, word: str, concept: tuple[str, str, str], path, ste
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, len(weights), (batch,), generator=gen)
         pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weights[t]).mean()
+        loss = epsilon_loss(pred, noise, weights[t])
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 20)
         opt.zero_grad(set_to_none=True)

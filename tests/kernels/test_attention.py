@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
-from attnctrl.core import attention as A
-from attnctrl.core.attention import (
+from attnctrl.kernels import attention as A
+from attnctrl.kernels.attention import (
     KVBlock,
     attention_probs,
     attention_with_lse,
