@@ -66,3 +66,33 @@ def test_kernels_import_nothing_from_attnctrl_outside_kernels():
 @pytest.mark.parametrize("above", ["processors", "pipelines", "methods", "run", "models", "distill", "cli", "ui", "io"])
 def test_core_imports_no_method_and_no_surface(above):
     assert _violations("core", lambda module: module.split(".")[1:2] != [above]) == []
+
+
+#: surfaces stand on the run layer and import neither each other; io knows no surface and no run
+SURFACES = {
+    "cli": ("ui",),
+    "ui": ("cli",),
+    "run": ("cli", "ui"),
+    "io": ("cli", "ui", "run"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(SURFACES))
+def test_surfaces_import_neither_each_other(layer):
+    assert _violations(layer, lambda module: module.split(".")[1:2] not in [[s] for s in SURFACES[layer]]) == []
+
+
+def test_no_surface_names_a_method():
+    """Everything cli/, ui/, io/ and run/ know of a method comes from its registry entry."""
+    import re
+
+    from attnctrl.methods import BUILTIN
+
+    names = {e.name for e in BUILTIN} | {e.config.__name__ for e in BUILTIN} | {e.title for e in BUILTIN}
+    names -= {"clear", "agent"}  # English words; their class names CLEAR / AgentAttention are checked
+    pattern = re.compile("|".join(rf"\b{re.escape(n)}\b" for n in sorted(names)))
+    for layer in SURFACES:
+        for path in sorted((PACKAGE / layer).rglob("*.py")):
+            found = pattern.findall(path.read_text(encoding="utf-8"))
+            assert not found, f"{path.relative_to(PACKAGE)} names {sorted(set(found))}"
+
