@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import attnctrl
-from attnctrl.core import AttnCtrlProcessor, Method
+from attnctrl.core import AttnCtrlProcessor, Plugin
 from attnctrl.kernels.attention import attention_probs, attention_with_lse, grouped_attention, sdpa
 from attnctrl.methods import AttentionMaps
 
@@ -44,7 +44,7 @@ def row(label: str, t: float, ref: float) -> None:
 
 
 @dataclass(frozen=True)
-class Passthrough(Method):
+class Passthrough(Plugin):
     name = "passthrough"
 
     def make_processor(self, layer, ctl, state):

@@ -10,13 +10,11 @@ import torch
 from conftest import denoiser_of, tiny
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-import attnctrl
 from attnctrl.core import AttnCtrlError, Controller, TokenLookupError
+from attnctrl.core.controller import bind
 from attnctrl.models.lora import random_lora
 from attnctrl.pipelines import CLoRAPipeline
-from attnctrl.pipelines.clora import CLoRAState
-from attnctrl.pipelines.freecustom import _Bound
-from attnctrl.processors.clora import CLoRA, CrossAttnRecorder, dilate, erode, lora_masks, min_max, nt_xent
+from attnctrl.processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, dilate, erode, lora_masks, min_max, nt_xent
 
 SIZE = 128
 PROMPTS = ["a cat and a dog", "a sks dog and a cat", "a zwx cat and a dog"]
@@ -40,7 +38,7 @@ def _unload(pipe):
 def test_recorder_rows_sum_to_one_and_output_is_the_stock_one():
     pipe = tiny("sd15")
     state = CLoRAState(record_uncond=False)
-    handle = attnctrl.apply(pipe, _Bound(config=CLoRA(), run=state, processor=CrossAttnRecorder))
+    handle = bind(pipe, CLoRA(), state, CrossAttnRecorder)
     try:
         assert {la.level for la in handle.layers} == {"down.2", "up.1"} and len(handle.layers) == 5  # 1/32 of the image
         layer = handle.layers[0]
@@ -154,7 +152,7 @@ def test_update_lowers_the_loss_and_call_counts(loras):
         # first-order check: one small step along the gradient lowers the loss
         samples, _ = cl._resolve(PROMPTS, CONCEPTS, MASKS)
         state = CLoRAState(False)
-        handle = attnctrl.apply(pipe, _Bound(config=CLoRA(), run=state, processor=CrossAttnRecorder))
+        handle = bind(pipe, CLoRA(), state, CrossAttnRecorder)
         try:
             names = [None] + [cl.load_lora(p) for p in loras]
             embeds = []

@@ -10,10 +10,10 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller, TokenLookupError
+from attnctrl.core.controller import bind
 from attnctrl.kernels.attention import attention_probs, attention_with_lse
 from attnctrl.pipelines import DiTCtrlPipeline
 from attnctrl.pipelines.ditctrl import plan_segments, triangular_weights
-from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -42,7 +42,7 @@ def sincos_pipe():
 def _bound(pipe, steps=range(0, 10), all_layers=True, mask_guided=False, threshold=0.3):
     names = {la.name for la in attnctrl.describe(pipe.transformer)} if all_layers else set()
     state = DiTCtrlState(steps, names, mask_guided, threshold)
-    handle = attnctrl.apply(pipe, _Bound(config=DiTCtrl(), run=state, processor=DiTCtrlAttnProcessor))
+    handle = bind(pipe, DiTCtrl(), state, DiTCtrlAttnProcessor)
     Controller.of(pipe).call.grid = (3, 4, 4)
     return state, handle
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller
+from attnctrl.core.controller import bind
 from attnctrl.kernels.attention import attention_probs
 from attnctrl.pipelines import FreeCustomPipeline, Reference, ReferenceError
-from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.reference import ReferenceRun
 from attnctrl.processors.freecustom import FreeCustom, MRSAAttnProcessor
 
@@ -100,7 +100,7 @@ def test_reference_slots_are_re_noised_with_add_noise_every_step():
 
 def _bound(pipe, config, refs=REFS, guidance=7.5):
     run_ = ReferenceRun(pipe, refs, SIZE, SIZE, seed=0)
-    handle = attnctrl.apply(pipe, _Bound(config=config, run=run_, processor=MRSAAttnProcessor))
+    handle = bind(pipe, config, run_, MRSAAttnProcessor)
     ctl = Controller.of(pipe)
     ctl.call.grid, ctl.step = (SIZE // 8, SIZE // 8), 0
     pipe._guidance_scale = guidance

@@ -13,9 +13,9 @@ from test_freecustom import SIZE, box_mask, gen, image
 import attnctrl
 from attnctrl.cli.options import method_options
 from attnctrl.core import AttnCtrlError, Controller
+from attnctrl.core.controller import bind
 from attnctrl.kernels.attention import attention_probs
 from attnctrl.pipelines import IRDiffusionPipeline, Reference, Subject
-from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.irdiffusion import IRRun, disjoint
 from attnctrl.processors.irdiffusion import (
     IRAttnProcessor,
@@ -35,7 +35,7 @@ TARGET = torch.stack([torch.as_tensor(box_mask(0, 32, 60, 96)) / 255.0, torch.as
 def _bound(pipe, config=None, refs=REFS, target=TARGET, step=0):
     config = config or IRDiffusion()
     run_ = IRRun(pipe, refs, SIZE, SIZE, seed=0)
-    handle = attnctrl.apply(pipe, _Bound(config=config, run=run_, processor=IRAttnProcessor))
+    handle = bind(pipe, config, run_, IRAttnProcessor)
     msa = {la.name for la in config.msa_selection(handle.controller)}
     run_.setup(config, handle.controller.layers, disjoint(target[: len(refs)]), msa)
     ctl = Controller.of(pipe)

@@ -11,8 +11,8 @@ from test_freecustom import REFS, SIZE, box_mask, gen, image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller, TokenLookupError
+from attnctrl.core.controller import bind
 from attnctrl.pipelines import MagicFacePipeline, Reference
-from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.magicface import MagicFaceRun
 from attnctrl.processors.magicface import (
     GAUSSIAN_3,
@@ -30,7 +30,7 @@ PROMPT = "a woman wearing a hat"
 def _bound(pipe, config=None, refs=REFS, words=("woman", "hat"), stage=1):
     config = config or MagicFace(ref_words=words)
     run_ = MagicFaceRun(pipe, refs, SIZE, SIZE, seed=0)
-    handle = attnctrl.apply(pipe, _Bound(config=config, run=run_, processor=MagicFaceAttnProcessor))
+    handle = bind(pipe, config, run_, MagicFaceAttnProcessor)
     tokens = [attnctrl.core.token_indices(pipe.tokenizer, PROMPT, w) for w in words]
     run_.setup(config, handle.controller.layers, tokens, steps=10, guidance=7.5)
     ctl = Controller.of(pipe)

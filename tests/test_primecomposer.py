@@ -13,10 +13,10 @@ from PIL import Image
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller
+from attnctrl.core.controller import bind
 from attnctrl.models.toyworld.examples import SHIPPED, shipped_composition
 from attnctrl.pipelines import PrimeComposerPipeline
 from attnctrl.pipelines.dpm_solver import DPMSolverPP
-from attnctrl.pipelines.freecustom import _Bound
 from attnctrl.pipelines.primecomposer import composition_geometry, exceptional_embedding
 from attnctrl.processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
 
@@ -63,7 +63,7 @@ def _state(pipe, grid_mask=None, rca=()):
     obj = torch.zeros(lat, lat, dtype=torch.bool)
     obj[4:12, 3:11] = True if grid_mask is None else grid_mask
     state = PrimeState(obj, (3, 2, 13, 12), list(rca))
-    handle = attnctrl.apply(pipe, _Bound(config=PrimeComposer(), run=state, processor=PrimeComposerAttnProcessor))
+    handle = bind(pipe, PrimeComposer(), state, PrimeComposerAttnProcessor)
     ctl = Controller.of(pipe)
     ctl.call.grid = (lat, lat)
     return state, handle

@@ -4,12 +4,13 @@ The attention primitives (SDPA with key biases, several key/value blocks in one 
 selected probabilities) are the ground floor below core: :mod:`attnctrl.kernels.attention`.
 """
 
-from .controller import Controller, Handle, Method, MethodState, applied, apply, remove
+from .controller import Controller, Handle, Method, MethodState, Plugin, applied, apply, bind, remove
 from .errors import (
     AttnCtrlError,
     LayerConflictError,
     LayerSelectionError,
     ModelNotAvailableError,
+    NotAPluginError,
     TokenLookupError,
     UnsupportedModelError,
 )
@@ -20,8 +21,8 @@ from .store import AttentionStore
 from .tokens import find_token_indices, token_indices
 
 __all__ = [
-    "Controller", "Handle", "Method", "MethodState", "applied", "apply", "remove",
+    "Controller", "Handle", "Method", "MethodState", "Plugin", "applied", "apply", "bind", "remove",
     "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
-    "UnsupportedModelError", "FAMILIES", "CallInfo", "Family", "detect_family", "find_denoiser", "LayerInfo",
+    "UnsupportedModelError", "NotAPluginError", "FAMILIES", "CallInfo", "Family", "detect_family", "find_denoiser", "LayerInfo",
     "LayerMap", "describe", "AttnCtrlProcessor", "AttentionStore", "find_token_indices", "token_indices",
 ]

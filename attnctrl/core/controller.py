@@ -12,6 +12,11 @@ as an attribute of the model). It
   is the next step, a higher one starts a new run (schedulers count down), equal timesteps (CFG in separate calls,
   several branches per step) stay in the same step;
 * carries method state, so nothing travels through ``cross_attention_kwargs``.
+
+Two kinds of config reach it. A :class:`Plugin` (AttentionMaps, AgentAttention, CLEAR) makes its own state and
+processors and is installed with :func:`apply` for as long as the caller likes. A plain :class:`Method` config of a
+pipeline method (FreeCustom, CLoRA, ...) cannot run on its own: its pipeline makes the per-call state and installs
+the processors for one call with :func:`bind`; :func:`apply` refuses it and names the pipeline to use.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from typing import ClassVar
 
 import torch
 
-from .errors import AttnCtrlError, LayerConflictError, LayerSelectionError, UnsupportedModelError
+from .errors import AttnCtrlError, LayerConflictError, LayerSelectionError, NotAPluginError, UnsupportedModelError
 from .families import FAMILIES, CallInfo, detect_family, find_denoiser, read_call
 from .layers import LayerInfo, Selector, describe
 from .processor import AttnCtrlProcessor
 
-__all__ = ["Method", "MethodState", "Handle", "Controller", "apply", "remove", "applied"]
+__all__ = ["Method", "Plugin", "MethodState", "Handle", "Controller", "apply", "bind", "remove", "applied"]
 
 logger = logging.getLogger("attnctrl")
 
@@ -52,7 +57,9 @@ class Method:
     """Base of every method config: a frozen dataclass with the spec's defaults, validated on construction.
 
     Subclasses set ``name`` (the CLI/job name), ``families`` they support, ``kinds`` of layers they act on and
-    ``default_layers``, and implement :meth:`make_processor` (and :meth:`create_state` when they keep state).
+    ``default_layers``. A config of a method that needs its own pipeline names it in ``pipeline`` (e.g.
+    ``"FreeCustomPipeline"``, an attribute of :mod:`attnctrl.pipelines`); the pipeline installs the method's
+    processors for each call with :func:`bind`. Methods that are pure processor plugins subclass :class:`Plugin`.
     """
 
     layers: Selector = None
@@ -61,7 +68,7 @@ class Method:
     families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux", "cogvideox")
     kinds: ClassVar[tuple[str, ...]] = ("self", "cross", "joint", "single")
     default_layers: ClassVar[Selector] = "all"
-    handle_class: ClassVar[type] = None  # defaults to Handle
+    pipeline: ClassVar[str | None] = None  # the attnctrl.pipelines class that runs this method (None: a Plugin)
 
     def __post_init__(self) -> None:
         # lists are accepted for convenience and frozen to tuples so configs stay hashable and comparable
@@ -84,11 +91,37 @@ class Method:
             )
         return usable
 
+
+@dataclass(frozen=True)
+class Plugin(Method):
+    """A method that works on any pipeline of its families by itself: :func:`apply` installs it.
+
+    Subclasses implement :meth:`make_processor` (and :meth:`create_state` when they keep state); ``handle_class``
+    may give the :class:`Handle` extra methods (e.g. heat maps).
+    """
+
+    handle_class: ClassVar[type | None] = None  # defaults to Handle
+
     def create_state(self, ctl: Controller, layers: list[LayerInfo]) -> MethodState:
         return MethodState()
 
     def make_processor(self, layer: LayerInfo, ctl: Controller, state: MethodState) -> AttnCtrlProcessor:
         raise NotImplementedError
+
+
+def _check_plugin(config) -> None:
+    """A clear error, decided by the config's type, for anything :func:`apply` cannot install."""
+    if isinstance(config, Plugin):
+        return
+    if isinstance(config, Method):
+        if config.pipeline:
+            raise NotAPluginError(
+                f"{type(config).__name__} is not a plugin: it runs in its own pipeline; use "
+                f"attnctrl.pipelines.{config.pipeline}.from_pipe(pipe)"
+            )
+        raise NotAPluginError(f"{type(config).__name__} is a config without processors; attnctrl.apply takes a "
+                              f"Plugin config such as attnctrl.methods.AttentionMaps(...)")
+    raise TypeError(f"expected a method config such as attnctrl.methods.AttentionMaps(...), got {config!r}")
 
 
 class Handle:
@@ -101,6 +134,7 @@ class Handle:
         self.state = state
         self.processors: dict[str, object] = {}
         self.previous: dict[str, object] = {}
+        self.caller = None  # bind(): weak reference to the pipeline whose call this handle serves
 
     def __repr__(self) -> str:
         status = "applied" if self.active else "removed"
@@ -162,6 +196,12 @@ class Controller:
     # -- run state ------------------------------------------------------------------------------------------------
     @property
     def pipe(self):
+        """The pipeline whose call is running: the caller of the latest :func:`bind` still installed, else the
+        pipeline the controller was created for (a method pipeline shares its denoiser with its base pipeline,
+        but keeps its own guidance scale and step count)."""
+        for h in reversed(self.handles):
+            if h.caller is not None and h.caller() is not None:
+                return h.caller()
         return self._pipe() if self._pipe is not None else None
 
     @property
@@ -213,29 +253,35 @@ class Controller:
     def _set_processor(self, name: str, processor) -> None:
         self.denoiser.get_submodule(name[: -len(".processor")]).set_processor(processor)
 
-    def install(self, config: Method) -> Handle:
-        """Install ``config`` (see :func:`apply`). On any error nothing is left changed."""
+    def install(self, config: Method, state: MethodState | None = None, processor_factory=None,
+                caller=None, bound: bool = False) -> Handle:
+        """Install ``config``: a plugin as :func:`apply` does, or (``bound``) for one call as :func:`bind` does.
+        On any error nothing is left changed."""
         try:
-            return self._install(config)
+            return self._install(config, state, processor_factory, caller, bound or processor_factory is not None)
         except BaseException:
             if not self.handles:
                 self.detach()
             raise
 
-    def _install(self, config: Method) -> Handle:
-        if not isinstance(config, Method):
-            raise TypeError(f"expected a method config such as attnctrl.methods.AttentionMaps(...), got {config!r}")
+    def _install(self, config: Method, state, processor_factory, caller, bound: bool) -> Handle:
+        if processor_factory is None:
+            _check_plugin(config)
+        elif not isinstance(config, Method):
+            raise TypeError(f"bind() expects a method config, got {config!r}")
         if self.family.name not in config.families:
             supported = ", ".join(FAMILIES[f].title for f in config.families)
             raise UnsupportedModelError(
                 f"{type(config).__name__} does not support the {self.family.title}; it supports: {supported}"
             )
-        for h in self.handles:
-            if h.config == config:
-                return h  # applying the same config twice does not stack
+        if not bound:
+            for h in self.handles:
+                if h.config == config and h.caller is None:
+                    return h  # applying the same config twice does not stack
         layers = config.select_layers(self)
-        # a new config of the same method replaces the old one; other methods must not share a layer
-        replaced = [h for h in self.handles if type(h.config) is type(config)]
+        # a new plugin config of the same method replaces the old one (never one bound to a call); other methods
+        # must not share a layer
+        replaced = [] if bound else [h for h in self.handles if type(h.config) is type(config) and h.caller is None]
         owners = {name: h for h in self.handles if h not in replaced for name in h.processors}
         clashes = [layer.name for layer in layers if layer.name in owners]
         if clashes:
@@ -246,12 +292,19 @@ class Controller:
             )
         for h in replaced:
             self.uninstall(h, detach=False)
-        state = config.create_state(self, layers)
-        handle = (config.handle_class or Handle)(self, config, layers, state)
+        if processor_factory is None:  # a plugin makes its own state and processors
+            state = config.create_state(self, layers)
+            handle = (config.handle_class or Handle)(self, config, layers, state)
+            processor_factory = _plugin_factory
+        else:
+            state = MethodState() if state is None else state
+            handle = Handle(self, config, layers, state)
+        if caller is not None:
+            handle.caller = weakref.ref(caller)
         current = self.denoiser.attn_processors
         try:
             for layer in layers:
-                processor = config.make_processor(layer, self, state)
+                processor = processor_factory(layer, self, state, config)
                 handle.previous[layer.name] = current[layer.name]
                 handle.processors[layer.name] = processor
                 self._set_processor(layer.name, processor)
@@ -285,14 +338,46 @@ class Controller:
             del _CONTROLLERS[self.denoiser]
 
 
-def apply(target, config: Method) -> Handle:
-    """Apply a method to a pipeline or denoiser; returns a :class:`Handle` (also a context manager).
+def _plugin_factory(layer: LayerInfo, ctl: Controller, state: MethodState, config: Plugin) -> AttnCtrlProcessor:
+    return config.make_processor(layer, ctl, state)
+
+
+def apply(target, config: Plugin) -> Handle:
+    """Apply a plugin method to a pipeline or denoiser; returns a :class:`Handle` (also a context manager).
 
     Applying an equal config again returns the existing handle; a different config of the same method replaces the
     old one; methods on disjoint layers compose; two methods on the same layer raise :class:`LayerConflictError`.
-    Unsupported models and selections with no layer raise.
+    Unsupported models and selections with no layer raise. The config of a method that runs in its own pipeline
+    (FreeCustom, CLoRA, ...) raises :class:`~attnctrl.core.errors.NotAPluginError` naming that pipeline, before
+    anything is installed.
     """
+    _check_plugin(config)
     return Controller.of(target).install(config)
+
+
+def bind(target, config: Method, state: MethodState | None = None, processor_factory=None) -> Handle:
+    """Install ``config``'s processors on ``target``'s denoiser for one call, with per-call ``state``.
+
+    This is how a method pipeline runs its method: it builds the state of the call (references, masks, the
+    segment plan, ...), then ``with bind(self, config, state, MRSAAttnProcessor): ...`` installs, on the layers
+    ``config.select_layers`` chooses, one ``processor_factory(layer, controller, state, config)`` per layer (a
+    processor class with that constructor will do) and puts the previous processors back when the block ends,
+    errors included. The returned :class:`Handle` is the context manager; ``handle.config`` is ``config`` and
+    ``handle.state`` is ``state``.
+
+    Unlike :func:`apply` it never returns or replaces an existing handle (each call has its own state), a clash with
+    a method already on those layers raises :class:`LayerConflictError`, and while the handle is installed the
+    controller reads ``target`` as the running pipeline (``controller.pipe``: CFG layout, step count): a method
+    pipeline shares its denoiser, and so its controller, with its base pipeline, but runs with its own guidance.
+    A :class:`Plugin` config may leave out ``processor_factory`` and ``state``: it then makes its own, as with
+    :func:`apply` (a pipeline borrowing a plugin for one call, e.g. IR-Diffusion's attention maps).
+    """
+    if processor_factory is None and state is not None:
+        raise TypeError("bind(): a state without a processor_factory; give both, or neither for a Plugin config")
+    if processor_factory is None:
+        _check_plugin(config)
+    _, pipe = find_denoiser(target)
+    return Controller.of(target).install(config, state, processor_factory, caller=pipe, bound=True)
 
 
 def remove(target, method: Method | type | Handle | None = None) -> int:

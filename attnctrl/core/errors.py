@@ -15,6 +15,7 @@ __all__ = [
     "LayerConflictError",
     "ModelNotAvailableError",
     "TokenLookupError",
+    "NotAPluginError",
 ]
 
 
@@ -36,3 +37,7 @@ class ModelNotAvailableError(AttnCtrlError):
 
 class TokenLookupError(AttnCtrlError):
     """A word is not in the tokenised prompt, or lies beyond the tokenizer's maximum length."""
+
+
+class NotAPluginError(AttnCtrlError, TypeError):
+    """A config that ``attnctrl.apply`` cannot install: the method runs in its own pipeline (the message names it)."""

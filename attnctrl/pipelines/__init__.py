@@ -1,4 +1,5 @@
-"""Pipelines for the methods that need extra inputs or passes; each wraps a base pipeline with ``from_pipe``."""
+"""Pipelines for the methods that need extra inputs or passes. ``XPipeline.from_pipe(pipe)`` is a diffusers pipeline
+of the method sharing ``pipe``'s components (see :mod:`attnctrl.pipelines.base`)."""
 
 from .clora import CLoRAPipeline
 from .ditctrl import DiTCtrlPipeline

@@ -23,47 +23,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core.controller import MethodState, apply
+from ..core.controller import bind
 from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
-from ..processors.clora import CLoRA, CrossAttnRecorder, lora_masks, min_max, nt_xent
-from .base import MethodPipeline, upcast_vae
-from .freecustom import _Bound
+from ..processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, lora_masks, min_max, nt_xent
+from .base import MethodPipeline, check_callback, decode, run_callback
 
 __all__ = ["CLoRAPipeline", "CLoRAState"]
 
 
-class CLoRAState(MethodState):
-    """Maps recorded during one branch pass (mean over the recorded layers), and the run's CFG layout."""
-
-    def __init__(self, record_uncond: bool):
-        self.record_uncond = record_uncond
-        self.recording = False
-        self.cfg = True
-        self._sum = None
-        self._count = 0
-        self.grid = None
-
-    def add(self, probs: torch.Tensor, grid) -> None:
-        if self.grid is None:
-            self.grid = tuple(grid)
-        elif tuple(grid) != self.grid:
-            raise AttnCtrlError(f"CLoRA records one resolution; got {tuple(grid)} and {self.grid}")
-        self._sum = probs if self._sum is None else self._sum + probs
-        self._count += 1
-
-    def take(self) -> torch.Tensor:
-        """``(h, w, T)`` mean map of the last pass; resets."""
-        if not self._count:
-            raise AttnCtrlError("no cross-attention was recorded (is the image size a multiple of 32 px?)")
-        mean = (self._sum / self._count)[0]
-        out = mean.reshape(*self.grid, mean.shape[-1])
-        self._sum, self._count = None, 0
-        return out
-
-
 class CLoRAPipeline(MethodPipeline):
-    """See the module docstring; ``.pipe`` is the wrapped SD 1.x/2.x or SDXL pipeline."""
+    """See the module docstring; built with ``CLoRAPipeline.from_pipe(pipe)`` from an SD 1.x/2.x or SDXL pipeline.
+
+    The loop is this pipeline's own, with the base pipeline's contract: ``output_type`` (``"pil"``, ``"np"``,
+    ``"pt"``, ``"latent"``), ``return_dict`` (``False``: ``(images, None)``), ``callback_on_step_end`` called once
+    per step after the scheduler step with ``callback_on_step_end_tensor_inputs`` from ``["latents"]`` (the
+    returned ``latents`` replace the latent); ``num_images_per_prompt`` must be 1 (one fused image per call).
+    """
+
+    _loop_tensor_inputs = ("latents",)
 
     config_class = CLoRA
 
@@ -79,11 +57,11 @@ class CLoRAPipeline(MethodPipeline):
         if not path.is_file():
             raise AttnCtrlError(f"LoRA file {path} does not exist")
         name = adapter_name or path.stem.replace(".", "_")
-        loaded = {n for names in self.pipe.get_list_adapters().values() for n in names}
+        loaded = {n for names in self.get_list_adapters().values() for n in names}
         if name in loaded:
             return name
         try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
+            self.load_lora_weights(str(path), adapter_name=name)
         except Exception as e:  # diffusers/peft raise many types for files of another model
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AttnCtrlError(f"LoRA {path.name} does not fit this model: {first}") from None
@@ -95,14 +73,14 @@ class CLoRAPipeline(MethodPipeline):
             names.append(style)
             weights.append(style_weight)
         if names:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(names, adapter_weights=weights)
-        elif self.pipe.get_list_adapters():
-            self.pipe.disable_lora()
+            self.enable_lora()
+            self.set_adapters(names, adapter_weights=weights)
+        elif self.get_list_adapters():
+            self.disable_lora()
 
     # -- prompts -----------------------------------------------------------------------------------------------------
     def _resolve(self, prompts, concepts, mask_words):
-        tok = self.pipe.tokenizer
+        tok = self.tokenizer
         samples = []  # (prompt index, token index, class)
         counts = []
         for c, per_prompt in enumerate(concepts):
@@ -144,9 +122,13 @@ class CLoRAPipeline(MethodPipeline):
     # -- the call ----------------------------------------------------------------------------------------------------
     def __call__(self, prompts, loras, concepts, mask_words, negative_prompt=None, style_lora=None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height=None, width=None, generator=None,
-                 latents=None, output_type: str = "pil", return_dict: bool = True, **options):
-        pipe = self.pipe
+                 latents=None, output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options):
         config = CLoRA(**options)
+        if num_images_per_prompt != 1:
+            raise AttnCtrlError("CLoRA makes one fused image per call; loop over seeds for more")
+        callback_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         self._loop_tensor_inputs)
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise AttnCtrlError("prompts must be a list of strings, one per LoRA branch")
@@ -161,12 +143,12 @@ class CLoRAPipeline(MethodPipeline):
             _, mask_tokens = self._resolve(prompts, [], mask_words)
         names = [self.load_lora(x) if x and (Path(str(x)).suffix or "/" in str(x)) else (x or None) for x in loras]
         style = self.load_lora(style_lora) if style_lora and Path(str(style_lora)).suffix else style_lora
-        loaded = {n for ns in pipe.get_list_adapters().values() for n in ns}
+        loaded = {n for ns in self.get_list_adapters().values() for n in ns}
         for n in [*names, style]:
             if n and n not in loaded:
                 raise AttnCtrlError(f"LoRA {n!r} is not loaded: pass a .safetensors path or call load_lora() first")
-        device = pipe._execution_device
-        default = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        device = self._execution_device
+        default = (getattr(self, "default_sample_size", None) or self.unet.config.sample_size) * self.vae_scale_factor
         height, width = int(height or default), int(width or default)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
 
@@ -177,23 +159,23 @@ class CLoRAPipeline(MethodPipeline):
             embeds.append(e)
             pooled.append(p)
         dtype = embeds[0].dtype
-        scheduler = pipe.scheduler
+        scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
-        shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         z = latents.to(device, dtype) * scheduler.init_noise_sigma
         added = None
-        if self.xl:
-            time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
-                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        if self._sdxl:
+            time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                              text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
             added = [{"text_embeds": p, "time_ids": time_ids.to(device).repeat(2, 1)} for p in pooled]
 
         state = CLoRAState(config.record_uncond)
-        handle = apply(pipe, _Bound(config=config, run=state, processor=CrossAttnRecorder))
+        handle = bind(self, config, state, CrossAttnRecorder)
         self.unet_calls = 0
 
         def branches(z_in, t):
@@ -202,7 +184,7 @@ class CLoRAPipeline(MethodPipeline):
             for j in range(len(prompts)):
                 self._activate(names[j], style, config.style_lora_weight)
                 state.recording = True
-                out = pipe.unet(x, t, encoder_hidden_states=embeds[j],
+                out = self.unet(x, t, encoder_hidden_states=embeds[j],
                                 added_cond_kwargs=added[j] if added else None, return_dict=False)[0]
                 state.recording = False
                 self.unet_calls += 1
@@ -212,7 +194,7 @@ class CLoRAPipeline(MethodPipeline):
 
         fused_masks = None
         try:
-            with pipe.progress_bar(total=len(timesteps)) as bar:
+            with self.progress_bar(total=len(timesteps)) as bar:
                 for i, t in enumerate(timesteps):
                     update = steering and i < config.max_iter_to_alter
                     with torch.set_grad_enabled(update):
@@ -240,37 +222,20 @@ class CLoRAPipeline(MethodPipeline):
                     eps_c = (m * eps[:, 1:2]).sum(0) / m.sum(0)
                     noise = eps_u + guidance_scale * (eps_c - eps_u)
                     z = scheduler.step(noise, t, z, return_dict=False)[0]
+                    z = run_callback(self, callback_on_step_end, callback_inputs, i, t, {"latents": z})["latents"]
                     bar.update()
         finally:
             handle.remove()
-            if pipe.get_list_adapters():
-                pipe.enable_lora()
+            if self.get_list_adapters():
+                self.enable_lora()
         self.last_masks = fused_masks
-        return self._decode(z, output_type, return_dict)
-
-    @torch.no_grad()
-    def _decode(self, z, output_type, return_dict):
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        pipe = self.pipe
-        if output_type == "latent":
-            images = z
-        else:
-            with upcast_vae(pipe.vae) as vae:
-                latents = z.to(vae.dtype)
-                mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-                if mean is not None and std is not None:
-                    mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-                    std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-                    latents = latents * std / vae.config.scaling_factor + mean
-                else:
-                    latents = latents / vae.config.scaling_factor
-                images = vae.decode(latents, return_dict=False)[0]
-            images = pipe.image_processor.postprocess(images, output_type=output_type)
+        images = decode(self, z, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images, None)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
 
 def branches(prompt: str, loras) -> tuple[list, list, list, list]:

@@ -30,12 +30,11 @@ import math
 
 import torch
 
-from ..core.controller import apply
+from ..core.controller import bind
 from ..core.errors import AttnCtrlError, UnsupportedModelError
 from ..core.tokens import token_indices
 from ..processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
-from .base import MethodPipeline
-from .freecustom import _Bound
+from .base import MethodPipeline, check_callback, decode, run_callback
 
 __all__ = ["DiTCtrlPipeline", "plan_segments", "triangular_weights"]
 
@@ -58,35 +57,49 @@ def triangular_weights(frames: int) -> torch.Tensor:
 
 
 class DiTCtrlPipeline(MethodPipeline):
-    """See the module docstring; ``.pipe`` is the wrapped ``CogVideoXPipeline``."""
+    """See the module docstring; built with ``DiTCtrlPipeline.from_pipe(pipe)`` from a ``CogVideoXPipeline``.
+
+    One prompt is the base pipeline's own call (every argument passed through). Several prompts run this pipeline's
+    loop, with the base pipeline's contract: ``output_type`` (``"pil"``, ``"np"``, ``"pt"``, ``"latent"``: the long
+    latent), ``return_dict`` (``False``: ``(frames,)``), ``callback_on_step_end`` called once per step after the
+    scheduler step with ``callback_on_step_end_tensor_inputs`` from ``["latents"]`` (the long latent, float32; the
+    returned ``latents`` replace it); ``num_videos_per_prompt`` must be 1 (one long video per call).
+    """
 
     config_class = DiTCtrl
+    _loop_tensor_inputs = ("latents",)
 
     @torch.no_grad()
     def __call__(self, prompts, negative_prompt: str = "", num_frames: int | None = None, height=None, width=None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = True,
                  eta: float = 0.0, generator=None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 226, **options):
+                 max_sequence_length: int = 226, num_videos_per_prompt: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **options):
         from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
         from diffusers.schedulers import CogVideoXDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
-        pipe = self.pipe
         config = DiTCtrl(**options)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise AttnCtrlError("prompts must be a non-empty list of non-empty strings")
-        tcfg = pipe.transformer.config
-        height = int(height or tcfg.sample_height * pipe.vae_scale_factor_spatial)
-        width = int(width or tcfg.sample_width * pipe.vae_scale_factor_spatial)
+        tcfg = self.transformer.config
+        height = int(height or tcfg.sample_height * self.vae_scale_factor_spatial)
+        width = int(width or tcfg.sample_width * self.vae_scale_factor_spatial)
         num_frames = int(num_frames or tcfg.sample_frames)
         kw = dict(negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   use_dynamic_cfg=use_dynamic_cfg, eta=eta, generator=generator, output_type=output_type,
-                  return_dict=return_dict, max_sequence_length=max_sequence_length)
+                  return_dict=return_dict, max_sequence_length=max_sequence_length,
+                  num_videos_per_prompt=num_videos_per_prompt, callback_on_step_end=callback_on_step_end,
+                  callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs))
         if len(prompts) == 1:  # exactly the base pipeline
-            return pipe(prompts[0], **kw)
-        vt = pipe.vae_scale_factor_temporal
+            return self._base_call(prompts[0], **kw)
+        if num_videos_per_prompt != 1:
+            raise AttnCtrlError("DiTCtrl makes one long video per call; loop over seeds for more")
+        callback_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         self._loop_tensor_inputs)
+        vt = self.vae_scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % vt:
             raise AttnCtrlError(f"num_frames per segment must be {vt}k + 1, got {num_frames}")
         if tcfg.patch_size_t is not None:
@@ -99,11 +112,11 @@ class DiTCtrlPipeline(MethodPipeline):
         stride = seg - config.overlap
         total = seg + (n_seg - 1) * stride
         tokens = self._subject_tokens(prompts, config)
-        device = pipe._execution_device
+        device = self._execution_device
 
         cond, uncond = [], []
         for p in prompts:
-            pe, ne = pipe.encode_prompt(p, negative_prompt, True, num_videos_per_prompt=1,
+            pe, ne = self.encode_prompt(p, negative_prompt, True, num_videos_per_prompt=1,
                                         max_sequence_length=max_sequence_length, device=device)
             cond.append(pe)
             uncond.append(ne if negative_prompt else torch.zeros_like(pe))  # official: zero uncond embeddings
@@ -112,28 +125,27 @@ class DiTCtrlPipeline(MethodPipeline):
         seg_tokens = [tokens[a] if w < 0.5 else tokens[b] for a, b, w in segments] if tokens else None
 
         # the official sampler (DPM++ 2M SDE, spec §9), whatever scheduler the pipeline carries
-        scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler = CogVideoXDPMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
-        shape = (1, total, tcfg.in_channels, height // pipe.vae_scale_factor_spatial,
-                 width // pipe.vae_scale_factor_spatial)
+        shape = (1, total, tcfg.in_channels, height // self.vae_scale_factor_spatial,
+                 width // self.vae_scale_factor_spatial)
         # float32 latents throughout, as the official sampler (the model runs in its own dtype)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
-        rope = (pipe._prepare_rotary_positional_embeddings(height, width, seg, device)
+        rope = (self._prepare_rotary_positional_embeddings(height, width, seg, device)
                 if tcfg.use_rotary_positional_embeddings else None)
         extra = {"eta": eta, "generator": generator}
         weights = triangular_weights(seg).to(device=device, dtype=torch.float32).view(1, seg, 1, 1, 1)
-        blocks = len(pipe.transformer.transformer_blocks)
+        blocks = len(self.transformer.transformer_blocks)
         lo, hi = config.layer_range(blocks)
         layer_names = {f"transformer_blocks.{b}.attn1.processor" for b in range(lo, min(hi, blocks))}
         state = DiTCtrlState(range(*config.kv_steps), layer_names, config.mask_guided, config.mask_threshold)
-        handle = apply(pipe, _Bound(config=config, run=state, processor=DiTCtrlAttnProcessor))
         tiles = [slice(k * stride, k * stride + seg) for k in range(n_seg)]
         self.passes_per_step = []
         old_x0 = None
-        try:
-            with pipe.progress_bar(total=len(timesteps)) as bar:
+        with bind(self, config, state, DiTCtrlAttnProcessor):
+            with self.progress_bar(total=len(timesteps)) as bar:
                 for i, t in enumerate(timesteps):
                     state.step = i
                     g = guidance_scale
@@ -170,26 +182,22 @@ class DiTCtrlPipeline(MethodPipeline):
                     v = acc / wsum
                     latents, old_x0 = scheduler.step(v, old_x0, t, timesteps[i - 1] if i > 0 else None, latents,
                                                      **extra, return_dict=False)
+                    latents = run_callback(self, callback_on_step_end, callback_inputs, i, t,
+                                           {"latents": latents})["latents"]
                     bar.update()
-        finally:
-            handle.remove()
         self.last_plan = {"segments": n_seg, "segment_frames": seg, "latent_frames": total, "stride": stride,
                           "pixel_frames": (total - 1) * vt + 1}
-        if output_type == "latent":
-            video = latents
-        else:
-            frames = pipe.decode_latents(latents.to(pipe.vae.dtype))
-            video = pipe.video_processor.postprocess_video(video=frames, output_type=output_type)
+        video = decode(self, latents, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
         return CogVideoXPipelineOutput(frames=video)
 
     def _run(self, xs, uncond, cond, t, g, rope) -> list[torch.Tensor]:
         """One transformer call on segments ``xs`` with CFG; returns each segment's guided ``v`` (float32)."""
-        pipe = self.pipe
-        x = torch.cat(xs + xs).to(pipe.transformer.dtype)  # [uc items..., c items...] (CogVideoX: no input scaling)
+        x = torch.cat(xs + xs).to(self.transformer.dtype)  # [uc items..., c items...] (CogVideoX: no input scaling)
         embeds = torch.cat(uncond + cond)
-        out = pipe.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
+        out = self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
                                image_rotary_emb=rope, return_dict=False)[0].float()
         n = len(xs)
         return [out[j][None] + g * (out[n + j][None] - out[j][None]) for j in range(n)]
@@ -205,7 +213,7 @@ class DiTCtrlPipeline(MethodPipeline):
         out = []
         for i, (p, w) in enumerate(zip(prompts, words)):
             try:
-                out.append(token_indices(self.pipe.tokenizer, p, w))
+                out.append(token_indices(self.tokenizer, p, w))
             except AttnCtrlError as e:
                 raise type(e)(f"prompt {i + 1}: {e}") from None
         return out

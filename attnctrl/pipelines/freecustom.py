@@ -13,39 +13,18 @@ the call *is* the base pipeline call.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 
-from ..core.controller import Controller, Method, apply
+from ..core.controller import Method, bind
 from ..core.errors import AttnCtrlError
 from ..processors.freecustom import FreeCustom, MRSAAttnProcessor
 from .base import MethodPipeline
 from .reference import Reference, ReferenceRun
 
 __all__ = ["ReferencePipeline", "FreeCustomPipeline"]
-
-
-@dataclass(frozen=True, eq=False)
-class _Bound(Method):
-    """A method config bound to one call's reference run (installed for the duration of that call)."""
-
-    config: Method = None
-    run: ReferenceRun = None
-    processor: type = None
-    name = "reference-binding"
-    kinds = ("self", "cross")
-
-    def select_layers(self, ctl: Controller):
-        return self.config.select_layers(ctl)
-
-    def create_state(self, ctl, layers):
-        return self.run
-
-    def make_processor(self, layer, ctl, state):
-        return self.processor(layer, ctl, state, self.config)
 
 
 def _slice_target(out, n: int):
@@ -62,15 +41,23 @@ def _slice_target(out, n: int):
 
 
 class ReferencePipeline(MethodPipeline):
-    """Base of the multi-reference pipelines (FreeCustom, MagicFace, IR-Diffusion)."""
+    """Base of the multi-reference pipelines (FreeCustom, MagicFace, IR-Diffusion): the base pipeline's own call on
+    the batch ``[target, ref_1..ref_N]`` (one prompt each), with the method's processors bound for the call and the
+    reference rows re-noised before every UNet call; only the target comes back.
+
+    Every argument of the base ``__call__`` keeps its meaning: ``output_type``, ``return_dict``, ``latents`` (the
+    target's initial noise) and ``callback_on_step_end`` (called by the base loop once per step; its ``latents``
+    hold the whole batch, row 0 the target, rows 1..N the references, which are re-noised before the next UNet
+    call, so changing them has no effect). ``num_images_per_prompt`` other than 1 and ``prompt_embeds`` raise with
+    references (one target per call); without references the call *is* the base call.
+    """
 
     config_class: type[Method] = FreeCustom
     processor_class: type = MRSAAttnProcessor
 
     def _size(self, kwargs) -> tuple[int, int]:
-        pipe = self.pipe
-        default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-        default = default * pipe.vae_scale_factor
+        default = getattr(self, "default_sample_size", None) or self.unet.config.sample_size
+        default = default * self.vae_scale_factor
         return int(kwargs.get("height") or default), int(kwargs.get("width") or default)
 
     @staticmethod
@@ -108,7 +95,7 @@ class ReferencePipeline(MethodPipeline):
         config = self._config(kwargs)
         references = list(references or ())
         if not references:
-            return self.pipe(prompt, **kwargs)
+            return self._base_call(prompt, **kwargs)
         if not isinstance(prompt, str):
             raise AttnCtrlError("reference pipelines take one prompt (a string) per call")
         if kwargs.get("num_images_per_prompt", 1) != 1:
@@ -124,29 +111,26 @@ class ReferencePipeline(MethodPipeline):
         if not all(isinstance(r, Reference) for r in references):
             raise AttnCtrlError("references must be attnctrl.Reference(image, mask, prompt) objects")
         config.weights(len(references))  # more weights than references -> a clear error before any work
-        steps = kwargs.get("num_inference_steps") or inspect.signature(self.pipe.__call__).parameters[
-            "num_inference_steps"].default
+        steps = kwargs.get("num_inference_steps") or self._base_defaults()["num_inference_steps"].default
         if getattr(config, "start_step", 0) >= steps:  # never a silent no-op
             raise AttnCtrlError(f"start_step {config.start_step} is not below the {steps} steps: the references would "
                                 f"never be attended")
         context = self._validate(config, prompt, references)
         height, width = self._size(kwargs)
         kwargs.update(height=height, width=width)
-        run = self.run_class(self.pipe, references, height, width, self._seed(kwargs.get("generator"), reference_seed))
+        run = self.run_class(self, references, height, width, self._seed(kwargs.get("generator"), reference_seed))
         prompts = [prompt] + ["" if getattr(config, "use_null_ref_prompts", False) else r.prompt for r in references]
         negative = kwargs.pop("negative_prompt", None)
         if isinstance(negative, str):
             negative = [negative] * len(prompts)
-        handle = apply(self.pipe, _Bound(config=config, run=run, processor=self.processor_class))
-        extra = []
-        try:
+        with bind(self, config, run, self.processor_class) as handle:
             extra = self._prepare(run, config, context, handle, kwargs)
-            with run:
-                out = self.pipe(prompts, negative_prompt=negative, **kwargs)
-        finally:
-            for h in extra:
-                h.remove()
-            handle.remove()
+            try:
+                with run:
+                    out = self._base_call(prompts, negative_prompt=negative, **kwargs)
+            finally:
+                for h in extra:
+                    h.remove()
         self.last_run = run
         return _slice_target(out, run.n)
 

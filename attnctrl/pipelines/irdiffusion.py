@@ -20,14 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..core.controller import apply
+from ..core.controller import bind
 from ..core.errors import AttnCtrlError
 from ..core.masks import binarize, box_mask, is_box, load_mask, resize_mask
 from ..core.tokens import token_indices
 from ..processors.attention_maps import AttentionMaps
-from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion, box_of, reposition_index, rescaled_grid_masks
+from ..processors.irdiffusion import IRAttnProcessor, IRDiffusion, IRState
 from .freecustom import ReferencePipeline
 from .reference import Reference, ReferenceRun
 
@@ -47,86 +46,12 @@ class Subject:
     region: object = None  # mask (path / array / PIL / tensor) or box (x0, y0, x1, y1); None = layout rehearsal
 
 
-class IRRun(ReferenceRun):
-    """Reference run plus the target regions and the per-grid masks, reposition maps and dropout of IR-Diffusion."""
+class IRRun(IRState, ReferenceRun):
+    """A reference run with IR-Diffusion's state (:class:`~attnctrl.processors.irdiffusion.IRState`: target
+    regions, per-grid masks, reposition maps, dropout); the dropout's generator is seeded from the run's seed."""
 
     def setup(self, config: IRDiffusion, layers, target_masks: torch.Tensor, msa_layers: set[str]):
-        self.config = config
-        self.msa_layers = msa_layers
-        self.target_full = target_masks  # (N, H, W) disjoint binary, at the image's resolution
-        self._members: dict = {}
-        self._sources: dict = {}
-        self._source: dict = {}
-        self._dropout: dict = {}
-        self.dropout_gen = torch.Generator("cpu").manual_seed(int(self.generator.initial_seed()) + 7)
-
-    @staticmethod
-    def _coverage(masks: torch.Tensor, grid) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(masks.float()[:, None], tuple(grid))[:, 0].flatten(1)  # (N, n) in [0, 1]
-
-    def members(self, grid) -> torch.Tensor:
-        """``(N, n)`` bool: the target tokens of each subject on a layer grid (``T_i``; see ``mask_rule``)."""
-        grid = tuple(grid)
-        if grid not in self._members:
-            if self.config.mask_rule == "official":
-                self._members[grid] = rescaled_grid_masks(self.target_full, grid, self.config.mask_threshold)
-            else:  # a token belongs to the subject covering most of it (ties: the larger region), if over half
-                cover = self._coverage(self.target_full, grid)
-                areas = self.target_full.flatten(1).sum(1)
-                best = (cover + 1e-6 * areas[:, None] / areas.max()).argmax(0)
-                owned = F.one_hot(best, self.n).T.bool()
-                self._members[grid] = owned & (cover.max(0).values > 0.5)
-        return self._members[grid]
-
-    def sources(self, grid) -> torch.Tensor:
-        """``(N, n)`` bool: each reference's mask on a layer grid (``S_i``; see ``mask_rule``)."""
-        grid = tuple(grid)
-        if grid not in self._sources:
-            if self.config.mask_rule == "official":
-                self._sources[grid] = rescaled_grid_masks(self.full_masks, grid, self.config.mask_threshold)
-            else:  # nearest sampling; a mask that misses every sample keeps its best-covered token
-                masks = self.grid_masks(grid).clone()
-                for i in torch.nonzero(~masks.any(1)).flatten().tolist():
-                    masks[i, self._coverage(self.masks[i][None], grid)[0].argmax()] = True
-                self._sources[grid] = masks
-        return self._sources[grid]
-
-    def _source_map(self, grid, i: int):
-        grid = tuple(grid)
-        key = (grid, i)
-        if key not in self._source:
-            h, w = grid
-            src, tgt = self.sources(grid)[i], self.members(grid)[i]
-            if not (torch.any(src) and torch.any(tgt)):  # absent on this grid: its reference block stays closed
-                self._source[key] = (torch.zeros(h * w, dtype=torch.long), torch.zeros(h * w, dtype=torch.bool))
-                return self._source[key]
-            t0y, t0x, t1y, t1x = box = box_of(tgt.view(h, w))
-            rule = "official" if self.config.mask_rule == "official" else "exact"
-            index = reposition_index(box_of(src.view(h, w)), box, grid, rule)
-            inside = torch.zeros(h, w, dtype=torch.bool)
-            inside[t0y:t1y, t0x:t1x] = True
-            self._source[key] = (index, inside.flatten() & src[index])
-        return self._source[key]
-
-    def source_index(self, grid, i: int) -> torch.Tensor:
-        """``(n,)`` reference token copied to each target token by the reposition of subject ``i``."""
-        return self._source_map(grid, i)[0]
-
-    def relocated_mask(self, grid, i: int) -> torch.Tensor:
-        """``(n,)`` bool: the relocated reference mask of subject ``i`` (inside its target box)."""
-        return self._source_map(grid, i)[1]
-
-    def dropout(self, grid, step: int) -> torch.Tensor:
-        """``(N, n)`` bool, drawn per subject, step and grid (as official): the target tokens that see their
-        reference this step; a subject that would lose every token keeps them all."""
-        key = (tuple(grid), step)
-        if key not in self._dropout:
-            members = self.members(grid)
-            keep = torch.rand(members.shape, generator=self.dropout_gen) >= self.config.dropout
-            keep[~(keep & members).any(1)] = True
-            self._dropout = {k: v for k, v in self._dropout.items() if k[1] == step}
-            self._dropout[key] = keep
-        return self._dropout[key]
+        super().setup(config, layers, target_masks, msa_layers, dropout_seed=int(self.generator.initial_seed()) + 7)
 
 
 def _region_mask(region, height: int, width: int, index: int) -> torch.Tensor:
@@ -179,8 +104,8 @@ class IRDiffusionPipeline(ReferencePipeline):
         plain = {k: v for k, v in kwargs.items() if k in ("num_inference_steps", "guidance_scale", "negative_prompt",
                                                           "height", "width")}
         images, masks = [], []
-        with apply(self.pipe, AttentionMaps(words=tuple(dict.fromkeys(words)))) as maps:
-            out = self.pipe(prompts, generator=generators, **plain)
+        with bind(self, AttentionMaps(words=tuple(dict.fromkeys(words)))) as maps:
+            out = self._base_call(prompts, generator=generators, **plain)
             for i, word in enumerate(words):
                 k = i if len(prompts) > 1 else 0
                 heat = torch.as_tensor(maps.heat_maps([word], index=k, size=(height, width))[word])
@@ -195,10 +120,12 @@ class IRDiffusionPipeline(ReferencePipeline):
             return super().__call__(prompt, references=(), **kwargs)
         if not isinstance(prompt, str):
             raise AttnCtrlError("IR-Diffusion takes one scene prompt (a string) per call")
+        if kwargs.get("num_images_per_prompt", 1) != 1:  # before any rehearsal
+            raise AttnCtrlError("reference pipelines make one image per call; loop over seeds for more")
         for i, s in enumerate(subjects):
             if not isinstance(s, Subject):
                 raise AttnCtrlError(f"subject {i + 1}: subjects must be attnctrl.pipelines.Subject objects")
-            token_indices(self.pipe.tokenizer, prompt, s.word)  # the word must be in the scene prompt
+            token_indices(self.tokenizer, prompt, s.word)  # the word must be in the scene prompt
             if s.reference is None and not s.prompt:
                 raise AttnCtrlError(f"subject {i + 1} ({s.word}): give a reference image or a reference prompt")
         self._distinct([s.word for s in subjects], "subject words")

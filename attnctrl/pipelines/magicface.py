@@ -12,99 +12,22 @@ See :mod:`attnctrl.processors.magicface` for the algorithm. The segmentation of 
 
 from __future__ import annotations
 
-import inspect
-
-import torch
-import torch.nn.functional as F
-
 from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
-from ..processors.magicface import STORE_DOWNSAMPLES, MagicFace, MagicFaceAttnProcessor, region_rate, segment, smooth3
+from ..processors.magicface import MagicFace, MagicFaceAttnProcessor, MagicFaceState, region_rate
 from .freecustom import ReferencePipeline
 from .reference import ReferenceRun
 
 __all__ = ["MagicFacePipeline", "MagicFaceRun"]
 
 
-class MagicFaceRun(ReferenceRun):
-    """Reference run plus MagicFace's per-step token maps, segmentation and stage."""
-
-    def setup(self, config: MagicFace, layers, ref_tokens: list[list[int]], steps: int, guidance: float):
-        """Bind the run to a config, the denoiser's layer map, the references' token indices and the schedule."""
-        self.config = config
-        self.ref_tokens = ref_tokens
-        self.ca_scale = config.scale_for(self.n)
-        inject = config.inject_step
-        self.inject = round(inject * steps) if isinstance(inject, float) else int(inject)
-        self.guidance = guidance
-        self.seg_grid = (self.latent_hw[0] // 2, self.latent_hw[1] // 2)
-        self.reference_layers = {la.name for la in layers.select(config.layers) if la.kind == "self"}
-        self.store_layers = {la.name for la in layers if la.downsample in STORE_DOWNSAMPLES}
-        self.recording = True
-        self.qk: dict[str, tuple] = {}
-        self.concept = None  # (T, H/2, W/2) bool, from the previous UNet call
-        self.fg = None
-        self.step = 0
-        self._reset_sums()
-
-    def _reset_sums(self):
-        self.token_sum = None
-        self.fg_sum = None
-        self.layers_recorded = 0
-
-    def stage(self) -> int:
-        return 2 if self.concept is not None and self.step > self.inject else 1
-
-    @torch.no_grad()
-    def record(self, grid, q_self, k_self, q_cross, k_cross) -> None:
-        """Add one block's token maps ``(A C + 3 A (A C)) / 4`` (spec §6) to the running sums."""
-        heads = q_self.shape[1]
-        scale = q_cross.shape[-1] ** -0.5
-        cross = torch.softmax(q_cross.float() @ k_cross.float().transpose(-1, -2) * scale, -1).mean(1)  # (B2, n, T)
-        q, k = q_self.float(), k_self.float()
-
-        def propagate(values):  # head-mean of softmax(q k^T / sqrt(d)) @ values, without the n x n map
-            return F.scaled_dot_product_attention(q, k, values.unsqueeze(1).expand(-1, heads, -1, -1)).mean(1)
-
-        ac = propagate(cross)
-        maps = (ac + 3 * propagate(ac)) / 4  # (B2, n, T)
-        b2, n, t = maps.shape
-        maps = maps.transpose(1, 2).reshape(b2, t, *grid)
-        if tuple(grid) != self.seg_grid:
-            maps = F.interpolate(maps, size=self.seg_grid, mode="bilinear", align_corners=False)
-        maps = smooth3(maps)
-        cond = maps[-1]
-        cond = cond / (cond.mean((-2, -1), keepdim=True) + 1e-8)
-        uncond = maps[0]
-        pair = torch.stack([uncond[0], uncond[1:].sum(0)])
-        pair = pair / (pair.mean((-2, -1), keepdim=True) + 1e-8)
-        self.token_sum = cond if self.token_sum is None else self.token_sum + cond
-        self.fg_sum = pair if self.fg_sum is None else self.fg_sum + pair
-        self.layers_recorded += 1
-
-    def reference_masks(self) -> torch.Tensor:
-        """``(N, H/2, W/2)`` boolean segmentation of each reference's word (union of its tokens)."""
-        if self.concept is None:
-            raise AttnCtrlError("no segmentation yet")
-        return torch.stack([self.concept[tokens].any(0) for tokens in self.ref_tokens])
-
-    def groups(self, grid) -> torch.Tensor:
-        """``(h * w,)`` group ids on a layer grid: 0 = no concept, i = concept i (the last one wins)."""
-        masks = self.reference_masks().float()[:, None]
-        masks = F.interpolate(masks, size=tuple(grid), mode="nearest")[:, 0].flatten(1) > 0.5
-        ids = torch.zeros(masks.shape[1], dtype=torch.long, device=masks.device)
-        for i in range(self.n):
-            ids[masks[i]] = i + 1
-        return ids
+class MagicFaceRun(MagicFaceState, ReferenceRun):
+    """A reference run with MagicFace's state (:class:`~attnctrl.processors.magicface.MagicFaceState`) and the UNet
+    forward hook that ends every UNet call: segmentation, then the region-adaptive CFG rate."""
 
     def after_unet(self, module, args, kwargs, output):
         """Segment from this call's maps; apply the region-adaptive CFG rate to the conditional target."""
-        if self.layers_recorded:
-            self.concept, self.fg = segment(self.token_sum, self.fg_sum, self.layers_recorded, self.ref_tokens,
-                                            self.ca_scale)
-        self._reset_sums()
-        self.qk.clear()
-        self.step += 1
+        self.end_call()
         sample = output[0] if isinstance(output, tuple) else output.sample
         cfg = sample.shape[0] == 2 * (self.n + 1)
         if not (self.config.use_rate and cfg and self.concept is not None):
@@ -145,14 +68,14 @@ class MagicFacePipeline(ReferencePipeline):
         tokens = []
         for i, word in enumerate(words):
             try:
-                tokens.append(token_indices(self.pipe.tokenizer, prompt, word))
+                tokens.append(token_indices(self.tokenizer, prompt, word))
             except AttnCtrlError as e:
                 raise type(e)(f"reference {i + 1}: {e}") from None
         return tokens
 
     def _prepare(self, run: MagicFaceRun, config: MagicFace, tokens, handle, kwargs) -> list:
-        defaults = inspect.signature(self.pipe.__call__).parameters
+        defaults = self._base_defaults()
         steps = int(kwargs.get("num_inference_steps") or defaults["num_inference_steps"].default)
         guidance = float(kwargs.get("guidance_scale", defaults["guidance_scale"].default))
         run.setup(config, handle.controller.layers, tokens, steps, guidance)
-        return [self.pipe.unet.register_forward_hook(run.after_unet, with_kwargs=True)]
+        return [self.unet.register_forward_hook(run.after_unet, with_kwargs=True)]

@@ -38,14 +38,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.controller import apply
+from ..core.controller import bind
 from ..core.errors import AttnCtrlError
 from ..core.masks import box_mask, is_box, is_fraction_box, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
-from .base import MethodPipeline, upcast_vae
+from .base import MethodPipeline, check_callback, decode, encode, run_callback
 from .dpm_solver import DPMSolverPP
-from .freecustom import _Bound
 from .reference import _load_image
 
 __all__ = ["PrimeComposerPipeline", "exceptional_embedding", "composition_geometry"]
@@ -132,62 +131,61 @@ def exceptional_embedding(pipe, token_id: int = 7788):
 
 
 class PrimeComposerPipeline(MethodPipeline):
-    """See the module docstring; ``.pipe`` is the wrapped SD 1.x/2.x or SDXL pipeline."""
+    """See the module docstring; built with ``PrimeComposerPipeline.from_pipe(pipe)`` from an SD 1.x/2.x or SDXL
+    pipeline.
+
+    The loop is this pipeline's own (two inversions, then the composition), with the base pipeline's contract:
+    ``output_type`` (``"pil"``, ``"np"``, ``"pt"``; ``"latent"`` returns the final latent, before the pixel-space
+    ``paste_back``), ``return_dict`` (``False``: ``(images, None)``), ``callback_on_step_end`` called once per
+    composition step (not during the inversions) after the step's blending, with ``callback_on_step_end_tensor_inputs``
+    from ``["latents"]`` (the returned ``latents`` replace the latent); ``num_images_per_prompt`` must be 1.
+    """
 
     config_class = PrimeComposer
+    _loop_tensor_inputs = ("latents",)
 
     def _unet(self, x, t, embeds, pooled, size):
         added = None
-        if self.xl:
-            time_ids = self.pipe._get_add_time_ids(
+        if self._sdxl:
+            time_ids = self._get_add_time_ids(
                 size, (0, 0), size, dtype=embeds.dtype,
-                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
+                text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
             ).to(x.device).repeat(x.shape[0], 1)
             added = {"text_embeds": pooled.expand(x.shape[0], -1) if pooled.shape[0] == 1 else pooled,
                      "time_ids": time_ids}
         self.unet_samples += x.shape[0]
         t_in = torch.full((x.shape[0],), float(t), device=x.device)
-        return self.pipe.unet(x, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-
-    @torch.no_grad()
-    def _latent(self, image: Image.Image) -> torch.Tensor:
-        pipe = self.pipe
-        pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
-        z = pipe.vae.encode(pixels).latent_dist.mean
-        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
-
-    @torch.no_grad()
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        with upcast_vae(self.pipe.vae) as vae:
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+        return self.unet(x, t_in, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self, background, reference, reference_mask=None, location=None, prompt: str = "",
                  num_inference_steps: int = 20, guidance_scale: float | None = None, height=None, width=None,
                  generator=None, output_type: str = "pil", return_dict: bool = True, freeze_object: bool = True,
-                 negative_prompt: str | None = None, **options):
+                 negative_prompt: str | None = None, num_images_per_prompt: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **options):
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-        pipe = self.pipe
         config = PrimeComposer(**options)
+        if num_images_per_prompt != 1:
+            raise AttnCtrlError("PrimeComposer makes one composite per call; loop over seeds for more")
+        callback_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         self._loop_tensor_inputs)
         if location is None:
             raise AttnCtrlError("give a location: a mask, or a box (x0, y0, x1, y1) in pixels or fractions")
         if num_inference_steps < 2:
             raise AttnCtrlError("PrimeComposer needs at least 2 steps")
         taus = config.resolved()
         guidance = taus["guidance_scale"] if guidance_scale is None else guidance_scale
-        default = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        default = (getattr(self, "default_sample_size", None) or self.unet.config.sample_size) * self.vae_scale_factor
         height, width = int(height or default), int(width or default)
-        rca = [i for w in config.rca_words for i in token_indices(pipe.tokenizer, prompt, w)]
+        rca = [i for w in config.rca_words for i in token_indices(self.tokenizer, prompt, w)]
         bg, canvas, object_px, loc_px, _ = composition_geometry(background, reference, reference_mask, location,
                                                                 height, width)
         if config.domain == "same":  # spec §3: the object is pasted into the photo first
             m = object_px.numpy()[..., None]
             bg = Image.fromarray((np.asarray(bg) * (1 - m) + np.asarray(canvas) * m).round().astype(np.uint8))
-        device = pipe._execution_device
-        f = pipe.vae_scale_factor
+        device = self._execution_device
+        f = self.vae_scale_factor
         lh, lw = height // f, width // f
         obj = object_px[::f, ::f][:lh, :lw] > 0.5
         lbox = mask_box(loc_px[::f, ::f][:lh, :lw]) or (0, 0, lw, lh)
@@ -195,23 +193,23 @@ class PrimeComposerPipeline(MethodPipeline):
         in_box = torch.zeros(lh, lw, dtype=torch.bool)
         in_box[box[0] : box[2], box[1] : box[3]] = True
         obj = obj & in_box
-        M = obj.to(device=device, dtype=pipe.unet.dtype)[None, None]
-        B = in_box.to(device=device, dtype=pipe.unet.dtype)[None, None]
+        M = obj.to(device=device, dtype=self.unet.dtype)[None, None]
+        B = in_box.to(device=device, dtype=self.unet.dtype)[None, None]
 
         self.unet_samples = 0
         started = time.perf_counter()
-        ex_embeds, ex_pooled = exceptional_embedding(pipe, config.exceptional_token)
-        ex_embeds = ex_embeds.to(device, pipe.unet.dtype)
+        ex_embeds, ex_pooled = exceptional_embedding(self, config.exceptional_token)
+        ex_embeds = ex_embeds.to(device, self.unet.dtype)
         size = (height, width)
-        solver = DPMSolverPP(pipe.scheduler.alphas_cumprod, steps=num_inference_steps,
-                             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+        solver = DPMSolverPP(self.scheduler.alphas_cumprod, steps=num_inference_steps,
+                             prediction_type=self.scheduler.config.get("prediction_type", "epsilon"))
 
         def invert(z0):
             lat = solver.run(z0, lambda x, i, t: self._unet(x, t, ex_embeds, ex_pooled, size), invert=True)
             return lat[::-1]  # decode order: index k holds the latent at grid time tau_k
 
-        L_bg = invert(self._latent(bg))
-        L_ref = invert(self._latent(canvas))  # both domains invert the reference canvas (spec §4)
+        L_bg = invert(encode(self, bg))
+        L_ref = invert(encode(self, canvas))  # both domains invert the reference canvas (spec §4)
 
         embeds, pooled = self.encode_cfg(prompt, device, negative_prompt or "")  # official: "" for the uncond half
         S = num_inference_steps
@@ -224,7 +222,6 @@ class PrimeComposerPipeline(MethodPipeline):
         start = L_bg[0] if config.domain == "same" else L_ref[0]  # same: the inverted composite (spec §5)
         z = L_bg[0] * (1 - B) + B * (M * start + (1 - M) * noise)
         state = PrimeState(obj, box, rca)
-        handle = apply(pipe, _Bound(config=config, run=state, processor=PrimeComposerAttnProcessor))
         latest = [z]  # the generator latent before the update now being evaluated
 
         def eps_fn(x, i, t):
@@ -246,21 +243,26 @@ class PrimeComposerPipeline(MethodPipeline):
                 x = (M * source + (1 - M) * L_bg[s]) * B + L_bg[s] * (1 - B)
             elif 2 <= s < Bs:  # the box keeps the generator latent; the warm-up steps 0-1 are not blended
                 x = x * B + L_bg[s] * (1 - B)
+            if callback_on_step_end is not None:  # step s - 1 made this latent, predicting at grid time s - 1
+                t = solver.schedule.model_time(solver.times[s - 1]).to(torch.float32)
+                x = run_callback(self, callback_on_step_end, callback_inputs, s - 1, t, {"latents": x})["latents"]
             latest[0] = x
             return x
 
-        try:
+        with bind(self, config, state, PrimeComposerAttnProcessor):
             z = solver.run(z, eps_fn, on_step=blend)[-1]
-        finally:
-            handle.remove()
-        image = self._decode(z)
-        if config.paste_back:  # exact background outside the location (spec §6: the last steps run free)
-            bg_t = pipe.image_processor.preprocess(bg).to(image.device, image.dtype)
-            loc = loc_px.to(image.device, image.dtype)[None, None]
-            image = image * loc + bg_t * (1 - loc)
-        self.last_seconds = time.perf_counter() - started
         self.last_schedule = {"A": A, "B": Bs, "C": C, "steps": S, "guidance_scale": guidance}
-        images = pipe.image_processor.postprocess(image, output_type=output_type)
+        if output_type == "latent":
+            images = z
+        else:
+            image = decode(self, z, output_type=None)
+            if config.paste_back:  # exact background outside the location (spec §6: the last steps run free)
+                bg_t = self.image_processor.preprocess(bg).to(image.device, image.dtype)
+                loc = loc_px.to(image.device, image.dtype)[None, None]
+                image = image * loc + bg_t * (1 - loc)
+            images = self.image_processor.postprocess(image, output_type=output_type)
+        self.last_seconds = time.perf_counter() - started
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

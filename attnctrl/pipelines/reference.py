@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.controller import MethodState
 from ..core.errors import AttnCtrlError
 from ..core.masks import load_mask
-from .base import upcast_vae
+from ..processors.reference import ReferenceState
+from .base import encode
 
 __all__ = ["Reference", "ReferenceRun", "ReferenceError"]
 
@@ -121,59 +121,27 @@ class Reference:
         return canvas, m
 
 
-class ReferenceRun(MethodState):
-    """The per-call state of a multi-reference generation (see the module docstring)."""
+class ReferenceRun(ReferenceState):
+    """The per-call state of a multi-reference generation (see the module docstring): the references' masks and
+    batch layout the processors read (:class:`~attnctrl.processors.reference.ReferenceState`), plus the pipeline
+    side: the prepared images, their clean latents ``z0`` and the UNet pre-hook that re-noises the reference rows
+    (installed while the run is entered as a context manager)."""
 
     def __init__(self, pipe, references: Sequence[Reference], height: int, width: int, seed: int):
         self.pipe = pipe
         self.unet = pipe.unet
-        self.n = len(references)
         self.height, self.width = height, width
-        self.latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         images, masks = [], []
         for i, ref in enumerate(references):
             image, mask = ref.prepared(i, height, width)
             images.append(image)
             masks.append(mask)
         self.images = images
-        self.full_masks = torch.stack(masks) if masks else torch.zeros(0, height, width)  # (N, H, W), image size
-        # masks kept at twice the latent resolution (128 x 128 for 512 px, as the official code) and resized to each
-        # layer's grid with 'nearest' on demand
-        side = (2 * self.latent_hw[0], 2 * self.latent_hw[1])
-        self.masks = [F.interpolate(m[None, None], size=side, mode="nearest")[0, 0] for m in masks]
-        self._grid_masks: dict[tuple[int, int], torch.Tensor] = {}
-        self.z0 = self._encode(images)
+        super().__init__(torch.stack(masks) if masks else torch.zeros(0, height, width), latent_hw)  # (N, H, W)
+        self.z0 = encode(pipe, images, height, width)
         self.generator = torch.Generator("cpu").manual_seed(seed)
         self._hook = None
-
-    @torch.no_grad()
-    def _encode(self, images) -> torch.Tensor:
-        pipe = self.pipe
-        pixels = pipe.image_processor.preprocess(images, height=self.height, width=self.width)
-        with upcast_vae(pipe.vae) as vae:
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(self.unet.dtype)
-
-    def grid_masks(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``(N, h * w)`` boolean masks of the references on a layer grid, row-major (cached)."""
-        if grid not in self._grid_masks:
-            stacked = torch.stack(self.masks)[:, None]
-            self._grid_masks[grid] = F.interpolate(stacked, size=grid, mode="nearest")[:, 0].flatten(1) > 0.5
-        return self._grid_masks[grid]
-
-    def rows(self, batch: int, cfg: bool) -> tuple[list[int], list[list[int]]]:
-        """Batch rows of the target(s) and of each reference in a denoiser call of ``batch`` rows."""
-        per = self.n + 1
-        halves = 2 if cfg else 1
-        if batch != per * halves:
-            raise AttnCtrlError(
-                f"a reference batch has {per * halves} rows (target + {self.n} references"
-                f"{', x2 for CFG' if cfg else ''}) but the model got {batch}; generate one image per call"
-            )
-        targets = [h * per for h in range(halves)]
-        refs = [[h * per + 1 + i for h in range(halves)] for i in range(self.n)]
-        return targets, refs
 
     # -- the UNet input hook ---------------------------------------------------------------------------------------
     def _renoise(self, module, args, kwargs):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core.controller import Controller, Method, MethodState
+from ..core.controller import Controller, MethodState, Plugin
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
@@ -159,7 +159,7 @@ class AgentAttnProcessor(AttnCtrlProcessor):
 
 
 @dataclass(frozen=True)
-class AgentAttention(Method):
+class AgentAttention(Plugin):
     """AgentSD: ToMe token merging + agent attention in the full-resolution self-attention layers.
 
     Args that matter:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core.controller import Controller, Handle, Method, MethodState
+from ..core.controller import Controller, Handle, MethodState, Plugin
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
@@ -188,7 +188,7 @@ class AttentionMapsHandle(Handle):
 
 
 @dataclass(frozen=True)
-class AttentionMaps(Method):
+class AttentionMaps(Plugin):
     """Record cross-attention heat maps of ``words`` (DAAM-style).
 
     Args that matter:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.controller import Controller, Method, MethodState
+from ..core.controller import Controller, MethodState, Plugin
 from ..core.errors import AttnCtrlError, UnsupportedModelError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
@@ -181,7 +181,7 @@ class _ClearState(MethodState):
 
 
 @dataclass(frozen=True)
-class CLEAR(Method):
+class CLEAR(Plugin):
     """CLEAR local attention for FLUX.
 
     Args that matter:

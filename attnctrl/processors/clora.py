@@ -9,7 +9,7 @@ together across prompts when they describe the same concept and pushed apart acr
 (spec §3.4); the latent moves down its gradient (Attend-and-Excite style); then each LoRA's mask is thresholded
 from its own maps and the N noise predictions are fused as a mask-weighted average before CFG (spec §3.5).
 
-This module holds the per-layer recorder and the loss/mask maths; the orchestration is
+This module holds the per-layer recorder, the per-call state it fills and the loss/mask maths; the orchestration is
 :class:`attnctrl.pipelines.CLoRAPipeline`.
 """
 
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..core.controller import Controller, Method
+from ..core.controller import Controller, Method, MethodState
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
 
-__all__ = ["CLoRA", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers"]
+__all__ = ["CLoRA", "CLoRAState", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers"]
 
 
 def min_max(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -112,10 +112,40 @@ def record_layers(ctl: Controller, selector=None) -> list[LayerInfo]:
     return chosen
 
 
+class CLoRAState(MethodState):
+    """What the recorders of one CLoRA call share: whether a branch pass is recording, the CFG layout, and the maps
+    recorded during that pass (mean over the recorded layers)."""
+
+    def __init__(self, record_uncond: bool):
+        self.record_uncond = record_uncond
+        self.recording = False
+        self.cfg = True
+        self._sum = None
+        self._count = 0
+        self.grid = None
+
+    def add(self, probs: torch.Tensor, grid) -> None:
+        if self.grid is None:
+            self.grid = tuple(grid)
+        elif tuple(grid) != self.grid:
+            raise AttnCtrlError(f"CLoRA records one resolution; got {tuple(grid)} and {self.grid}")
+        self._sum = probs if self._sum is None else self._sum + probs
+        self._count += 1
+
+    def take(self) -> torch.Tensor:
+        """``(h, w, T)`` mean map of the last pass; resets."""
+        if not self._count:
+            raise AttnCtrlError("no cross-attention was recorded (is the image size a multiple of 32 px?)")
+        mean = (self._sum / self._count)[0]
+        out = mean.reshape(*self.grid, mean.shape[-1])
+        self._sum, self._count = None, 0
+        return out
+
+
 class CrossAttnRecorder(AttnCtrlProcessor):
     """Stock cross-attention output plus head-averaged probabilities of the selected CFG half (differentiable)."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, state, config=None):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: CLoRAState, config: CLoRA | None = None):
         super().__init__(layer, controller)
         self.state = state
 
@@ -134,7 +164,8 @@ class CrossAttnRecorder(AttnCtrlProcessor):
 
 @dataclass(frozen=True)
 class CLoRA(Method):
-    """CLoRA settings (used by :class:`attnctrl.pipelines.CLoRAPipeline`, which supplies prompts and LoRAs).
+    """CLoRA settings (used by :class:`attnctrl.pipelines.CLoRAPipeline`, which supplies prompts and LoRAs; not a
+    plugin: ``attnctrl.apply`` refuses it).
 
     Args that matter:
         step_size: latent update step ``eta`` (20 as official); 0 disables the contrastive update.
@@ -193,9 +224,3 @@ class CLoRA(Method):
     def morphology(self) -> dict[str, bool]:
         """The fusion-mask morphology switches, as :func:`lora_masks` takes them."""
         return {name: getattr(self, name) for name in ("mask_erode", "mask_dilate", "mask_opening", "mask_closing")}
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError("CLoRA needs prompts and LoRAs: use attnctrl.pipelines.CLoRAPipeline.from_pipe(pipe)")
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

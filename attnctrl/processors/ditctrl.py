@@ -59,7 +59,7 @@ class DiTCtrlState(MethodState):
 class DiTCtrlAttnProcessor(AttnCtrlProcessor):
     """KV-sharing / mask-guided KV-sharing for one CogVideoX attention layer."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, state: DiTCtrlState, config=None):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: DiTCtrlState, config: DiTCtrl | None = None):
         super().__init__(layer, controller)
         self.state = state
 
@@ -183,9 +183,3 @@ class DiTCtrl(Method):
         if num_blocks == 30:
             return (25, 30)
         return (num_blocks - max(1, num_blocks // 6), num_blocks)
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError("DiTCtrl needs prompts: use attnctrl.pipelines.DiTCtrlPipeline.from_pipe(pipe)")
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

@@ -33,6 +33,7 @@ from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
 from ..kernels.attention import KVBlock, multi_block_attention
+from .reference import ReferenceState
 
 __all__ = ["FreeCustom", "MRSAAttnProcessor"]
 
@@ -40,24 +41,24 @@ __all__ = ["FreeCustom", "MRSAAttnProcessor"]
 class MRSAAttnProcessor(AttnCtrlProcessor):
     """FreeCustom's multi-reference self-attention for one ``attn1`` layer (see the module docstring)."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, run, config: FreeCustom):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: ReferenceState, config: FreeCustom):
         super().__init__(layer, controller)
-        self.run = run
+        self.state = state
         self.config = config
 
     def active(self) -> bool:
         c, step = self.config, self.ctl.step
-        return self.run.n > 0 and step >= c.start_step and (c.end_step is None or step < c.end_step)
+        return self.state.n > 0 and step >= c.start_step and (c.end_step is None or step < c.end_step)
 
     def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
         out = self.stock_attention(query, key, value, attention_mask)
         if not self.active():
             return out
         cfg = self.ctl.cfg
-        targets, refs = self.run.rows(query.shape[0], cfg)
+        targets, refs = self.state.rows(query.shape[0], cfg)
         grid = self.layer.grid(self.ctl.call.grid)
-        weights = self.config.weights(self.run.n)
-        masks = self.run.grid_masks(grid).to(query.device)
+        weights = self.config.weights(self.state.n)
+        masks = self.state.grid_masks(grid).to(query.device)
         out = out.clone()
         for half, t_row in enumerate(targets):
             blocks = [KVBlock(key[t_row : t_row + 1], value[t_row : t_row + 1])]
@@ -92,7 +93,8 @@ def per_reference(mask_weights, n: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class FreeCustom(Method):
-    """FreeCustom settings (used by :class:`attnctrl.pipelines.FreeCustomPipeline`, which supplies the references).
+    """FreeCustom settings (used by :class:`attnctrl.pipelines.FreeCustomPipeline`, which supplies the references;
+    not a plugin: ``attnctrl.apply`` refuses it).
 
     Args that matter:
         mask_weights: bonus ``w_i`` of each reference's in-mask keys (one number for all, or one per reference);
@@ -132,12 +134,3 @@ class FreeCustom(Method):
 
     def weights(self, n: int) -> tuple[float, ...]:
         return per_reference(self.mask_weights, n)
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError(
-            "FreeCustom needs reference images: use attnctrl.pipelines.FreeCustomPipeline.from_pipe(pipe)"
-            "(prompt, references=[attnctrl.Reference(image, mask, prompt)])"
-        )
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

@@ -14,7 +14,7 @@ spec ``irdiffusion.md``. The target is generated with one reference per subject 
   subject ``i``'s region the target's cross-attention output is blended with its attention to reference ``i``'s
   prompt: ``O = (1 - lambda) O + lambda M_i``.
 
-Isolation is a query-dependent bias: it runs as :func:`~attnctrl.core.attention.grouped_attention` with one key-bias
+Isolation is a query-dependent bias: it runs as :func:`~attnctrl.kernels.attention.grouped_attention` with one key-bias
 vector per combination of subjects a query belongs to (and sees after the dropout), never a ``queries x keys`` mask. Only the rows inside subject
 regions are recomputed; every other row is the stock output, bit for bit. Repositioning gathers the projected keys
 and values (the key/value projections are linear, so this equals projecting repositioned hidden states on the
@@ -45,8 +45,9 @@ from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
 from ..kernels.attention import grouped_attention
+from .reference import ReferenceState
 
-__all__ = ["IRDiffusion", "IRAttnProcessor"]
+__all__ = ["IRDiffusion", "IRAttnProcessor", "IRState"]
 
 
 #: clamp of the official binarisation threshold (``binarize_mask`` in the official code)
@@ -117,17 +118,103 @@ def reposition_index(src_box, dst_box, grid, rule: str = "official") -> torch.Te
     return index.flatten()
 
 
+class IRState(ReferenceState):
+    """Reference state plus IR-Diffusion's target regions and, per layer grid, the subjects' token masks, reposition
+    maps and per-step dropout (what :class:`IRAttnProcessor` reads). Call :meth:`setup` before the call."""
+
+    def setup(self, config: IRDiffusion, layers, target_masks: torch.Tensor, msa_layers: set[str],
+              dropout_seed: int):
+        """Bind to a config, the target regions ``(N, H, W)`` (disjoint, binary, at the image's size), the names of
+        the reposition layers and the seed of the dropout's private generator."""
+        self.config = config
+        self.msa_layers = msa_layers
+        self.target_full = target_masks  # (N, H, W) disjoint binary, at the image's resolution
+        self._members: dict = {}
+        self._sources: dict = {}
+        self._source: dict = {}
+        self._dropout: dict = {}
+        self.dropout_gen = torch.Generator("cpu").manual_seed(int(dropout_seed))
+
+    @staticmethod
+    def _coverage(masks: torch.Tensor, grid) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(masks.float()[:, None], tuple(grid))[:, 0].flatten(1)  # (N, n) in [0, 1]
+
+    def members(self, grid) -> torch.Tensor:
+        """``(N, n)`` bool: the target tokens of each subject on a layer grid (``T_i``; see ``mask_rule``)."""
+        grid = tuple(grid)
+        if grid not in self._members:
+            if self.config.mask_rule == "official":
+                self._members[grid] = rescaled_grid_masks(self.target_full, grid, self.config.mask_threshold)
+            else:  # a token belongs to the subject covering most of it (ties: the larger region), if over half
+                cover = self._coverage(self.target_full, grid)
+                areas = self.target_full.flatten(1).sum(1)
+                best = (cover + 1e-6 * areas[:, None] / areas.max()).argmax(0)
+                owned = F.one_hot(best, self.n).T.bool()
+                self._members[grid] = owned & (cover.max(0).values > 0.5)
+        return self._members[grid]
+
+    def sources(self, grid) -> torch.Tensor:
+        """``(N, n)`` bool: each reference's mask on a layer grid (``S_i``; see ``mask_rule``)."""
+        grid = tuple(grid)
+        if grid not in self._sources:
+            if self.config.mask_rule == "official":
+                self._sources[grid] = rescaled_grid_masks(self.full_masks, grid, self.config.mask_threshold)
+            else:  # nearest sampling; a mask that misses every sample keeps its best-covered token
+                masks = self.grid_masks(grid).clone()
+                for i in torch.nonzero(~masks.any(1)).flatten().tolist():
+                    masks[i, self._coverage(self.masks[i][None], grid)[0].argmax()] = True
+                self._sources[grid] = masks
+        return self._sources[grid]
+
+    def _source_map(self, grid, i: int):
+        grid = tuple(grid)
+        key = (grid, i)
+        if key not in self._source:
+            h, w = grid
+            src, tgt = self.sources(grid)[i], self.members(grid)[i]
+            if not (torch.any(src) and torch.any(tgt)):  # absent on this grid: its reference block stays closed
+                self._source[key] = (torch.zeros(h * w, dtype=torch.long), torch.zeros(h * w, dtype=torch.bool))
+                return self._source[key]
+            t0y, t0x, t1y, t1x = box = box_of(tgt.view(h, w))
+            rule = "official" if self.config.mask_rule == "official" else "exact"
+            index = reposition_index(box_of(src.view(h, w)), box, grid, rule)
+            inside = torch.zeros(h, w, dtype=torch.bool)
+            inside[t0y:t1y, t0x:t1x] = True
+            self._source[key] = (index, inside.flatten() & src[index])
+        return self._source[key]
+
+    def source_index(self, grid, i: int) -> torch.Tensor:
+        """``(n,)`` reference token copied to each target token by the reposition of subject ``i``."""
+        return self._source_map(grid, i)[0]
+
+    def relocated_mask(self, grid, i: int) -> torch.Tensor:
+        """``(n,)`` bool: the relocated reference mask of subject ``i`` (inside its target box)."""
+        return self._source_map(grid, i)[1]
+
+    def dropout(self, grid, step: int) -> torch.Tensor:
+        """``(N, n)`` bool, drawn per subject, step and grid (as official): the target tokens that see their
+        reference this step; a subject that would lose every token keeps them all."""
+        key = (tuple(grid), step)
+        if key not in self._dropout:
+            members = self.members(grid)
+            keep = torch.rand(members.shape, generator=self.dropout_gen) >= self.config.dropout
+            keep[~(keep & members).any(1)] = True
+            self._dropout = {k: v for k, v in self._dropout.items() if k[1] == step}
+            self._dropout[key] = keep
+        return self._dropout[key]
+
+
 class IRAttnProcessor(AttnCtrlProcessor):
     """Isolation + reposition in self-attention, mutual attention in cross-attention (see the module docstring)."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, run, config: IRDiffusion):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: IRState, config: IRDiffusion):
         super().__init__(layer, controller)
-        self.run = run
+        self.state = state
         self.config = config
 
     def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
         out = self.stock_attention(query, key, value, attention_mask)
-        run, config = self.run, self.config
+        run, config = self.state, self.config
         if run.n == 0:
             return out
         targets, refs = run.rows(query.shape[0], self.ctl.cfg)
@@ -201,7 +288,8 @@ class IRAttnProcessor(AttnCtrlProcessor):
 
 @dataclass(frozen=True)
 class IRDiffusion(Method):
-    """IR-Diffusion settings (used by :class:`attnctrl.pipelines.IRDiffusionPipeline`, which supplies subjects).
+    """IR-Diffusion settings (used by :class:`attnctrl.pipelines.IRDiffusionPipeline`, which supplies subjects;
+    not a plugin: ``attnctrl.apply`` refuses it).
 
     Args that matter:
         mutual_lambda: blend of the mutual cross-attention inside subject regions (0.9 as the official run; 0 = off).
@@ -266,12 +354,3 @@ class IRDiffusion(Method):
 
     def weights(self, n: int) -> tuple[float, ...]:  # the reference pipeline checks per-reference weights
         return (0.0,) * n
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError(
-            "IR-Diffusion needs subjects: use attnctrl.pipelines.IRDiffusionPipeline.from_pipe(pipe)"
-            "(prompt, subjects=[attnctrl.pipelines.Subject(...)])"
-        )
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

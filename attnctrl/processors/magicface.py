@@ -39,8 +39,9 @@ from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
 from ..kernels.attention import KVBlock, grouped_attention, multi_block_attention
 from .freecustom import per_reference
+from .reference import ReferenceState
 
-__all__ = ["MagicFace", "MagicFaceAttnProcessor", "GAUSSIAN_3", "smooth3", "segment", "region_rate"]
+__all__ = ["MagicFace", "MagicFaceAttnProcessor", "MagicFaceState", "GAUSSIAN_3", "smooth3", "segment", "region_rate"]
 
 #: the official 3x3 smoothing: exp(-((x - mu) / (2 sigma))^2) with sigma 0.5, normalised ([0.2119, 0.5761, 0.2119])
 GAUSSIAN_3 = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2)
@@ -90,18 +91,103 @@ def region_rate(delta: torch.Tensor, concept: torch.Tensor, fg: torch.Tensor, gu
     return smooth3(rate)
 
 
+
+class MagicFaceState(ReferenceState):
+    """Reference state plus MagicFace's per-call token maps, segmentation and stage (what the processors read).
+
+    Call :meth:`setup` once the processors are installed; the pipeline calls :meth:`end_call` after every UNet call.
+    """
+
+    def setup(self, config: MagicFace, layers, ref_tokens: list[list[int]], steps: int, guidance: float):
+        """Bind the state to a config, the denoiser's layer map, the references' token indices and the schedule."""
+        self.config = config
+        self.ref_tokens = ref_tokens
+        self.ca_scale = config.scale_for(self.n)
+        inject = config.inject_step
+        self.inject = round(inject * steps) if isinstance(inject, float) else int(inject)
+        self.guidance = guidance
+        self.seg_grid = (self.latent_hw[0] // 2, self.latent_hw[1] // 2)
+        self.reference_layers = {la.name for la in layers.select(config.layers) if la.kind == "self"}
+        self.store_layers = {la.name for la in layers if la.downsample in STORE_DOWNSAMPLES}
+        self.recording = True
+        self.qk: dict[str, tuple] = {}
+        self.concept = None  # (T, H/2, W/2) bool, from the previous UNet call
+        self.fg = None
+        self.step = 0
+        self._reset_sums()
+
+    def _reset_sums(self):
+        self.token_sum = None
+        self.fg_sum = None
+        self.layers_recorded = 0
+
+    def stage(self) -> int:
+        return 2 if self.concept is not None and self.step > self.inject else 1
+
+    @torch.no_grad()
+    def record(self, grid, q_self, k_self, q_cross, k_cross) -> None:
+        """Add one block's token maps ``(A C + 3 A (A C)) / 4`` (spec §6) to the running sums."""
+        heads = q_self.shape[1]
+        scale = q_cross.shape[-1] ** -0.5
+        cross = torch.softmax(q_cross.float() @ k_cross.float().transpose(-1, -2) * scale, -1).mean(1)  # (B2, n, T)
+        q, k = q_self.float(), k_self.float()
+
+        def propagate(values):  # head-mean of softmax(q k^T / sqrt(d)) @ values, without the n x n map
+            return F.scaled_dot_product_attention(q, k, values.unsqueeze(1).expand(-1, heads, -1, -1)).mean(1)
+
+        ac = propagate(cross)
+        maps = (ac + 3 * propagate(ac)) / 4  # (B2, n, T)
+        b2, n, t = maps.shape
+        maps = maps.transpose(1, 2).reshape(b2, t, *grid)
+        if tuple(grid) != self.seg_grid:
+            maps = F.interpolate(maps, size=self.seg_grid, mode="bilinear", align_corners=False)
+        maps = smooth3(maps)
+        cond = maps[-1]
+        cond = cond / (cond.mean((-2, -1), keepdim=True) + 1e-8)
+        uncond = maps[0]
+        pair = torch.stack([uncond[0], uncond[1:].sum(0)])
+        pair = pair / (pair.mean((-2, -1), keepdim=True) + 1e-8)
+        self.token_sum = cond if self.token_sum is None else self.token_sum + cond
+        self.fg_sum = pair if self.fg_sum is None else self.fg_sum + pair
+        self.layers_recorded += 1
+
+    def end_call(self) -> None:
+        """After a UNet call: segment from its maps (kept for the next call), reset the sums, count the step."""
+        if self.layers_recorded:
+            self.concept, self.fg = segment(self.token_sum, self.fg_sum, self.layers_recorded, self.ref_tokens,
+                                            self.ca_scale)
+        self._reset_sums()
+        self.qk.clear()
+        self.step += 1
+
+    def reference_masks(self) -> torch.Tensor:
+        """``(N, H/2, W/2)`` boolean segmentation of each reference's word (union of its tokens)."""
+        if self.concept is None:
+            raise AttnCtrlError("no segmentation yet")
+        return torch.stack([self.concept[tokens].any(0) for tokens in self.ref_tokens])
+
+    def groups(self, grid) -> torch.Tensor:
+        """``(h * w,)`` group ids on a layer grid: 0 = no concept, i = concept i (the last one wins)."""
+        masks = self.reference_masks().float()[:, None]
+        masks = F.interpolate(masks, size=tuple(grid), mode="nearest")[:, 0].flatten(1) > 0.5
+        ids = torch.zeros(masks.shape[1], dtype=torch.long, device=masks.device)
+        for i in range(self.n):
+            ids[masks[i]] = i + 1
+        return ids
+
+
 class MagicFaceAttnProcessor(AttnCtrlProcessor):
     """RSA / RBA in the reference layers; token-map recording in the latent/2, /4, /8 layers."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, run, config: MagicFace):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: MagicFaceState, config: MagicFace):
         super().__init__(layer, controller)
-        self.run = run
+        self.state = state
         self.config = config
         self.block = layer.name.rsplit(".", 2)[0]
 
     def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
         out = self.stock_attention(query, key, value, attention_mask)
-        run = self.run
+        run = self.state
         cfg = self.ctl.cfg
         targets, refs = run.rows(query.shape[0], cfg)
         store = self.layer.name in run.store_layers and run.recording
@@ -121,7 +207,7 @@ class MagicFaceAttnProcessor(AttnCtrlProcessor):
 
     def _reference(self, query, key, value, out, t, refs):
         """RSA or RBA for the conditional target row ``t`` (spec §5.4-5.5)."""
-        run, config = self.run, self.config
+        run, config = self.state, self.config
         grid = self.layer.grid(self.ctl.call.grid)
         masks = run.grid_masks(grid).to(query.device)
         weights = config.weights(run.n)
@@ -151,7 +237,8 @@ class MagicFaceAttnProcessor(AttnCtrlProcessor):
 
 @dataclass(frozen=True)
 class MagicFace(Method):
-    """MagicFace settings (used by :class:`attnctrl.pipelines.MagicFacePipeline`, which supplies the references).
+    """MagicFace settings (used by :class:`attnctrl.pipelines.MagicFacePipeline`, which supplies the references;
+    not a plugin: ``attnctrl.apply`` refuses it).
 
     Args that matter:
         ref_words: the word of the target prompt each reference binds to (e.g. ["woman", "hat"]).
@@ -209,12 +296,3 @@ class MagicFace(Method):
         store = [la for la in ctl.layers if la.downsample in STORE_DOWNSAMPLES]
         names = {la.name for la in reference} | {la.name for la in store}
         return [la for la in ctl.layers if la.name in names]
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError(
-            "MagicFace needs reference images: use attnctrl.pipelines.MagicFacePipeline.from_pipe(pipe)"
-            "(prompt, references=[...], ref_words=[...])"
-        )
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

@@ -79,7 +79,7 @@ class PrimeState(MethodState):
 class PrimeComposerAttnProcessor(AttnCtrlProcessor):
     """CD pseudo cross-attention, attention steering and RCA (see the module docstring)."""
 
-    def __init__(self, layer: LayerInfo, controller: Controller, state: PrimeState, config=None):
+    def __init__(self, layer: LayerInfo, controller: Controller, state: PrimeState, config: PrimeComposer | None = None):
         super().__init__(layer, controller)
         self.state = state
 
@@ -191,10 +191,3 @@ class PrimeComposer(Method):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
-
-    def create_state(self, ctl, layers):
-        raise AttnCtrlError("PrimeComposer needs a background and a reference: use "
-                            "attnctrl.pipelines.PrimeComposerPipeline.from_pipe(pipe)")
-
-    def make_processor(self, layer, ctl, state):  # pragma: no cover - create_state raises first
-        raise NotImplementedError

@@ -15,14 +15,14 @@ from attnctrl.core import (
     Controller,
     LayerConflictError,
     LayerSelectionError,
-    Method,
     MethodState,
+    Plugin,
     UnsupportedModelError,
 )
 
 
 @dataclass(frozen=True)
-class Passthrough(Method):
+class Passthrough(Plugin):
     """Controller-managed processors that do nothing."""
 
     tag: int = 0
@@ -195,7 +195,7 @@ def test_step_tracking(fam):
     assert steps == [0, 1, 2, 0, 1] and runs == 2
 
 
-def probe(record, layers=None) -> Method:
+def probe(record, layers=None) -> Plugin:
     """A method whose processors call ``record(processor, q, text_len)`` and otherwise do nothing."""
 
     class Probe(AttnCtrlProcessor):
