@@ -244,7 +244,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
     ),
 )
 
-#: name -> entry (built-in, then the ``attnctrl.methods`` entry points)
+#: name -> entry (built-in; the ``attnctrl.methods`` entry points join on first use of :func:`entries` / :func:`entry`)
 REGISTRY: dict[str, MethodEntry] = {}
 
 
@@ -259,9 +259,15 @@ def register(item: MethodEntry, replace: bool = False) -> MethodEntry:
 
 
 def _load_entry_points() -> None:
+    """Register the methods of the ``attnctrl.methods`` entry points not registered yet (called on first use of
+    the registry, not at import: a plug-in imports attnctrl itself)."""
     from importlib.metadata import entry_points
 
+    global _LOADED
+    _LOADED = True
     for ep in entry_points(group="attnctrl.methods"):
+        if ep.name in REGISTRY:
+            continue
         try:
             item = ep.load()
             register(item() if callable(item) and not isinstance(item, MethodEntry) else item)
@@ -269,9 +275,9 @@ def _load_entry_points() -> None:
             logger.warning("attnctrl: cannot load the method entry point %s (%s): %s", ep.name, ep.value, e)
 
 
+_LOADED = False
 for _item in BUILTIN:
     register(_item)
-_load_entry_points()
 
 
 def _key(name: str) -> str:
@@ -281,6 +287,8 @@ def _key(name: str) -> str:
 def entry(name: str) -> MethodEntry:
     """The registry entry of method ``name`` (e.g. ``"attention-maps"``); a clear error naming the methods."""
     key = _key(name)
+    if key not in REGISTRY and not _LOADED:
+        _load_entry_points()
     if key not in REGISTRY:
         raise AttnCtrlError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
@@ -292,4 +300,7 @@ def get(name: str) -> type[Method]:
 
 
 def entries() -> list[MethodEntry]:
+    """Every registered method: the built-in ones, then those of the ``attnctrl.methods`` entry points."""
+    if not _LOADED:
+        _load_entry_points()
     return list(REGISTRY.values())
