@@ -232,3 +232,14 @@ def test_sdxl_smoke(tmp_path):
              num_inference_steps=2, max_iter_to_alter=1, iterative_steps=(), height=256, width=256,
              output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 256, 256, 3) and np.isfinite(out.images).all()
+
+
+def test_a_layers_option_is_refused_not_dropped():
+    """CLoRA's recorded layers are record_layers; the inherited layers option would be silently ignored."""
+    import pytest
+
+    from attnctrl.core import AttnCtrlError
+    from attnctrl.methods import CLoRA
+
+    with pytest.raises(AttnCtrlError, match="record_layers; it has no layers option"):
+        CLoRA(layers="cross")

@@ -214,6 +214,8 @@ class CLoRA(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layers is not None:  # inherited from Method; CLoRA's layers are the recorded ones, never ignored
+            raise AttnCtrlError("CLoRA chooses the layers it records with record_layers; it has no layers option")
         if self.step_size < 0 or self.max_iter_to_alter < 0 or self.iterative_steps_steps < 0:
             raise AttnCtrlError("step_size, max_iter_to_alter and iterative_steps_steps must be >= 0")
         if self.temperature <= 0:
