@@ -237,7 +237,7 @@ def test_generate_cli_with_agent(tmp_path):
     from attnctrl.cli.main import cli
 
     result = CliRunner().invoke(cli, ["generate", "-m", "tiny-sd15", "-p", "a cat", "--steps", "2", "--method",
-                                      "agent", "--agent-ratio", "0.9", "--switch-step", "0.5", "-o", str(tmp_path)])
+                                      "agent", "--opt", "agent_ratio=0.9", "--opt", "switch_step=0.5", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     from attnctrl.io import read_png_metadata
 

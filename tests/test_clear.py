@@ -282,7 +282,7 @@ def test_generate_cli_with_clear(tmp_path):
     from attnctrl.cli.main import cli
 
     result = CliRunner().invoke(cli, ["generate", "-m", "tiny-flux", "-p", "a cat", "--steps", "1", "--seed", "0",
-                                      "--method", "clear", "--radius", "4", "--backend", "tiled", "-o",
+                                      "--method", "clear", "--opt", "radius=4", "--opt", "backend=tiled", "-o",
                                       str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*.png"))) == 1
