@@ -116,24 +116,20 @@ class MethodEntry:
             raise AttnCtrlError(f"method {self.config.__name__}: prompts is 'one' or 'many'")
 
 
-def _options(config: Method) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config)}
-
-
 # -- how each pipeline method is called -------------------------------------------------------------------------------
 def _with_references(pipeline, config, prompts, inputs, **kwargs):
-    return pipeline(prompts[0], references=inputs["references"], **_options(config), **kwargs)
+    return pipeline(prompts[0], references=inputs["references"], config=config, **kwargs)
 
 
 def _with_subjects(pipeline, config, prompts, inputs, **kwargs):
-    return pipeline(prompts[0], subjects=inputs["subjects"], **_options(config), **kwargs)
+    return pipeline(prompts[0], subjects=inputs["subjects"], config=config, **kwargs)
 
 
 def _clora(pipeline, config, prompts, inputs, **kwargs):
     from .pipelines.clora import branches
 
     kwargs.pop("num_images_per_prompt", None)
-    return pipeline(*branches(prompts[0], inputs["loras"]), **_options(config), **kwargs)
+    return pipeline(*branches(prompts[0], inputs["loras"]), config=config, **kwargs)
 
 
 def _clora_prepare(pipeline, config, prompts, inputs) -> None:
@@ -144,12 +140,12 @@ def _clora_prepare(pipeline, config, prompts, inputs) -> None:
 def _primecomposer(pipeline, config, prompts, inputs, **kwargs):
     comp = inputs["composition"][0]
     return pipeline(comp.background, comp.object, comp.mask, location=comp.fractions(), prompt=prompts[0],
-                    **_options(config), **kwargs)
+                    config=config, **kwargs)
 
 
 def _ditctrl(pipeline, config, prompts, inputs, **kwargs):
     kwargs.pop("num_images_per_prompt", None)
-    return pipeline(list(prompts), **_options(config), **kwargs)
+    return pipeline(list(prompts), config=config, **kwargs)
 
 
 _EXAMPLE_REF = {"image": "striped-red-circle.png", "mask": "striped-red-circle-mask.png",

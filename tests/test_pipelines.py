@@ -370,3 +370,20 @@ def test_a_plugin_on_the_base_pipeline_composes_with_a_method_call():
         out = output(freecustom(FreeCustomPipeline.from_pipe(pipe), "sd15", output_type="np"))
         assert attnctrl.applied(pipe) == [agent] and agent.controller.pipe is pipe
     np.testing.assert_allclose(out, plain, atol=1e-5)
+
+
+def test_a_ready_config_is_taken_as_is_and_not_with_option_keywords():
+    """The run layer hands a method pipeline the config it validated (config=), never rebuilt from its fields."""
+    import pytest
+
+    from attnctrl.core import AttnCtrlError
+    from attnctrl.methods import CLoRA, FreeCustom
+    from attnctrl.pipelines.base import call_config
+
+    config = FreeCustom(mask_weights=2.0)
+    assert call_config(FreeCustom, config, {}) is config
+    assert call_config(FreeCustom, None, {"mask_weights": 2.0}) == config
+    with pytest.raises(AttnCtrlError, match="not both"):
+        call_config(FreeCustom, config, {"mask_weights": 3.0})
+    with pytest.raises(AttnCtrlError, match="must be a FreeCustom, not a CLoRA"):
+        call_config(FreeCustom, CLoRA(), {})

@@ -27,7 +27,7 @@ from ..core.controller import Method
 from ..core.errors import AttnCtrlError, UnsupportedModelError
 from ..core.families import detect_family
 
-__all__ = ["MethodPipeline", "upcast_vae", "encode", "decode", "check_callback", "run_callback"]
+__all__ = ["MethodPipeline", "upcast_vae", "encode", "decode", "check_callback", "run_callback", "call_config"]
 
 _FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX", "cogvideox": "CogVideoX"}
 
@@ -98,6 +98,18 @@ def decode(pipe, latents: torch.Tensor, output_type: str | None = "pil"):
                 z = z + shift
         images = vae.decode(z, return_dict=False)[0]
     return images if output_type is None else pipe.image_processor.postprocess(images, output_type=output_type)
+
+
+def call_config(config_class: type, config, options: dict):
+    """A call's method config: ``config=`` (built and validated once, where the request was checked) or one built
+    from the option keywords, not both."""
+    if config is None:
+        return config_class(**options)
+    if not isinstance(config, config_class):
+        raise AttnCtrlError(f"config must be a {config_class.__name__}, not a {type(config).__name__}")
+    if options:
+        raise AttnCtrlError(f"give config= or option keywords, not both (got {', '.join(sorted(options))})")
+    return config
 
 
 def check_callback(callback, tensor_inputs, allowed) -> list[str]:

@@ -27,7 +27,7 @@ from ..core.controller import bind
 from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
 from ..processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, lora_masks, min_max, nt_xent
-from .base import MethodPipeline, check_callback, decode, run_callback
+from .base import MethodPipeline, call_config, check_callback, decode, run_callback
 
 __all__ = ["CLoRAPipeline", "CLoRAState"]
 
@@ -124,7 +124,7 @@ class CLoRAPipeline(MethodPipeline):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height=None, width=None, generator=None,
                  latents=None, output_type: str = "pil", return_dict: bool = True, num_images_per_prompt: int = 1,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options):
-        config = CLoRA(**options)
+        config = call_config(CLoRA, options.pop("config", None), options)
         if num_images_per_prompt != 1:
             raise AttnCtrlError("CLoRA makes one fused image per call; loop over seeds for more")
         callback_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,

@@ -34,7 +34,7 @@ from ..core.controller import bind
 from ..core.errors import AttnCtrlError, UnsupportedModelError
 from ..core.tokens import token_indices
 from ..processors.ditctrl import DiTCtrl, DiTCtrlAttnProcessor, DiTCtrlState
-from .base import MethodPipeline, check_callback, decode, run_callback
+from .base import MethodPipeline, call_config, check_callback, decode, run_callback
 
 __all__ = ["DiTCtrlPipeline", "plan_segments", "triangular_weights"]
 
@@ -79,7 +79,7 @@ class DiTCtrlPipeline(MethodPipeline):
         from diffusers.schedulers import CogVideoXDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
-        config = DiTCtrl(**options)
+        config = call_config(DiTCtrl, options.pop("config", None), options)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise AttnCtrlError("prompts must be a non-empty list of non-empty strings")

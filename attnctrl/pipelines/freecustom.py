@@ -21,7 +21,7 @@ import torch
 from ..core.controller import Method, bind
 from ..core.errors import AttnCtrlError
 from ..processors.freecustom import FreeCustom, MRSAAttnProcessor
-from .base import MethodPipeline
+from .base import MethodPipeline, call_config
 from .reference import Reference, ReferenceRun
 
 __all__ = ["ReferencePipeline", "FreeCustomPipeline"]
@@ -68,9 +68,10 @@ class ReferencePipeline(MethodPipeline):
         return (int(gen.initial_seed()) + 1) % 2**63 if isinstance(gen, torch.Generator) else 0
 
     def _config(self, options: dict):
+        """The call's config: ``config=`` or the option keywords among ``options`` (taken out of it)."""
         names = {f.name for f in fields(self.config_class)}
         config_kwargs = {k: options.pop(k) for k in list(options) if k in names}
-        return self.config_class(**config_kwargs)
+        return call_config(self.config_class, options.pop("config", None), config_kwargs)
 
     run_class = ReferenceRun
 

@@ -43,7 +43,7 @@ from ..core.errors import AttnCtrlError
 from ..core.masks import box_mask, is_box, is_fraction_box, load_mask, mask_box
 from ..core.tokens import token_indices
 from ..processors.primecomposer import PrimeComposer, PrimeComposerAttnProcessor, PrimeState
-from .base import MethodPipeline, check_callback, decode, encode, run_callback
+from .base import MethodPipeline, call_config, check_callback, decode, encode, run_callback
 from .dpm_solver import DPMSolverPP
 from .reference import _load_image
 
@@ -165,7 +165,7 @@ class PrimeComposerPipeline(MethodPipeline):
                  callback_on_step_end_tensor_inputs=("latents",), **options):
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-        config = PrimeComposer(**options)
+        config = call_config(PrimeComposer, options.pop("config", None), options)
         if num_images_per_prompt != 1:
             raise AttnCtrlError("PrimeComposer makes one composite per call; loop over seeds for more")
         callback_inputs = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
