@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.controller import Handle, Method, MethodState, apply
+from ...core.controller import Handle, MethodState, Plugin, apply
 from ...core.processor import AttnCtrlProcessor
 from ...kernels.attention import KVBlock, multi_block_attention
 from ...processors.clora import CrossAttnRecorder
@@ -51,7 +51,7 @@ class CrossAttentionMaps(MethodState):
 
 
 @dataclass(frozen=True)
-class _RecordCrossAttention(Method):
+class _RecordCrossAttention(Plugin):
     name = "toyworld-cross-attention-maps"
     families = ("sd",)
     kinds = ("cross",)
@@ -111,7 +111,7 @@ class ReferenceAttnProcessor(AttnCtrlProcessor):
 
 
 @dataclass(frozen=True)
-class _ReferenceTraining(Method):
+class _ReferenceTraining(Plugin):
     name = "toyworld-reference-training"
     families = ("sd",)
     kinds = ("self",)
