@@ -10,6 +10,7 @@
 from . import methods, pipelines
 from .core import (
     AttnCtrlError,
+    AttnCtrlWarning,
     LayerConflictError,
     LayerSelectionError,
     ModelNotAvailableError,
@@ -28,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "applied", "describe", "methods", "pipelines", "Reference", "load_pipeline", "tiny_pipeline",
     "DEFAULT_MODEL",
-    "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
+    "AttnCtrlError", "AttnCtrlWarning", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
     "UnsupportedModelError", "__version__",
 ]

@@ -7,12 +7,14 @@ selected probabilities) are the ground floor below core: :mod:`attnctrl.kernels.
 from .controller import Controller, Handle, Method, MethodState, Plugin, applied, apply, bind, remove
 from .errors import (
     AttnCtrlError,
+    AttnCtrlWarning,
     LayerConflictError,
     LayerSelectionError,
     ModelNotAvailableError,
     NotAPluginError,
     TokenLookupError,
     UnsupportedModelError,
+    notice,
 )
 from .families import FAMILIES, CallInfo, Family, detect_family, find_denoiser
 from .layers import LayerInfo, LayerMap, describe
@@ -23,6 +25,6 @@ from .tokens import find_token_indices, token_indices
 __all__ = [
     "Controller", "Handle", "Method", "MethodState", "Plugin", "applied", "apply", "bind", "remove",
     "AttnCtrlError", "LayerConflictError", "LayerSelectionError", "ModelNotAvailableError", "TokenLookupError",
-    "UnsupportedModelError", "NotAPluginError", "FAMILIES", "CallInfo", "Family", "detect_family", "find_denoiser", "LayerInfo",
+    "UnsupportedModelError", "NotAPluginError", "AttnCtrlWarning", "notice", "FAMILIES", "CallInfo", "Family", "detect_family", "find_denoiser", "LayerInfo",
     "LayerMap", "describe", "AttnCtrlProcessor", "AttentionStore", "find_token_indices", "token_indices",
 ]

@@ -6,10 +6,12 @@ re-exported here; ``attnctrl.core.errors.AttnCtrlError is attnctrl.errors.AttnCt
 
 from __future__ import annotations
 
-from ..errors import AttnCtrlError
+from ..errors import AttnCtrlError, AttnCtrlWarning, notice
 
 __all__ = [
     "AttnCtrlError",
+    "AttnCtrlWarning",
+    "notice",
     "UnsupportedModelError",
     "LayerSelectionError",
     "LayerConflictError",
