@@ -7,7 +7,9 @@ instead of a traceback. The specific errors are in :mod:`attnctrl.core.errors`.
 
 from __future__ import annotations
 
-__all__ = ["AttnCtrlError", "AttnCtrlWarning", "notice"]
+import contextlib
+
+__all__ = ["AttnCtrlError", "AttnCtrlWarning", "notice", "quiet_libraries"]
 
 
 class AttnCtrlError(ValueError):
@@ -26,3 +28,32 @@ def notice(message: str, stacklevel: int = 2) -> None:
     import warnings
 
     warnings.warn(message, AttnCtrlWarning, stacklevel=stacklevel + 1)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence diffusers', transformers' and peft's logs and progress bars for the block: attnctrl reports what went
+    wrong itself, in one sentence (a LoRA of another model makes diffusers log every mismatched weight)."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    peft = logging.getLogger("peft")
+    old = (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(),
+           peft.level)
+    dlog.set_verbosity(logging.CRITICAL + 1)
+    tlog.set_verbosity(logging.CRITICAL + 1)
+    peft.setLevel(logging.CRITICAL + 1)
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+        peft.setLevel(old[4])
+        if old[2]:
+            dlog.enable_progress_bar()
+        if old[3]:
+            tlog.enable_progress_bar()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .core.errors import AttnCtrlError
 
-__all__ = ["LoraBranch", "Composition", "InputKind", "KINDS", "kind", "split_spec", "check_text",
+__all__ = ["LoraBranch", "Composition", "InputKind", "KINDS", "kind", "split_spec", "check_text", "check_lora_file",
            "parse_reference", "parse_subject", "parse_lora", "parse_composition"]
 
 
@@ -107,6 +107,57 @@ def _file(path, label: str, base: Path | None = None) -> str:
     return str(p)
 
 
+def _image_size(path: str, label: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file, decoded whole (a text file named ``.png`` or a truncated file is an
+    error now, not after the model has loaded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise AttnCtrlError(f"{label}: {path} is not an image that can be read ({str(e).splitlines()[0]})") from None
+
+
+def _mask_pixels(path: str, label: str):
+    """The mask file decoded (as :func:`attnctrl.core.masks.load_mask` reads it), not empty."""
+    from .core.masks import load_mask
+
+    _image_size(path, label)
+    mask = load_mask(path)
+    if not bool((mask > 0.5).any()):
+        raise AttnCtrlError(f"{label}: the mask {path} is empty (all black); white marks the region")
+    return mask
+
+
+def check_lora_file(path: str, label: str) -> None:
+    """A LoRA file attnctrl can read: safetensors (or a PyTorch ``.bin``/``.pt`` state dict) holding LoRA weights
+    (``lora_A``/``lora_B``, ``lora_down``/``lora_up``, ...), all finite. Whether its keys and shapes fit the model is
+    checked when it is loaded, before any generation."""
+    import torch
+
+    try:
+        if path.lower().endswith((".bin", ".pt", ".pth", ".ckpt")):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = dict(state) if isinstance(state, dict) else {}
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+    except Exception as e:  # safetensors and torch raise their own types for files that are not theirs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AttnCtrlError(f"{label}: {path} is not a LoRA file (safetensors or a PyTorch state dict): {first}") \
+            from None
+    keys = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and "lora" in k.lower()]
+    if not keys:
+        raise AttnCtrlError(f"{label}: {path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
+    bad = next((k for k in keys if not torch.isfinite(tensors[k]).all()), None)
+    if bad is not None:
+        raise AttnCtrlError(f"{label}: {path} has weights that are not finite (NaN or infinity, e.g. {bad}); the "
+                            f"file is damaged or was trained into NaN")
+
+
 # -- the shorthands ----------------------------------------------------------------------------------------------------
 def parse_reference(spec: str, index: int, base: Path | None = None):
     """``IMAGE[:MASK][:PROMPT]`` -> :class:`~attnctrl.pipelines.Reference` (the prompt may contain colons; a prompt
@@ -134,24 +185,43 @@ def _reference(value: dict, index: int, base, Reference, label: str = "reference
     extra = {k: value[k] for k in ("mask_threshold", "fit") if k in value}
     ref = Reference(image, mask, check_text(value.get("prompt") or "", f"{label}: the prompt"),
                     name=value.get("name") or Path(image).name, **extra)
-    ref.load(index)  # the image and mask are readable, of one size, and the mask is not empty
+    ref.load(index, label)  # the image and mask are readable, of one size, and the mask is not empty
     return ref
 
 
 def _region(value, label: str, base):
-    if value is None or isinstance(value, (list, tuple)):
-        if value is not None and (len(value) != 4 or not all(isinstance(v, (int, float)) for v in value)):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise AttnCtrlError(f"{label}: a region is a box [x0, y0, x1, y1] or a mask file, got {value!r}")
-        return tuple(float(v) for v in value) if value is not None else None
-    parts = str(value).split(",")
+        return _box(tuple(float(v) for v in value), label)
+    if not isinstance(value, str):
+        raise AttnCtrlError(f"{label}: a region is a box [x0, y0, x1, y1] or a mask file, got {value!r}")
+    parts = value.split(",")
     if len(parts) == 4:
         try:
-            return tuple(float(p) for p in parts)
+            box = tuple(float(p) for p in parts)
         except ValueError:
             raise AttnCtrlError(f"{label}: region {value!r} is not x0,y0,x1,y1") from None
+        return _box(box, label)
     if Path(value).is_file() or (base is not None and (base / value).is_file()):
-        return _file(value, f"{label}: region", base)
+        path = _file(value, f"{label}: region", base)
+        _mask_pixels(path, f"{label}: region")
+        return path
     raise AttnCtrlError(f"{label}: region {value!r} is neither a box x0,y0,x1,y1 nor a mask file")
+
+
+def _box(box: tuple, label: str) -> tuple:
+    """A region box ``x0, y0, x1, y1`` (fractions, or pixels when a value is above 1): finite, not negative, with
+    ``x0 < x1`` and ``y0 < y1``."""
+    if not all(math.isfinite(v) for v in box) or min(box) < 0:
+        raise AttnCtrlError(f"{label}: the region box must be finite and not negative, got {list(box)}")
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        raise AttnCtrlError(f"{label}: the region box is x0,y0,x1,y1 with x0 < x1 and y0 < y1 (corners, not a size), "
+                            f"got {x0:g},{y0:g},{x1:g},{y1:g}")
+    return box
 
 
 def parse_subject(spec: str, index: int, base: Path | None = None):
@@ -218,7 +288,9 @@ def _lora(value: dict, index: int, base) -> LoraBranch:
     prompt = check_text(value.get("prompt") or "", f"{label}: the prompt").strip()
     if not words or not prompt:
         raise AttnCtrlError(f"{label}: give its trigger words (e.g. 'sks dog') and its own prompt")
-    return LoraBranch(_file(value.get("path"), f"{label}: LoRA", base), words, prompt)
+    path = _file(value.get("path"), label, base)
+    check_lora_file(path, label)
+    return LoraBranch(path, words, prompt)
 
 
 def parse_composition(spec: str, index: int = 0, base: Path | None = None) -> Composition:
@@ -248,7 +320,14 @@ def _composition(value: dict, index: int, base) -> Composition:
     comp = Composition(_file(value["background"], "composition: background", base),
                        _file(value["object"], "composition: object", base), box,
                        _file(value["mask"], "composition: mask", base) if value.get("mask") else None)
-    comp.fractions()  # the background is readable and the box meets it
+    _image_size(comp.background, "composition: background")
+    size = _image_size(comp.object, "composition: object")
+    if comp.mask is not None:
+        mask = _mask_pixels(comp.mask, "composition: mask")
+        if (mask.shape[1], mask.shape[0]) != size:
+            raise AttnCtrlError(f"composition: the mask is {mask.shape[1]}x{mask.shape[0]} but the object image is "
+                                f"{size[0]}x{size[1]}; they must have the same size")
+    comp.fractions()  # the box meets the background
     return comp
 
 

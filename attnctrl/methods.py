@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .core.controller import Method
 from .core.errors import AttnCtrlError
@@ -65,6 +65,11 @@ class MethodEntry:
     * ``speedup``: the app offers it as a switch beside every tab instead of a tab of its own.
     * ``examples``: job-file objects (paths relative to the shipped examples folder).
     * ``command``: ``"module:click_command"`` of a training tool, mounted as ``attnctrl distill NAME``.
+    * ``check(config, prompts, inputs)``: the method's own rules that need no model (words in prompts, one value
+      per input), run by :func:`attnctrl.run.validate` before any model loads.
+    * ``defaults``: generation settings the method documents (``num_inference_steps``, ``guidance_scale``); they
+      win over the model's recommended settings and the base pipeline's defaults; ``None``: the method's pipeline
+      decides (e.g. a guidance per domain).
     """
 
     config: type[Method]
@@ -81,6 +86,8 @@ class MethodEntry:
     controls: tuple[Control, ...] = ()
     examples: tuple[dict, ...] = ()
     command: str | None = None
+    check: Callable | None = None
+    defaults: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -148,6 +155,62 @@ def _ditctrl(pipeline, config, prompts, inputs, **kwargs):
     return pipeline(list(prompts), config=config, **kwargs)
 
 
+# -- the rules each method checks before any model loads ----------------------------------------------------------------
+def words_in(prompt: str, words, label: str) -> None:
+    """Each of ``words`` occurs in ``prompt`` (case-insensitive text; the tokens are checked once the model is
+    loaded), else one error naming the word and the prompt."""
+    for word in words:
+        if word.strip().lower() not in prompt.lower():
+            raise AttnCtrlError(f"{label} {word!r}: not in the prompt {prompt!r}; use words of the prompt")
+
+
+def _one_per(values, n: int, what: str, per: str) -> None:
+    count = len(values) if isinstance(values, (tuple, list)) else 1
+    if count not in (1, n):
+        raise AttnCtrlError(f"{count} {what} given for {n} {per}; give one, or one per {per.rstrip('s')}")
+
+
+def _check_maps(config, prompts, inputs) -> None:
+    words_in(prompts[0], config.words, "the heat-map word")
+
+
+def _check_freecustom(config, prompts, inputs) -> None:
+    _one_per(config.mask_weights, len(inputs["references"]), "mask weights", "references")
+
+
+def _check_magicface(config, prompts, inputs) -> None:
+    refs = inputs["references"]
+    if len(config.ref_words) != len(refs):
+        raise AttnCtrlError(f"ref_words must name one word of the prompt per reference: {len(config.ref_words)} "
+                            f"word(s) for {len(refs)} reference(s) (--opt ref_words=WORD1,WORD2)")
+    words_in(prompts[0], config.ref_words, "ref_words: the word")
+    _one_per(config.mask_weights, len(refs), "mask weights", "references")
+
+
+def _check_irdiffusion(config, prompts, inputs) -> None:
+    for i, subject in enumerate(inputs["subjects"]):
+        words_in(prompts[0], [subject.word], f"subject {i + 1}: the word")
+        if subject.reference is None:
+            words_in(subject.prompt, [subject.word], f"subject {i + 1}: the word")
+
+
+def _check_clora(config, prompts, inputs) -> None:
+    for i, branch in enumerate(inputs["loras"]):
+        words_in(branch.prompt, [branch.words], f"LoRA {i + 1}: the trigger words")
+
+
+def _check_primecomposer(config, prompts, inputs) -> None:
+    words_in(prompts[0], config.rca_words or (), "rca_words: the word")
+
+
+def _check_ditctrl(config, prompts, inputs) -> None:
+    words = list(config.subject_words)
+    if words:
+        _one_per(words, len(prompts), "subject_words", "prompts")
+        for i, prompt in enumerate(prompts):
+            words_in(prompt, [words[i] if len(words) > 1 else words[0]], f"prompt {i + 1}: the subject word")
+
+
 _EXAMPLE_REF = {"image": "striped-red-circle.png", "mask": "striped-red-circle-mask.png",
                 "prompt": "a striped red circle in the middle and a yellow circle on the right"}
 _EXAMPLE_SQUARE = {"image": "striped-green-square.png", "mask": "striped-green-square-mask.png",
@@ -156,7 +219,7 @@ _EXAMPLE_SQUARE = {"image": "striped-green-square.png", "mask": "striped-green-s
 BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         AttentionMaps, "Attention maps", "Heat maps of where each named word went (DAAM-style cross-attention).",
-        controls=(Control("words", "Heat maps of words (comma-separated)"),),
+        controls=(Control("words", "Heat maps of words (comma-separated)"),), check=_check_maps,
         examples=({"prompt": "a red circle on the left and a blue square on the right",
                    "options": {"words": ["circle", "square"]}},),
     ),
@@ -177,7 +240,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         FreeCustom, "FreeCustom", "One reference image per concept, composed by multi-reference self-attention.",
         inputs=("references",), pipeline="attnctrl.pipelines:FreeCustomPipeline", call=_with_references,
-        mask_names=lambda config, inputs: [r.name for r in inputs["references"]],
+        mask_names=lambda config, inputs: [r.name for r in inputs["references"]], check=_check_freecustom,
         controls=(Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),),
         examples=({"prompt": "a circle in the middle", "references": [_EXAMPLE_REF],
                    "options": {"mask_weights": 2.0}},),
@@ -187,6 +250,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
         "blend attention.",
         inputs=("references",), pipeline="attnctrl.pipelines:MagicFacePipeline", call=_with_references,
         mask_names=lambda config, inputs: list(config.ref_words or [r.name for r in inputs["references"]]),
+        check=_check_magicface,
         controls=(Control("ref_words", "Word of each reference in the prompt (comma-separated)"),
                   Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),
                   Control("inject_step", "Switch to region blending after (fraction of steps)", 0, 1, 0.05)),
@@ -197,7 +261,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         IRDiffusion, "IR-Diffusion", "Consistent subjects: isolation and reposition attention.",
         inputs=("subjects",), pipeline="attnctrl.pipelines:IRDiffusionPipeline", call=_with_subjects,
-        mask_names=lambda config, inputs: [s.word for s in inputs["subjects"]],
+        mask_names=lambda config, inputs: [s.word for s in inputs["subjects"]], check=_check_irdiffusion,
         controls=(Control("mutual_lambda", "Mutual attention weight (lambda)", 0, 1, 0.05),),
         examples=({"prompt": "a star on the left and a square on the right", "subjects": [
             {"word": "star", "reference": {"image": "striped-green-star.png", "mask": "striped-green-star-mask.png",
@@ -208,7 +272,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         CLoRA, "CLoRA", "Several LoRAs, one concept each, by contrastive attention steering and masked fusion.",
         inputs=("loras",), pipeline="attnctrl.pipelines:CLoRAPipeline", call=_clora, prepare=_clora_prepare,
-        mask_names=lambda config, inputs: [b.words for b in inputs["loras"]],
+        mask_names=lambda config, inputs: [b.words for b in inputs["loras"]], check=_check_clora,
         controls=(Control("step_size", "Latent update step size", 0, 50, 1),
                   Control("mask_threshold", "Mask threshold", 0, 1, 0.05)),
         examples=({"prompt": "a square on the left and a star on the right", "loras": [
@@ -222,6 +286,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
         PrimeComposer, "PrimeComposer", "Put an object into a background: correlation diffuser, attention steering, "
         "background blending.",
         inputs=("composition",), pipeline="attnctrl.pipelines:PrimeComposerPipeline", call=_primecomposer,
+        check=_check_primecomposer, defaults={"num_inference_steps": 20, "guidance_scale": None},
         controls=(Control("domain", "Domain (same: object and background alike; cross: a photo object into a "
                                     "painting, sketch or cartoon)"),),
         examples=({"model": "tiny-sd21", "steps": 3,
@@ -234,6 +299,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
         DiTCtrl, "DiTCtrl (video)", "A long video from several prompts on CogVideoX: KV-sharing, mask-guided "
         "attention, latent blending.",
         pipeline="attnctrl.pipelines:DiTCtrlPipeline", call=_ditctrl, video=True, prompts="many",
+        check=_check_ditctrl, defaults={"guidance_scale": 6.0},
         controls=(Control("num_transition_blocks", "Transition segments between prompts", 0, 4, 1),),
         examples=({"model": "tiny-cogvideox", "prompt": ["a cat walks", "a dog runs"], "num_frames": 9, "steps": 3,
                    "options": {"overlap": 1, "num_transition_blocks": 1, "kv_steps": [1, 2]}},),

@@ -13,7 +13,7 @@ SETTINGS = {
     "prompt": "a photo of a cat, in the rain",
     "negative_prompt": "blurry",
     "steps": 3,
-    "sampler": "DDIMScheduler",
+    "sampler": "DDIM",
     "guidance_scale": 7.5,
     "seed": 42,
     "width": 128,
@@ -28,7 +28,7 @@ def test_infotext_is_a1111_format_and_parses_back():
     text = infotext(SETTINGS)
     lines = text.split("\n")
     assert lines[0] == SETTINGS["prompt"] and lines[1] == "Negative prompt: blurry"
-    assert lines[2].startswith("Steps: 3, Sampler: DDIMScheduler, CFG scale: 7.5, Seed: 42, Size: 128x96")
+    assert lines[2].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 128x96")
     parsed = parse_infotext(text)
     assert parsed["prompt"] == SETTINGS["prompt"] and parsed["negative_prompt"] == "blurry"
     assert parsed["Seed"] == "42" and parsed["Size"] == "128x96" and parsed["Model"] == "tiny-sd15"
@@ -56,3 +56,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     save_json(target, {"a": 1})
     assert target.read_text().strip() == '{\n  "a": 1\n}'
+
+
+def test_a1111_sampler_names():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    from attnctrl.io.metadata import sampler_name
+
+    assert sampler_name(DDIMScheduler()) == "DDIM"
+    assert sampler_name(EulerAncestralDiscreteScheduler()) == "Euler a"
+    assert sampler_name(DPMSolverMultistepScheduler(use_karras_sigmas=True)) == "DPM++ 2M Karras"
+    assert sampler_name(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")) == "DPM++ 2M SDE"
+    assert sampler_name(object()) == "object"

@@ -8,7 +8,7 @@ import torch
 from conftest import denoiser_of, run, tiny
 
 import attnctrl
-from attnctrl.core import ModelNotAvailableError
+from attnctrl.core import AttnCtrlError, ModelNotAvailableError
 from attnctrl.models import TINY_FAMILIES, load_pipeline, parse_dtype, tiny_pipeline
 
 
@@ -64,10 +64,10 @@ def test_folder_and_file_errors(tmp_path):
 def test_dtypes():
     cpu = torch.device("cpu")
     assert parse_dtype(None, cpu) == torch.float32 and parse_dtype("fp16", cpu) == torch.float16
-    with pytest.raises(ModelNotAvailableError, match="unknown dtype"):
+    with pytest.raises(AttnCtrlError, match="unknown dtype"):
         parse_dtype("int8", cpu)
     if not torch.cuda.is_available():
-        with pytest.raises(ModelNotAvailableError, match="CUDA"):
+        with pytest.raises(AttnCtrlError, match="CUDA"):
             load_pipeline("tiny-sd15", device="cuda")
 
 

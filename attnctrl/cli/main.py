@@ -9,11 +9,13 @@ status 1; a traceback means a bug in attnctrl.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -80,10 +82,33 @@ class _Lazy(click.Group):
         from ..core.errors import AttnCtrlError
 
         _quiet_libraries()
-        try:
-            return super().invoke(ctx)
-        except AttnCtrlError as e:
-            raise click.ClickException(str(e)) from None
+        with _notices():
+            try:
+                return super().invoke(ctx)
+            except AttnCtrlError as e:
+                raise click.ClickException(str(e)) from None
+
+
+@contextlib.contextmanager
+def _notices():
+    """Show each :class:`~attnctrl.errors.AttnCtrlWarning` once, as one ``Warning: ...`` line on stderr."""
+    from ..errors import AttnCtrlWarning
+
+    seen: set[str] = set()
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, AttnCtrlWarning):
+            return previous(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"Warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AttnCtrlWarning)
+        warnings.showwarning = show
+        yield
 
 
 @click.group(cls=_Lazy, lazy={"ui": "attnctrl.ui.command:ui"}, context_settings=CONTEXT)
@@ -120,13 +145,17 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
 @cli.command(cls=MethodCommand, context_settings=CONTEXT)
 @click.option("-m", "--model", default=None, help="tiny-<family>, a local folder/file or a cached hub id "
               "[default: the embedded default model]")
-@click.option("-p", "--prompt", "prompts", required=True, multiple=True,
+@click.option("-p", "--prompt", "prompts", multiple=True,
               help="What to generate (a method that takes several prompts: repeat it, one per segment).")
+@click.option("--from", "from_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Make an output again from the settings stored in it (a PNG written by attnctrl, a video's or a "
+              "batch output's JSON); options given as well replace the stored ones.")
 @click.option("-n", "--negative-prompt", default=None, help="What to avoid.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image (next images use seed+1, ...) "
               "[default: random]")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the pipeline's]")
-@click.option("--guidance", type=click.FloatRange(0), default=None, help="Guidance scale [default: the pipeline's]")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Denoising steps [default: the method's or the model's]")
+@click.option("--guidance", type=float, default=None, help="Guidance scale [default: the method's or the model's]")
 @click.option("--width", type=click.IntRange(8, 8192), default=None, help="Width in pixels (multiple of 8).")
 @click.option("--height", type=click.IntRange(8, 8192), default=None, help="Height in pixels (multiple of 8).")
 @click.option("--num-images", type=click.IntRange(1, 10000), default=1, show_default=True, help="Images to make.")
@@ -143,19 +172,28 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
               help="An option of the method (repeat for several), e.g. --opt mask_weights=3,2.")
 @method_inputs
 @user_errors
-def generate(model, prompts, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames, output,
-             device, dtype, no_metadata, gif, method, opts, **inputs) -> None:
+def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames,
+             output, device, dtype, no_metadata, gif, method, opts, **inputs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
-    from ..run import Request, generate, validate
+    from ..run import Request, from_record, generate, read_record, validate
 
-    request = Request(
-        model=model, prompts=tuple(prompts), negative_prompt=negative_prompt, method=method,
-        options=method_options(method, opts), inputs=given_inputs(inputs),
-        seed=seed if seed is not None else random.randrange(2**32), steps=steps, guidance=guidance, width=width,
-        height=height, num_images=num_images, num_frames=num_frames, output=Path(output), device=device,
-        dtype=dtype, metadata=not no_metadata, gif=gif,
+    given = dict(
+        model=model, prompts=tuple(prompts) or None, negative_prompt=negative_prompt, method=method,
+        options=method_options(method, opts) or None, inputs=given_inputs(inputs) or None, seed=seed, steps=steps,
+        guidance=guidance, width=width, height=height, num_frames=num_frames,
     )
+    settings = dict(num_images=num_images, output=Path(output), device=device, metadata=not no_metadata, gif=gif)
+    if from_file:
+        path = Path(from_file)
+        request = from_record(read_record(path), base=path.resolve().parent, **given, **settings,
+                              dtype=None if dtype == "auto" else dtype)
+    else:
+        if not prompts:
+            raise click.UsageError("give a prompt (-p TEXT), or --from FILE to make an output again")
+        given.update(seed=seed if seed is not None else random.randrange(2**32), options=given["options"] or {},
+                     inputs=given["inputs"] or {})
+        request = Request(**given, **settings, dtype=dtype)
     for out in generate(validate(request)):
         click.echo(str(out.path))
 

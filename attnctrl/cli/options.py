@@ -26,7 +26,7 @@ def _kinds():
 def method_inputs(fn):
     """Decorator adding one option per input kind."""
     for key, kind in reversed(list(_kinds().items())):
-        fn = click.option(kind.flag, f"input_{key}", multiple=not kind.single, metavar=kind.metavar,
+        fn = click.option(kind.flag, f"input_{key}", multiple=True, metavar=kind.metavar,
                           help=f"{kind.help} [methods: {', '.join(_takers(key)) or '-'}]")(fn)
     return fn
 

@@ -6,7 +6,7 @@ Every image attnctrl writes carries two text chunks unless metadata is switched 
 
       a photo of a cat
       Negative prompt: blurry
-      Steps: 30, Sampler: DDIMScheduler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: tiny-sd15, Method: ...
+      Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: tiny-sd15, Method: ...
 
 * ``attnctrl``: the full settings as JSON (method config, versions, everything needed to reproduce the output).
 
@@ -34,6 +34,7 @@ __all__ = [
     "save_video",
     "save_gif",
     "JSON_KEY",
+    "sampler_name",
 ]
 
 JSON_KEY = "attnctrl"
@@ -48,6 +49,34 @@ _LABELS = [
     ("Model", "model"),
     ("Method", "method"),
 ]
+
+
+#: diffusers scheduler class -> AUTOMATIC1111's sampler name (the names tools that read infotext map)
+_A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM", "DDIMParallelScheduler": "DDIM", "CogVideoXDDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+    "FlowMatchEulerDiscreteScheduler": "Euler", "HeunDiscreteScheduler": "Heun",
+    "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M", "CogVideoXDPMScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE", "DPMSolverSDEScheduler": "DPM++ SDE",
+    "UniPCMultistepScheduler": "UniPC", "LCMScheduler": "LCM", "TCDScheduler": "TCD",
+}
+
+
+def sampler_name(scheduler) -> str:
+    """AUTOMATIC1111's name of a diffusers scheduler (``DDIM``, ``Euler a``, ``DPM++ 2M Karras``, ...); the class
+    name when A1111 has none."""
+    cls = type(scheduler).__name__
+    name = _A1111_SAMPLERS.get(cls, cls)
+    config = getattr(scheduler, "config", {}) or {}
+    if cls == "DPMSolverMultistepScheduler" and "sde" in str(config.get("algorithm_type", "")):
+        name = "DPM++ 2M SDE"
+    if config.get("use_karras_sigmas"):
+        name += " Karras"
+    elif config.get("use_exponential_sigmas"):
+        name += " Exponential"
+    return name
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ Anything else raises :class:`ModelNotAvailableError` naming what was tried and h
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import ModelNotAvailableError
+from ..core.errors import AttnCtrlError, ModelNotAvailableError
+from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device", "recommended_settings", "toyworld_path"]
@@ -42,9 +42,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise the device given (checked)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelNotAvailableError("device 'cuda' was requested but PyTorch sees no CUDA device; use --device cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AttnCtrlError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AttnCtrlError(f"device {str(device)!r} was requested but PyTorch {torch.__version__} sees no CUDA "
+                                f"GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AttnCtrlError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise AttnCtrlError("device 'mps' was requested but this PyTorch has no Apple GPU; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise AttnCtrlError(f"device {str(device)!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -61,29 +73,12 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, family: s
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ModelNotAvailableError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 or auto") from None
+        raise AttnCtrlError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 or auto") from None
 
 
-@contextlib.contextmanager
 def _quiet():
     """Silence diffusers/transformers/hub chatter while probing the cache (errors are reported by us)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    old = dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(old[0])
-        tlog.set_verbosity(old[1])
-        if old[2]:
-            dlog.enable_progress_bar()
-        if old[3]:
-            tlog.enable_progress_bar()
+    return quiet_libraries()
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..core.controller import bind
 from ..core.errors import AttnCtrlError
 from ..core.tokens import token_indices
+from ..errors import quiet_libraries
 from ..processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, lora_masks, min_max, nt_xent
 from .base import MethodPipeline, call_config, check_callback, decode, run_callback
 
@@ -61,10 +62,10 @@ class CLoRAPipeline(MethodPipeline):
         if name in loaded:
             return name
         try:
-            self.load_lora_weights(str(path), adapter_name=name)
+            with quiet_libraries():  # diffusers logs every mismatched weight before it raises
+                self.load_lora_weights(str(path), adapter_name=name)
         except Exception as e:  # diffusers/peft raise many types for files of another model
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AttnCtrlError(f"LoRA {path.name} does not fit this model: {first}") from None
+            raise AttnCtrlError(f"LoRA {path.name} does not fit this model: {_lora_mismatch(e)}") from None
         return name
 
     def _activate(self, lora: str | None, style: str | None, style_weight: float) -> None:
@@ -236,6 +237,21 @@ class CLoRAPipeline(MethodPipeline):
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+
+def _lora_mismatch(error: Exception) -> str:
+    """One sentence for a LoRA load failure (PyTorch lists every mismatched weight on its own line)."""
+    import re
+
+    text = str(error).strip()
+    sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    if sizes:
+        key, theirs, ours = sizes[0]
+        return (f"{len(sizes)} of its weights have other shapes than the model's (e.g. {key}: {theirs} in the file, "
+                f"{ours} in the model); it was trained for another base model")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(error).__name__
 
 
 def branches(prompt: str, loras) -> tuple[list, list, list, list]:

@@ -74,9 +74,9 @@ class Reference:
     fit: str = "pad"
     name: str = ""
 
-    def load(self, index: int) -> tuple[Image.Image, torch.Tensor]:
-        """The RGB image and the binary float mask ``(H, W)``, checked (errors name the reference)."""
-        label = f"reference {index + 1}" + (f" ({self.name})" if self.name else "")
+    def load(self, index: int, label: str | None = None) -> tuple[Image.Image, torch.Tensor]:
+        """The RGB image and the binary float mask ``(H, W)``, checked (errors name the reference, or ``label``)."""
+        label = (label or f"reference {index + 1}") + (f" ({self.name})" if self.name else "")
         if self.fit not in ("pad", "stretch"):
             raise ReferenceError(f"{label}: fit must be 'pad' or 'stretch', not {self.fit!r}")
         image = _load_image(self.image, label)

@@ -6,7 +6,7 @@ requests (:mod:`.jobs`, :mod:`.batch`), the web app builds one per press of Gene
 """
 
 from .generate import Output, Result, Session, generate, load, settings_record, slug
-from .request import Plan, Request, method_config, parse_option, validate, writable_folder
+from .request import Plan, Request, from_record, method_config, parse_option, read_record, validate, writable_folder
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "Output", "Result",
-           "Session", "generate", "load", "settings_record", "slug"]
+           "Session", "generate", "load", "settings_record", "slug", "read_record", "from_record"]

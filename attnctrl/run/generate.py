@@ -20,6 +20,7 @@ import torch
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError
 from ..inputs import KINDS
+from ..io.metadata import sampler_name
 from .request import Plan, plain, writable_folder
 
 __all__ = ["Output", "Result", "Session", "generate", "settings_record", "slug", "load"]
@@ -43,6 +44,7 @@ class Result:
     images: list | None = None
     frames: list | None = None
     settings: dict | None = None
+    requested: int | None = None  # the seed asked for, when the method used another (``seed``)
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -63,13 +65,73 @@ def _call_defaults(pipe) -> dict:
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def _to_pil(array: np.ndarray, what: str) -> list:
+def _to_pil(array: np.ndarray, what: str, session: Session) -> list:
+    """The result as PIL images, or an error naming the likely cause when it is not finite (never a black PNG)."""
     from diffusers.utils import numpy_to_pil
 
     if not np.isfinite(array).all():
-        raise AttnCtrlError(f"the {what} is not finite (NaN or infinity): try float32 (--dtype fp32) or other settings; "
-                            f"nothing was saved")
+        causes = []
+        if session.guidance is not None and session.guidance > 30:
+            causes.append(f"the guidance {session.guidance:g} is very high")
+        if "loras" in session.plan.inputs:
+            causes.append("a LoRA may hold extreme weights")
+        if session.pipe.dtype in (torch.float16, torch.bfloat16):
+            causes.append(f"{str(session.pipe.dtype).replace('torch.', '')} overflowed (try --dtype fp32)")
+        hint = "; ".join(causes) or "try --dtype fp32, a lower guidance or other method options"
+        raise AttnCtrlError(f"the generated {what} is not finite (NaN or infinity), so nothing was saved: {hint}")
     return numpy_to_pil(array)
+
+
+#: a size may be this many times the model's native size per side (beyond, the attention alone exhausts memory)
+MAX_SIZE_FACTOR = 4
+
+
+def native_size(pipe) -> int | None:
+    """The model's native image side in pixels (from its denoiser's sample size), or None if unknown."""
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+    sample = getattr(pipe, "default_sample_size", None)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    config = getattr(denoiser, "config", {}) or {}
+    if sample is None:
+        sample = config.get("sample_size") or config.get("sample_height")
+    if isinstance(sample, (tuple, list)):
+        sample = max(sample)
+    return int(sample * scale) if isinstance(sample, int) and isinstance(scale, int) else None
+
+
+def _check_size(pipe, width, height) -> None:
+    native = native_size(pipe)
+    if native is None:
+        return
+    limit = MAX_SIZE_FACTOR * native
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and value > limit:
+            raise AttnCtrlError(f"{name} {value} is more than {MAX_SIZE_FACTOR} times this model's native {native} px "
+                                f"(at most {limit}): the attention would exhaust memory; generate smaller")
+
+
+def _check_prompt_length(pipe, prompts) -> None:
+    """One warning per call when a prompt is longer than a text encoder of the model reads (the rest is cut)."""
+    from ..errors import notice
+
+    limit_t5 = _call_defaults(pipe).get("max_sequence_length")
+    for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, attr, None)
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length
+        if limit is None or limit > 100_000:  # a tokenizer without a limit: the pipeline's max_sequence_length
+            limit = limit_t5
+        if not limit:
+            continue
+        for prompt in prompts:
+            if not prompt:
+                continue
+            count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+            if count > limit:
+                notice(f"the prompt {prompt[:30] + '...'!r} is {count} tokens long but this model reads the first "
+                       f"{limit}; the rest is ignored: shorten it")
+                return
 
 
 class Session:
@@ -87,7 +149,9 @@ class Session:
             raise AttnCtrlError(f"frames are for video models; {type(pipe).__name__} makes images")
         if request.negative_prompt and "negative_prompt" not in defaults:
             raise AttnCtrlError(f"{type(pipe).__name__} does not take a negative prompt")
-        self.steps = request.steps or defaults.get("num_inference_steps", 50)
+        own = plan.entry.defaults if plan.entry is not None else {}
+        defaults.update(own)  # the method's documented settings win over the model's and the base pipeline's
+        self.steps = request.steps or defaults.get("num_inference_steps") or 50
         self.guidance = request.guidance if request.guidance is not None else defaults.get("guidance_scale")
         kwargs = {"num_inference_steps": self.steps}
         if self.guidance is not None:
@@ -101,6 +165,8 @@ class Session:
         if request.num_frames is not None:
             kwargs["num_frames"] = request.num_frames
         self.kwargs = kwargs
+        _check_size(pipe, request.width, request.height)
+        _check_prompt_length(pipe, [*plan.prompts, request.negative_prompt or ""])
         try:
             for plugin in plan.plugins:
                 self.handles.append(apply(pipe, plugin))
@@ -121,14 +187,23 @@ class Session:
         plan = self.plan
         generator = torch.Generator("cpu").manual_seed(seed)
         kwargs = {**self.kwargs, "generator": generator, "output_type": "np"}
-        if self.pipeline is not None:
-            out = plan.entry.call(self.pipeline, plan.config, plan.prompts, plan.inputs, **kwargs)
-        else:
-            out = self.pipe(plan.prompts[0], **kwargs)
+        try:
+            if self.pipeline is not None:
+                out = plan.entry.call(self.pipeline, plan.config, plan.prompts, plan.inputs, **kwargs)
+            else:
+                out = self.pipe(plan.prompts[0], **kwargs)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+            text = str(e)
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:
+                size = f"{kwargs.get('width', '')}x{kwargs.get('height', '')}".strip("x") or "this size"
+                raise AttnCtrlError(f"out of memory generating {size} on {self.pipe.device}: try a smaller size, "
+                                    f"fewer frames or --dtype fp16/bf16 on a GPU; nothing was saved") from None
+            raise
+        used = getattr(self.pipeline, "seed_used", None) if self.pipeline is not None else None
+        used = seed if used is None else int(used)  # IR-Diffusion's rehearsal may move on to another seed (it warns)
         if self.video:
-            frames = _to_pil(np.asarray(out.frames[0]), "video")
-            return Result(seed, frames=frames)
-        return Result(seed, images=_to_pil(np.asarray(out.images[:1]), "image"))
+            return Result(used, frames=_to_pil(np.asarray(out.frames[0]), "video", self), requested=seed)
+        return Result(used, images=_to_pil(np.asarray(out.images[:1]), "image", self), requested=seed)
 
     def artifacts(self, image) -> dict:
         """``{name: PIL image}``: the method's heat maps or masks of the last generation, blended over ``image``."""
@@ -173,7 +248,8 @@ def mask_overlays(image, masks, names) -> dict:
     return out
 
 
-def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict | None = None) -> dict:
+def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict | None = None,
+                    requested: int | None = None) -> dict:
     """The JSON record stored in each output: enough to reproduce it (``attnctrl batch`` re-runs a sidecar)."""
     import diffusers
 
@@ -184,9 +260,11 @@ def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict |
         "prompt": plan.prompts[0] if len(plan.prompts) == 1 else list(plan.prompts),
         "negative_prompt": request.negative_prompt or "",
         "steps": session.steps,
-        "sampler": type(pipe.scheduler).__name__,
+        "sampler": sampler_name(pipe.scheduler),
+        "scheduler": type(pipe.scheduler).__name__,
         "guidance_scale": session.guidance,
         "seed": seed,
+        **({"requested_seed": requested} if requested not in (None, seed) else {}),
         "width": size[0],
         "height": size[1],
         "model": getattr(pipe, "attnctrl_model_id", None),
@@ -214,7 +292,8 @@ def write(plan: Plan, session: Session, result: Result, folder: Path, stem: str,
 
     if result.frames is not None:
         frames = result.frames
-        record = settings_record(plan, session, result.seed, frames[0].size, {"num_frames": len(frames)})
+        record = settings_record(plan, session, result.seed, frames[0].size, {"num_frames": len(frames)},
+                                 result.requested)
         result.settings = record
         yield Output(save_video(folder / f"{stem}.mp4", frames), "video", result.seed)
         if gif:
@@ -223,7 +302,7 @@ def write(plan: Plan, session: Session, result: Result, folder: Path, stem: str,
             yield Output(save_json(folder / f"{stem}.json", record), "metadata", result.seed)
         return
     image = result.images[0]
-    record = settings_record(plan, session, result.seed, image.size)
+    record = settings_record(plan, session, result.seed, image.size, requested=result.requested)
     result.settings = record
     yield Output(save_png(folder / f"{stem}.png", image, record, metadata=metadata), "image", result.seed)
     for name, artifact in session.artifacts(image).items():
@@ -247,7 +326,7 @@ def generate(plan: Plan, pipe=None) -> Iterator[Output]:
         with Session(plan, pipe) as session:
             counter = _next_counter(folder)
             for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):
-                seed = (request.seed + i) % 2**32
+                seed = request.seed + i
                 result = session(seed)
                 stem = f"{counter + i:05d}-{seed}-{slug(plan.prompts[0])}"
                 yield from write(plan, session, result, folder, stem, request.metadata, request.gif)

@@ -22,7 +22,11 @@ from ..core.errors import AttnCtrlError
 from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
-__all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder"]
+__all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "MAX_SEED",
+           "read_record", "from_record"]
+
+#: seeds are 0 .. 2**32 - 1 (the range of NumPy's and A1111's seeds; a larger one is refused, not wrapped)
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -166,14 +170,18 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     if request.negative_prompt:
         check_text(request.negative_prompt, "the negative prompt")
     r = request
-    _number(r.seed, "the seed", int, 0)
+    _number(r.seed, "the seed", int, 0, MAX_SEED)
     _number(r.num_images, "the number of images", int, 1, 10000)
+    if r.seed + r.num_images - 1 > MAX_SEED:
+        raise AttnCtrlError(f"seeds run from the seed up to seed + number of images - 1, which must be at most "
+                            f"{MAX_SEED}; got {r.seed} + {r.num_images - 1}")
     _number(r.steps, "steps", int, 1, 1000)
     _number(r.guidance, "guidance", float, 0)
     _number(r.width, "width", int, 8, 8192, 8)
     _number(r.height, "height", int, 8, 8192, 8)
     _number(r.num_frames, "frames", int, 1, 1000)
 
+    _device_and_dtype(r.device, r.dtype)
     method = entry(r.method) if r.method is not None else None
     config = method_config(method.name, r.options) if method is not None else None
     if method is None and r.options:
@@ -205,6 +213,8 @@ def validate(request: Request, check_output: bool = True) -> Plan:
                             f"{method.name if method else 'plain generation'} takes one")
     if many and len(prompts) < 2:
         raise AttnCtrlError(f"{method.name} needs at least two prompts, one per segment")
+    if method is not None and method.check is not None:
+        method.check(config, prompts, inputs)
     plugins = []
     for item in r.plugins:
         name, options = (item.name, item) if isinstance(item, Method) else item
@@ -215,6 +225,54 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     if check_output:
         r.output = Path(r.output)
     return Plan(request=r, prompts=prompts, entry=method, config=config, inputs=inputs, plugins=plugins)
+
+
+def read_record(path) -> dict:
+    """The settings record stored with an output: a PNG's ``attnctrl`` chunk, a video's JSON record or a batch
+    sidecar's ``record``."""
+    from ..io import read_png_metadata
+
+    p = Path(path)
+    if not p.is_file():
+        raise AttnCtrlError(f"{path}: no such file")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AttnCtrlError(f"{path}: not a JSON record ({e.__class__.__name__})") from None
+        record = data.get("record", data) if isinstance(data, dict) else None
+    else:
+        try:
+            record = read_png_metadata(p).get("attnctrl")
+        except Exception as e:  # PIL raises several types for files that are not PNGs
+            raise AttnCtrlError(f"{path}: not a PNG written by attnctrl ({type(e).__name__})") from None
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise AttnCtrlError(f"{path}: it holds no attnctrl settings (written with --no-metadata, or by another tool)")
+    return record
+
+
+def from_record(record: dict, base: Path | None = None, **overrides) -> Request:
+    """The request that makes an output again from its settings record (:func:`read_record`); ``overrides`` (any
+    :class:`Request` field) replace recorded values. Same seed, settings, model and dtype: the same bytes."""
+    dtype = record.get("dtype")
+    plugins = tuple((p["method"], p.get("options") or {}) for p in record.get("plugins") or ())
+    fields_ = dict(
+        prompts=record["prompt"], model=record.get("model"), method=record.get("method"),
+        options=record.get("method_options") or {}, inputs=record.get("inputs") or {}, plugins=plugins,
+        negative_prompt=record.get("negative_prompt") or None, seed=record.get("seed", 0),
+        steps=record.get("steps"), guidance=record.get("guidance_scale"), width=record.get("width"),
+        height=record.get("height"), num_frames=record.get("num_frames"),
+        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, "auto"), base=base,
+    )
+    fields_.update({k: v for k, v in overrides.items() if v is not None})
+    return Request(**fields_)
+
+
+def _device_and_dtype(device, dtype) -> None:
+    """The device exists here and the dtype is one attnctrl knows (the model's own checks come with the load)."""
+    from ..models import parse_dtype, resolve_device
+
+    parse_dtype(dtype, resolve_device(device))
 
 
 def _entries():

@@ -149,7 +149,6 @@ class App:
         count = _number(settings.count, "Batch count", int, 1) or 1
         seed = random.SystemRandom().randrange(2**32) if settings.randomize else (
             _number(settings.seed, "Seed", int, 0) or 0)
-        seed %= 2**32
         request = Request(
             prompts=prompts, model=(settings.model or "").strip() or self.default_model, method=method,
             options=options or {}, inputs=inputs or {}, plugins=tuple(settings.speedups.items()),

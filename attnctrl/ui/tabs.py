@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, fields
 
 import gradio as gr
@@ -103,9 +104,18 @@ def _build_tab(tab: Tab) -> None:
 
 
 def _user_errors(fn):
-    """Run ``fn``; errors a user can fix become the page's error message, others are logged first."""
+    """Run ``fn``; errors a user can fix become the page's error message, others are logged first; each
+    :class:`~attnctrl.errors.AttnCtrlWarning` raised on the way is shown once as a warning toast."""
+    from ..errors import AttnCtrlWarning
+
     try:
-        return fn()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AttnCtrlWarning)
+            try:
+                return fn()
+            finally:
+                for text in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, AttnCtrlWarning)):
+                    gr.Warning(text)
     except gr.Error:
         raise
     except AttnCtrlError as e:
