@@ -334,3 +334,19 @@ def test_widgets_never_shown_send_none_and_mean_the_defaults():
     values = {k: None for k in COMMON} | {"prompt": "a red circle", "seed": 3, "steps": 0}
     s = widget_settings([values[k] for k in COMMON])
     assert (s.prompt, s.negative_prompt, s.steps, s.seed) == ("a red circle", "", None, 3)
+
+
+def test_warnings_become_one_toast_each(monkeypatch):
+    from attnctrl.errors import notice
+
+    shown = []
+    monkeypatch.setattr(gr, "Warning", lambda text, *a, **k: shown.append(text))
+
+    def work():
+        notice("the prompt is long")
+        notice("the prompt is long")
+        notice("seed 3 was used")
+        return 7
+
+    assert _user_errors(work) == 7
+    assert shown == ["the prompt is long", "seed 3 was used"]
