@@ -142,10 +142,10 @@ def _recorded_outputs(out: Path) -> set[str]:
     return done
 
 
-def _reconcile(out: Path, tasks: list[Task], stems: dict, mine: list[Task], rank: int, manifest: Path) -> int:
+def _reconcile(out: Path, stems: dict, mine: list[Task], rank: int, manifest: Path) -> tuple[set, int]:
     """Before a resumed run: remove the temporary files killed writes left (of this process's tasks; the main
     process also those of no task), and append the manifest line of every complete output that lacks one.
-    Returns how many were adopted."""
+    Returns the stems of the complete tasks and how many of them were adopted."""
     by_length = sorted(set(stems.values()), key=len, reverse=True)
     my_stems = {stems[t.index] for t in mine}
     for path in list(out.iterdir()):
@@ -157,14 +157,17 @@ def _reconcile(out: Path, tasks: list[Task], stems: dict, mine: list[Task], rank
         if owner in my_stems or (owner is None and rank == 0):
             path.unlink(missing_ok=True)
     recorded = _recorded_outputs(out)
-    adopted = 0
+    complete, adopted = set(), 0
     for task in mine:
         name = _complete(out, stems[task.index])
-        if name and name not in recorded:
+        if not name:
+            continue
+        complete.add(stems[task.index])
+        if name not in recorded:
             _append_manifest(manifest, {"index": task.index, "job_line": task.line, "seed": task.seed,
                                         "variant": task.variant, "output": name, "status": "ok", "adopted": True})
             adopted += 1
-    return adopted
+    return complete, adopted
 
 
 def _compact_manifest(path: Path) -> None:
@@ -258,7 +261,8 @@ class _Ranks:
                 self.marker("done", self.rank).write_text("", encoding="utf-8")
             else:
                 text = f"{type(error).__name__}: {error}".rstrip(": ").splitlines()[0]
-                self.marker("failed", self.rank).write_text(text, encoding="utf-8")
+                with atomic_path(self.marker("failed", self.rank)) as tmp:  # never read half-written
+                    tmp.write_text(text, encoding="utf-8")
             if self.rank != 0:
                 self.marker("alive", self.rank).unlink(missing_ok=True)
         except OSError:
@@ -344,8 +348,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     ranks = _Ranks(out, rank, world, started_at) if world > 1 else None
     try:
         try:
-            adopted = _reconcile(out, tasks, stems, my_tasks, rank, manifest) if resume else 0
-            counts, models, hashes = _run_tasks(my_tasks, stems, jobs_path, out, manifest, resume, device, dtype,
+            complete, adopted = _reconcile(out, stems, my_tasks, rank, manifest) if resume else (set(), 0)
+            counts, models, hashes = _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype,
                                                 metadata, echo, progress)
         except BaseException as e:
             if ranks is not None:
@@ -391,8 +395,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     return counts
 
 
-def _run_tasks(my_tasks, stems, jobs_path, out, manifest, resume, device, dtype, metadata, echo, progress):
-    """This process's share: ``(counts, model ids, input file hashes)``."""
+def _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype, metadata, echo, progress):
+    """This process's share (the stems in ``complete`` skipped): ``(counts, model ids, input file hashes)``."""
     from tqdm.auto import tqdm
 
     base = Path(jobs_path).resolve().parent
@@ -403,7 +407,7 @@ def _run_tasks(my_tasks, stems, jobs_path, out, manifest, resume, device, dtype,
     for task in bar:
         stem = stems[task.index]
         job = task.job
-        if resume and _complete(out, stem):
+        if stem in complete:
             counts["skipped"] += 1
             continue
         started = time.perf_counter()
