@@ -167,7 +167,8 @@ def generate(model, prompts, negative_prompt, seed, steps, guidance, width, heig
 @click.argument("jobs", type=click.Path(dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="RUN.yaml: defaults for every job.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--resume", is_flag=True, help="Skip outputs that are complete (file + sidecar) and finish the rest.")
+@click.option("--resume", is_flag=True, help="Skip outputs that are complete (sidecar + output of the recorded size "
+              "and hash) and finish the rest, whatever point a crash stopped the run at.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--dry-run", is_flag=True, help="Only print the expanded tasks and their output names.")
 @click.option("--seeds", help="Comma-separated seeds for every job (overrides the job files).")
