@@ -170,6 +170,20 @@ def _reconcile(out: Path, stems: dict, mine: list[Task], rank: int, manifest: Pa
     return complete, adopted
 
 
+def _merge_shards(out: Path, world: int, ranks) -> None:
+    """Main process: append the manifest shards of the processes that ended (all of them after a full run; a
+    silent one's stays for --resume) and of earlier runs to ``manifest.jsonl``, then compact it."""
+    for shard in sorted(out.glob("manifest.*.jsonl")):
+        r = shard.name.split(".")[1]
+        if ranks is not None and r.isdigit() and int(r) < world and not ranks.ended(int(r)):
+            continue
+        text = shard.read_text(encoding="utf-8")
+        with open(out / "manifest.jsonl", "a", encoding="utf-8") as merged:
+            merged.write(text if not text or text.endswith("\n") else text + "\n")
+        shard.unlink()
+    _compact_manifest(out / "manifest.jsonl")
+
+
 def _compact_manifest(path: Path) -> None:
     """Keep one ``ok`` line per output (the latest: a redone output's earlier line goes) and drop lines a crash cut
     short; error lines stay."""
@@ -365,19 +379,11 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             ranks.wait()
     finally:
         if rank == 0:
-            # merge the shards of the processes that ended (all of them after a full run; a silent one's stays
-            # for --resume), and of earlier runs
-            for shard in sorted(out.glob("manifest.*.jsonl")):
-                r = shard.name.split(".")[1]
-                if ranks is not None and r.isdigit() and int(r) < world and not ranks.ended(int(r)):
-                    continue
-                with open(out / "manifest.jsonl", "a", encoding="utf-8") as merged:
-                    text = shard.read_text(encoding="utf-8")
-                    merged.write(text if not text or text.endswith("\n") else text + "\n")
-                shard.unlink()
-            _compact_manifest(out / "manifest.jsonl")
-            if ranks is not None:
-                ranks.cleanup()
+            try:
+                _merge_shards(out, world, ranks)
+            finally:
+                if ranks is not None:
+                    ranks.cleanup()
 
     import diffusers
     import transformers
