@@ -154,7 +154,7 @@ def _reconcile(out: Path, stems: dict, mine: list[Task], rank: int, manifest: Pa
             continue
         base = target.rsplit(".", 1)[0]
         owner = next((s for s in by_length if base == s or base.startswith(s + "-")), None)
-        if owner in my_stems or (owner is None and rank == 0):
+        if owner in my_stems or (owner is None and rank == 0 and not target.startswith(".")):  # not a marker
             path.unlink(missing_ok=True)
     recorded = _recorded_outputs(out)
     complete, adopted = set(), 0
