@@ -14,7 +14,9 @@ import functools
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -202,7 +204,8 @@ def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, 
 @click.argument("jobs", type=click.Path(dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="RUN.yaml: defaults for every job.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--resume", is_flag=True, help="Skip outputs that are complete (file + sidecar) and finish the rest.")
+@click.option("--resume", is_flag=True, help="Skip outputs that are complete (sidecar + output of the recorded size "
+              "and hash) and finish the rest, whatever point a crash stopped the run at.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--dry-run", is_flag=True, help="Only print the expanded tasks and their output names.")
 @click.option("--seeds", help="Comma-separated seeds for every job (overrides the job files).")
@@ -214,25 +217,44 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
     """Run a job file (JSONL, or a YAML/JSON list) over every method; resumable and reproducible."""
     _quiet_libraries()
     from ..run.batch import run_batch
+    from ..run.jobs import parse_seeds
 
-    seed_list = None
-    if seeds:
+    seed_list = None if seeds is None else parse_seeds(seeds)
+    with _sigterm_as_interrupt():
         try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise click.ClickException(f"--seeds {seeds!r}: give comma-separated integers") from None
-    try:
-        counts = run_batch(jobs, output, config_path, resume=resume, overwrite=overwrite, dry_run=dry_run,
-                           seeds=seed_list, device=device, dtype=dtype, metadata=False if no_metadata else None,
-                           echo=lambda m: click.echo(m))
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished outputs are complete, nothing partial was left; run again with --resume",
-                   err=True)
-        sys.exit(130)
+            counts = run_batch(jobs, output, config_path, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                               seeds=seed_list, device=device, dtype=dtype, metadata=False if no_metadata else None,
+                               echo=lambda m: click.echo(m))
+        except KeyboardInterrupt as e:
+            click.echo("interrupted: finished outputs are complete, nothing partial was left; run again with --resume",
+                       err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
     if not dry_run:
         click.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
         if counts.get("error"):
             sys.exit(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or launcher's stop) taken the path of Ctrl-C: exit status 143 instead of 130."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises :class:`Terminated` (so writes in progress are undone like on Ctrl-C);
+    the previous handler is restored afterwards. Off the main thread (signals cannot be caught there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @cli.command("train-toy", context_settings=CONTEXT)

@@ -10,9 +10,10 @@ from .metadata import (
     save_json,
     save_png,
     save_video,
+    temp_target,
 )
 
 __all__ = [
     "JSON_KEY", "atomic_path", "infotext", "parse_infotext", "read_png_metadata", "save_gif", "save_json",
-    "save_png", "save_video",
+    "save_png", "save_video", "temp_target",
 ]

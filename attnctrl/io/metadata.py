@@ -11,7 +11,9 @@ Every image attnctrl writes carries two text chunks unless metadata is switched 
 * ``attnctrl``: the full settings as JSON (method config, versions, everything needed to reproduce the output).
 
 Writes go to a temporary file in the target folder and are renamed into place, so a crash never leaves a half
-file under the final name.
+file under the final name. The temporary file is hidden and named ``.{stem}.tmp-XXXXXXXX{suffix}`` (``mkstemp``'s
+eight random characters); :func:`temp_target` recognises such a name, so a resumed run can remove what a killed
+process left.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 __all__ = [
     "atomic_path",
+    "temp_target",
     "infotext",
     "parse_infotext",
     "save_png",
@@ -79,17 +82,28 @@ def sampler_name(scheduler) -> str:
     return name
 
 
+_TEMP = re.compile(r"^\.(?P<stem>.+)\.tmp-[A-Za-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)?$")
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temporary file of :func:`atomic_path` was going to become (``.a.tmp-x1y2z3w4.png`` ->
+    ``a.png``), or None if ``name`` is not one."""
+    m = _TEMP.match(name)
+    return None if m is None else m.group("stem") + (m.group("suffix") or "")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path`` (atomic on one filesystem)."""
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path`` (atomic on one filesystem).
+    On any exception (an interrupt included) the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)

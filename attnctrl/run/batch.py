@@ -3,12 +3,22 @@
 Outputs ``{job:05d}-{seed}-{slug}[-v{k}].png`` (videos ``.mp4``), each with a JSON sidecar holding the job that
 reproduces it (``attnctrl batch OUT/00000-7-a-cat.json`` re-runs it), a line in ``manifest.jsonl`` (status,
 seconds, peak memory) and, for the run, ``run.json`` (versions, device, dtype, resolved config, model ids, input file
-hashes). Every file is written atomically; an existing output is never overwritten unless ``overwrite``; with
-``resume`` outputs whose file and sidecar are complete are skipped, so an interrupted run (Ctrl-C, a crash)
-finishes where it stopped. Under ``accelerate launch`` (or ``torchrun``) the tasks are split between the processes
-in contiguous shares, as ``PartialState().split_between_processes`` does; each writes a manifest shard and the
-main process merges them when all are done. (On a CPU-only machine ``accelerate launch --cpu`` starts a single
-process; ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun --nproc-per-node N`` start N.)
+hashes). Every file is written atomically; an existing output is never overwritten unless ``overwrite``.
+
+A task writes, in this order, its output (through a hidden temporary file renamed into place), its sidecar (which
+records the output's size and sha256) and its manifest line. ``resume`` survives a crash between any two of them:
+it first removes the temporary files a killed write left, and appends the manifest line (``"adopted": true``) of
+every complete output that lacks one; then it skips the complete outputs (sidecar present, output of the recorded
+size and hash) and redoes the rest, overwriting an output without a sidecar or with the wrong bytes. At the end the
+manifest keeps one ``ok`` line per output (the latest).
+
+Under ``accelerate launch`` (or ``torchrun``) the tasks are split between the processes in contiguous shares, as
+``PartialState().split_between_processes`` does; each writes a manifest shard and the main process merges them
+when all are done. While it works each process touches ``.alive-{rank}`` in the output folder every few seconds,
+and it ends by writing ``.done-{rank}`` (or ``.failed-{rank}`` with its error); the main process fails the run,
+naming the rank, when one failed or its heartbeat is older than ``ATTNCTRL_RANK_TIMEOUT`` seconds (default 300),
+and removes the markers. (On a CPU-only machine ``accelerate launch --cpu`` starts a single process;
+``accelerate launch --multi_gpu --num_processes N`` or ``torchrun --nproc-per-node N`` start N.)
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import hashlib
 import json
 import os
 import platform
-import resource
+import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -26,9 +37,9 @@ import torch
 
 from ..core.errors import AttnCtrlError
 from ..inputs import KINDS
-from ..io.metadata import save_json
+from ..io.metadata import atomic_path, save_json, temp_target
 from .generate import Session, load, slug, write
-from .jobs import Task, expand, load_jobs, load_run_config
+from .jobs import JobFileError, Task, expand, load_jobs, load_run_config, seeds_problem
 from .request import validate, writable_folder
 
 __all__ = ["run_batch", "task_stem", "is_video_task", "split_tasks"]
@@ -64,23 +75,125 @@ def task_stem(task: Task) -> str:
     return stem + (f"-v{task.variant_index}" if task.job.sweep else "")
 
 
-def _complete(out: Path, stem: str) -> bool:
-    """The sidecar exists and names a non-empty output file (a PNG or a video)."""
-    side = out / f"{stem}.json"
+def _complete(out: Path, stem: str) -> str | None:
+    """The output's name if the task is complete: its sidecar names ``{stem}.png`` / ``.mp4`` and that file has
+    the size and sha256 the sidecar recorded; else None (a sidecar of an older attnctrl, without them, included)."""
     try:
-        name = json.loads(side.read_text(encoding="utf-8")).get("output")
-    except (json.JSONDecodeError, OSError):
-        return False
-    main = out / str(name)
-    return bool(name) and main.is_file() and main.stat().st_size > 0
+        side = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(side, dict):
+        return None
+    name, size, digest = side.get("output"), side.get("output_bytes"), side.get("output_sha256")
+    if name not in (f"{stem}.png", f"{stem}.mp4") or not isinstance(size, int) or not isinstance(digest, str):
+        return None
+    main = out / name
+    try:
+        if not main.is_file() or main.stat().st_size != size:
+            return None
+        return name if _sha256(main) == digest else None
+    except OSError:
+        return None
 
 
-def _sha256(path: str) -> str:
+def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _append_manifest(path: Path, entry: dict) -> None:
+    """Append one manifest line; a line a crash cut short before it is ended first (and dropped by the merge)."""
+    line = json.dumps(entry) + "\n"
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+
+
+def _manifest_entries(path: Path) -> list[dict | None]:
+    """The lines of a manifest, parsed (None for a line a crash cut short)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        entries.append(entry if isinstance(entry, dict) else None)
+    return entries
+
+
+def _recorded_outputs(out: Path) -> set[str]:
+    """Outputs with an ``ok`` line in the manifest or in any manifest shard."""
+    done = set()
+    for path in [out / "manifest.jsonl", *sorted(out.glob("manifest.*.jsonl"))]:
+        for e in _manifest_entries(path):
+            if e is not None and e.get("status") == "ok" and isinstance(e.get("output"), str):
+                done.add(e["output"])
+    return done
+
+
+def _reconcile(out: Path, stems: dict, mine: list[Task], rank: int, manifest: Path) -> tuple[set, int]:
+    """Before a resumed run: remove the temporary files killed writes left (of this process's tasks; the main
+    process also those of no task), and append the manifest line of every complete output that lacks one.
+    Returns the stems of the complete tasks and how many of them were adopted."""
+    by_length = sorted(set(stems.values()), key=len, reverse=True)
+    my_stems = {stems[t.index] for t in mine}
+    for path in list(out.iterdir()):
+        target = temp_target(path.name)
+        if target is None:
+            continue
+        base = target.rsplit(".", 1)[0]
+        owner = next((s for s in by_length if base == s or base.startswith(s + "-")), None)
+        if owner in my_stems or (owner is None and rank == 0 and not target.startswith(".")):  # not a marker
+            path.unlink(missing_ok=True)
+    recorded = _recorded_outputs(out)
+    complete, adopted = set(), 0
+    for task in mine:
+        name = _complete(out, stems[task.index])
+        if not name:
+            continue
+        complete.add(stems[task.index])
+        if name not in recorded:
+            _append_manifest(manifest, {"index": task.index, "job_line": task.line, "seed": task.seed,
+                                        "variant": task.variant, "output": name, "status": "ok", "adopted": True})
+            adopted += 1
+    return complete, adopted
+
+
+def _merge_shards(out: Path, world: int, ranks) -> None:
+    """Main process: append the manifest shards of the processes that ended (all of them after a full run; a
+    silent one's stays for --resume) and of earlier runs to ``manifest.jsonl``, then compact it."""
+    for shard in sorted(out.glob("manifest.*.jsonl")):
+        r = shard.name.split(".")[1]
+        if ranks is not None and r.isdigit() and int(r) < world and not ranks.ended(int(r)):
+            continue
+        text = shard.read_text(encoding="utf-8")
+        with open(out / "manifest.jsonl", "a", encoding="utf-8") as merged:
+            merged.write(text if not text or text.endswith("\n") else text + "\n")
+        shard.unlink()
+    _compact_manifest(out / "manifest.jsonl")
+
+
+def _compact_manifest(path: Path) -> None:
+    """Keep one ``ok`` line per output (the latest: a redone output's earlier line goes) and drop lines a crash cut
+    short; error lines stay."""
+    entries = _manifest_entries(path)
+    last = {e["output"]: i for i, e in enumerate(entries) if e is not None and e.get("status") == "ok"}
+    keep = [e for i, e in enumerate(entries)
+            if e is not None and (e.get("status") != "ok" or last.get(e.get("output")) == i)]
+    if len(keep) != len(entries):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in keep), encoding="utf-8")
 
 
 def _input_files(records: dict) -> list[str]:
@@ -103,24 +216,130 @@ def _input_files(records: dict) -> list[str]:
 
 
 def _peak_mb() -> float:
+    """Peak memory of the job in MiB: the GPU's, else the process's peak resident size (0 where the platform has
+    no ``resource`` module, Windows)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _rank_timeout() -> float:
+    raw = os.environ.get("ATTNCTRL_RANK_TIMEOUT", "300")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = float("nan")
+    if not timeout > 0 or timeout == float("inf"):
+        raise AttnCtrlError(f"ATTNCTRL_RANK_TIMEOUT={raw!r}: give a number of seconds above 0")
+    return timeout
+
+
+class _Ranks:
+    """The marker files of a multi-process run in the output folder (see the module docstring)."""
+
+    def __init__(self, out: Path, rank: int, world: int, started: float):
+        self.out, self.rank, self.world, self.started = out, rank, world, started
+        self.timeout = _rank_timeout()
+        self.interval = max(0.05, min(5.0, self.timeout / 4))
+        for kind in ("done", "failed"):  # this rank's markers of an earlier run
+            self.marker(kind, rank).unlink(missing_ok=True)
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"attnctrl-heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def marker(self, kind: str, rank: int) -> Path:
+        return self.out / f".{kind}-{rank}"
+
+    def _beat(self) -> None:
+        try:
+            self.marker("alive", self.rank).touch()
+        except OSError:  # a full or vanished disk shows up in the work itself
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def finish(self, error: BaseException | None) -> None:
+        """Stop the heartbeat and say how this rank ended."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            if error is None:
+                self.marker("done", self.rank).write_text("", encoding="utf-8")
+            else:
+                text = f"{type(error).__name__}: {error}".rstrip(": ").splitlines()[0]
+                with atomic_path(self.marker("failed", self.rank)) as tmp:  # never read half-written
+                    tmp.write_text(text, encoding="utf-8")
+            if self.rank != 0:
+                self.marker("alive", self.rank).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def ended(self, rank: int) -> bool:
+        return self.marker("done", rank).exists() or self.marker("failed", rank).exists()
+
+    def wait(self) -> None:
+        """Main process: wait until every rank is done; raise naming the first rank that failed or went silent."""
+        pending = set(range(1, self.world))
+        while pending:
+            for r in sorted(pending):
+                failed = self.marker("failed", r)
+                if failed.exists():
+                    try:
+                        text = failed.read_text(encoding="utf-8").strip()
+                    except (OSError, UnicodeDecodeError):
+                        text = ""
+                    raise AttnCtrlError(f"rank {r} of {self.world} failed ({text or 'no error text'}); the finished "
+                                        f"outputs are complete, run again with --resume")
+                if self.marker("done", r).exists():
+                    pending.discard(r)
+                    continue
+                try:
+                    beat = max(self.marker("alive", r).stat().st_mtime, self.started)
+                except FileNotFoundError:
+                    if self.ended(r):  # it finished between the two looks
+                        continue
+                    beat = self.started
+                silent = time.time() - beat
+                if silent > self.timeout:
+                    never = "" if self.marker("alive", r).exists() else " (it never started)"
+                    raise AttnCtrlError(f"rank {r} of {self.world} stopped responding: no heartbeat for "
+                                        f"{silent:.0f} s{never}, more than ATTNCTRL_RANK_TIMEOUT={self.timeout:g}; "
+                                        f"the finished outputs are complete, run again with --resume")
+            if pending:
+                time.sleep(min(0.2, self.interval))
+
+    def cleanup(self) -> None:
+        for kind in ("alive", "done", "failed"):
+            for path in self.out.glob(f".{kind}-*"):
+                path.unlink(missing_ok=True)
 
 
 def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, dry_run=False, seeds=None,
               device=None, dtype=None, metadata=None, echo=print, progress=True) -> dict:
-    """Run (or with ``dry_run`` only list) the tasks of a job file; returns counts by status."""
-    from tqdm.auto import tqdm
-
+    """Run (or with ``dry_run`` only list) the tasks of a job file; returns counts by status (``adopted``: complete
+    outputs whose manifest line a crash had cut, recorded by a resumed run; they count as skipped too)."""
+    started_at = time.time()
+    if resume and overwrite:
+        raise AttnCtrlError("--resume and --overwrite exclude each other")
     run = load_run_config(config_path)
     if seeds is not None:
-        run.seeds = list(seeds)
+        seeds = list(seeds)
+        problem = seeds_problem(seeds)
+        if problem:
+            raise JobFileError(f"seeds {seeds}: {problem}")
+        run.seeds = seeds
     device = device or run.device or "auto"
     dtype = dtype or run.dtype or "auto"
     metadata = run.metadata if metadata is None else metadata
     jobs = load_jobs(jobs_path, run)
-    base = Path(jobs_path).resolve().parent
     tasks = expand(jobs, run.seeds)
     out = Path(out)
     stems = {t.index: task_stem(t) for t in tasks}
@@ -130,8 +349,6 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             ext = "mp4" if is_video_task(t) else "png"
             echo(f"{t.index:5d}  {jobs_path}:{t.line}  seed {t.seed}{variant}  ->  {stems[t.index]}.{ext}")
         return {"planned": len(tasks)}
-    if resume and overwrite:
-        raise AttnCtrlError("--resume and --overwrite exclude each other")
     if not resume and not overwrite:
         existing = [stems[t.index] for t in tasks if any(out.glob(f"{stems[t.index]}.*"))]
         if existing:
@@ -142,9 +359,53 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     rank, world = process_rank()
     my_tasks = split_tasks(tasks, rank, world)
     manifest = out / ("manifest.jsonl" if world == 1 else f"manifest.{rank}.jsonl")
+    ranks = _Ranks(out, rank, world, started_at) if world > 1 else None
+    try:
+        try:
+            complete, adopted = _reconcile(out, stems, my_tasks, rank, manifest) if resume else (set(), 0)
+            counts, models, hashes = _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype,
+                                                metadata, echo, progress)
+        except BaseException as e:
+            if ranks is not None:
+                ranks.finish(e)
+            raise
+        if ranks is not None:
+            ranks.finish(None)
+        if adopted:
+            counts["adopted"] = adopted
+        if rank != 0:
+            return counts
+        if ranks is not None:
+            ranks.wait()
+    finally:
+        if rank == 0:
+            try:
+                _merge_shards(out, world, ranks)
+            finally:
+                if ranks is not None:
+                    ranks.cleanup()
+
+    import diffusers
+    import transformers
 
     from .. import __version__
 
+    save_json(out / "run.json", {
+        "attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "dtype": dtype,
+        "processes": world, "jobs_file": str(jobs_path), "run_config": run.model_dump(),
+        "jobs": [job.model_dump(exclude_defaults=True) for _, job in jobs], "models": sorted(map(str, models)),
+        "input_hashes": hashes, "tasks": len(tasks),
+    })
+    return counts
+
+
+def _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype, metadata, echo, progress):
+    """This process's share (the stems in ``complete`` skipped): ``(counts, model ids, input file hashes)``."""
+    from tqdm.auto import tqdm
+
+    base = Path(jobs_path).resolve().parent
     pipes: dict = {}
     counts = {"ok": 0, "skipped": 0, "error": 0}
     models, hashes = set(), {}
@@ -152,7 +413,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     for task in bar:
         stem = stems[task.index]
         job = task.job
-        if resume and _complete(out, stem):
+        if stem in complete:
             counts["skipped"] += 1
             continue
         started = time.perf_counter()
@@ -180,9 +441,10 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
             rerun = job.model_dump(exclude_defaults=True)
             rerun.update(seeds=[task.seed], options={**job.options, **task.variant}, **records)
             rerun.pop("sweep", None)
-            name = files[0].path.name
-            save_json(out / f"{stem}.json", {"jobs": [rerun], "output": name, "record": result.settings})
-            entry.update(output=name, seconds=round(seconds, 3), peak_memory_mb=round(_peak_mb(), 1))
+            main = files[0].path
+            save_json(out / f"{stem}.json", {"jobs": [rerun], "output": main.name, "output_bytes": main.stat().st_size,
+                                             "output_sha256": _sha256(main), "record": result.settings})
+            entry.update(output=main.name, seconds=round(seconds, 3), peak_memory_mb=round(_peak_mb(), 1))
             counts["ok"] += 1
         except KeyboardInterrupt:
             raise
@@ -193,32 +455,5 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
                 entry["traceback"] = traceback.format_exc(limit=5)
             counts["error"] += 1
             echo(f"job {jobs_path}:{task.line} seed {task.seed} failed: {entry['error']}")
-        with open(manifest, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-    if world > 1:  # file-based barrier: works under accelerate launch and torchrun, with or without a GPU
-        (out / f".done-{rank}").write_text("")
-        if rank == 0:
-            while not all((out / f".done-{r}").exists() for r in range(world)):
-                time.sleep(0.2)
-    if rank == 0:
-        if world > 1:
-            with open(out / "manifest.jsonl", "a", encoding="utf-8") as merged:
-                for r in range(world):
-                    shard = out / f"manifest.{r}.jsonl"
-                    if shard.exists():
-                        merged.write(shard.read_text(encoding="utf-8"))
-                        shard.unlink()
-                    (out / f".done-{r}").unlink(missing_ok=True)
-        import diffusers
-        import transformers
-
-        save_json(out / "run.json", {
-            "attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "dtype": dtype,
-            "processes": world, "jobs_file": str(jobs_path), "run_config": run.model_dump(),
-            "jobs": [job.model_dump(exclude_defaults=True) for _, job in jobs], "models": sorted(map(str, models)),
-            "input_hashes": hashes, "tasks": len(tasks),
-        })
-    return counts
-
+        _append_manifest(manifest, entry)
+    return counts, models, hashes

@@ -16,23 +16,85 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from ..core.errors import AttnCtrlError
 from ..inputs import KINDS
 from .request import Request, validate
 
-__all__ = ["Job", "RunConfig", "Task", "JobFileError", "load_jobs", "load_run_config", "expand"]
+__all__ = ["Job", "RunConfig", "Task", "JobFileError", "load_jobs", "load_run_config", "expand", "seeds_problem",
+           "parse_seeds", "MAX_SEED"]
+
+#: seeds are what ``torch.Generator.manual_seed`` and numpy take everywhere: 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
 
 _LEGACY_COMPOSITION = {"background": "background", "reference": "object", "reference_mask": "mask", "box": "box"}
 
 
 class JobFileError(AttnCtrlError):
     """One or more invalid jobs; ``str()`` lists every problem with file:line and field."""
+
+
+def seeds_problem(seeds: list) -> str | None:
+    """What is wrong with a list of seeds (one sentence), or None. Booleans are not seeds."""
+    if not seeds:
+        return "give at least one seed or leave seeds out"
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            return f"seed {seed!r} is not an integer"
+        if not 0 <= seed <= MAX_SEED:
+            return f"seed {seed} is out of range: seeds are integers from 0 to {MAX_SEED} (2**32 - 1)"
+    twice = [seed for seed, n in Counter(seeds).items() if n > 1]
+    if twice:
+        return f"seed {twice[0]} is given more than once; give each seed once (it would write the same output twice)"
+    return None
+
+
+def parse_seeds(text: str, what: str = "--seeds") -> list[int]:
+    """Comma-separated seeds (``--seeds 1,2,3``); raises :class:`JobFileError` with one sentence."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise JobFileError(f"{what} {text!r}: give comma-separated integers") from None
+    problem = seeds_problem(seeds)
+    if problem:
+        raise JobFileError(f"{what} {text!r}: {problem}")
+    return seeds
+
+
+def _check_seeds(value):
+    if value is not None:
+        problem = seeds_problem(value)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+def _message(err: dict) -> str:
+    """pydantic's message, saying why a boolean is refused where a number was expected."""
+    if isinstance(err.get("input"), bool) and err.get("type") in ("int_type", "float_type"):
+        return f"{str(err['input']).lower()} is a boolean, not a number"
+    return err["msg"]
+
+
+def _no_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
 
 
 class _JobBase(BaseModel):
@@ -44,12 +106,12 @@ class _JobBase(BaseModel):
     method: str | None = None
     model: str | None = None
     negative_prompt: str | None = None
-    seeds: list[int] | None = None
-    steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance: float | None = Field(default=None, ge=0)
-    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
-    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
-    num_frames: int | None = Field(default=None, ge=1, le=1000)
+    seeds: list[StrictInt] | None = None
+    steps: StrictInt | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    width: StrictInt | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    height: StrictInt | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    num_frames: StrictInt | None = Field(default=None, ge=1, le=1000)
     options: dict[str, Any] = {}
     sweep: dict[str, list[Any]] = {}
     name: str | None = None
@@ -65,6 +127,9 @@ class _JobBase(BaseModel):
                                  "form of composition {background, object, mask, box}")
             data["composition"] = {new: data.pop(old) for old, new in _LEGACY_COMPOSITION.items() if old in data}
         return data
+
+    _seeds = field_validator("seeds")(_check_seeds)
+    _guidance_not_bool = field_validator("guidance", mode="before")(_no_bool)
 
     @field_validator("prompt")
     @classmethod
@@ -102,10 +167,12 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     defaults: dict[str, Any] = {}
-    seeds: list[int] | None = None
+    seeds: list[StrictInt] | None = None
     device: str | None = None
     dtype: str | None = None
     metadata: bool = True
+
+    _seeds = field_validator("seeds")(_check_seeds)
 
 
 def _read(path: Path) -> list[tuple[int, Any]]:
@@ -159,7 +226,7 @@ def load_run_config(path: str | Path | None) -> RunConfig:
         raise JobFileError(f"{path}: cannot read the run config ({str(e).splitlines()[0]})") from None
     except ValidationError as e:
         err = e.errors()[0]
-        raise JobFileError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise JobFileError(f"{path}: {'.'.join(map(str, err['loc']))}: {_message(err)}") from None
     except Exception as e:
         raise JobFileError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
 
@@ -182,7 +249,7 @@ def load_jobs(path: str | Path, run: RunConfig | None = None) -> list[tuple[int,
         except ValidationError as e:
             for err in e.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "job"
-                errors.append(f"{path}:{line}: {field}: {err['msg']}")
+                errors.append(f"{path}:{line}: {field}: {_message(err)}")
             continue
         try:
             for key, values in job.sweep.items():
