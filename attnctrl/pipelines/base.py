@@ -288,7 +288,11 @@ class SharedState:
         if self.pipe_config is not _MISSING:
             vars(pipe)["_internal_dict"] = self.pipe_config
         # attnctrl's handles bound for the call and still installed (a method that failed to remove its own)
-        ctl = Controller.of(_denoiser(pipe), create=False)
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        try:
+            ctl = Controller.of(denoiser, create=False) if denoiser is not None else None
+        except AttnCtrlError:  # a denoiser attnctrl does not support: nothing of attnctrl's on it
+            ctl = None
         if ctl is not None:
             for handle in [h for h in ctl.handles if h.caller is not None and h.caller() is pipe]:
                 ctl.uninstall(handle)
