@@ -140,8 +140,11 @@ def _clora(pipeline, config, prompts, inputs, **kwargs):
 
 
 def _clora_prepare(pipeline, config, prompts, inputs) -> None:
-    for lora in inputs["loras"]:
-        pipeline.load_lora(lora.path)  # a missing or mismatched file fails now, before any generation
+    from .pipelines.base import keeping_shared_state
+
+    with keeping_shared_state(pipeline):  # loaded to check, then unloaded: each call loads and unloads its LoRAs
+        for lora in inputs["loras"]:
+            pipeline.load_lora(lora.path)  # a missing or mismatched file fails now, before any generation
 
 
 def _primecomposer(pipeline, config, prompts, inputs, **kwargs):

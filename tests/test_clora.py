@@ -14,6 +14,7 @@ from attnctrl.core import AttnCtrlError, Controller, TokenLookupError
 from attnctrl.core.controller import bind
 from attnctrl.models.lora import random_lora
 from attnctrl.pipelines import CLoRAPipeline
+from attnctrl.pipelines.base import keeping_shared_state
 from attnctrl.processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, dilate, erode, lora_masks, min_max, nt_xent
 
 SIZE = 128
@@ -28,11 +29,6 @@ def loras(tmp_path_factory):
     pipe = tiny("sd15")
     return str(random_lora(pipe, folder / "dog.safetensors", seed=1)), str(random_lora(pipe, folder / "cat.safetensors",
                                                                                        seed=2))
-
-
-def _unload(pipe):
-    if pipe.get_list_adapters():
-        pipe.unload_lora_weights()
 
 
 def test_recorder_rows_sum_to_one_and_output_is_the_stock_one():
@@ -141,16 +137,18 @@ def test_identical_branches_fuse_to_the_single_branch_and_no_update_is_the_base_
 def test_update_lowers_the_loss_and_call_counts(loras):
     pipe = tiny("sd15")
     cl = CLoRAPipeline.from_pipe(pipe)
-    try:
-        kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, output_type="np", max_iter_to_alter=2,
-                  iterative_steps=(0,), iterative_steps_steps=2, generator=torch.Generator().manual_seed(0))
-        out = cl(PROMPTS, [None, *loras], CONCEPTS, MASKS, **kw)
-        assert cl.unet_calls == 3 * 4 + 3 * 2  # N per step, plus N per extra round at step 0
-        assert cl.last_masks.shape == (3, 4, 4)
-        again = cl(PROMPTS, [None, *loras], CONCEPTS, MASKS, **{**kw, "generator": torch.Generator().manual_seed(0)})
-        np.testing.assert_array_equal(out.images, again.images)  # determinism
-        # first-order check: one small step along the gradient lowers the loss
-        samples, _ = cl._resolve(PROMPTS, CONCEPTS, MASKS)
+    kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, output_type="np", max_iter_to_alter=2,
+              iterative_steps=(0,), iterative_steps_steps=2, generator=torch.Generator().manual_seed(0))
+    out = cl(PROMPTS, [None, *loras], CONCEPTS, MASKS, **kw)
+    assert cl.unet_calls == 3 * 4 + 3 * 2  # N per step, plus N per extra round at step 0
+    assert cl.last_masks.shape == (3, 4, 4)
+    assert pipe.get_list_adapters() == {}  # the call unloaded the LoRAs it loaded
+    again = cl(PROMPTS, [None, *loras], CONCEPTS, MASKS, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    np.testing.assert_array_equal(out.images, again.images)  # determinism
+    # first-order check: one small step along the gradient lowers the loss (the LoRAs loaded here by the test are
+    # unloaded when the block ends)
+    samples, _ = cl._resolve(PROMPTS, CONCEPTS, MASKS)
+    with keeping_shared_state(cl):
         state = CLoRAState(False)
         handle = bind(pipe, CLoRA(), state, CrossAttnRecorder)
         try:
@@ -178,8 +176,7 @@ def test_update_lowers_the_loss_and_call_counts(loras):
                 assert loss_at(z - 1e-3 * grad / grad.norm()) < loss
         finally:
             handle.remove()
-    finally:
-        _unload(pipe)
+    assert pipe.get_list_adapters() == {}
 
 
 def test_steps_after_max_iter_run_without_graphs(loras):
@@ -193,8 +190,8 @@ def test_steps_after_max_iter_run_without_graphs(loras):
            height=SIZE, width=SIZE, output_type="latent", generator=torch.Generator().manual_seed(0))
     finally:
         hook.remove()
-        _unload(pipe)
     assert grads == [True] * 6 + [False] * 6
+    assert pipe.get_list_adapters() == {}  # the call unloaded the LoRAs it loaded
 
 
 def test_bad_inputs_fail_before_denoising(tmp_path, loras):
@@ -222,7 +219,7 @@ def test_bad_inputs_fail_before_denoising(tmp_path, loras):
         assert calls == []  # nothing was denoised
     finally:
         hook.remove()
-        _unload(pipe)
+    assert pipe.get_list_adapters() == {}  # the LoRAs loaded before each error (and the half-loaded one) are gone
 
 
 def test_sdxl_smoke(tmp_path):

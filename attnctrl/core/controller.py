@@ -125,7 +125,12 @@ def _check_plugin(config) -> None:
 
 
 class Handle:
-    """One method applied to one denoiser. ``remove()`` (or leaving the ``with`` block) undoes it exactly."""
+    """One method applied to one denoiser. ``remove()`` (or leaving the ``with`` block) undoes it exactly.
+
+    A handle counts its uses: :func:`apply` of an equal config returns the installed handle with one more use, and
+    ``remove()`` gives one back, uninstalling at the last, so nested ``with attnctrl.apply(pipe, cfg):`` blocks keep
+    the outer one working. :func:`remove` (and a new config of the same method) uninstalls it whatever the count.
+    """
 
     def __init__(self, controller: Controller, config: Method, layers: list[LayerInfo], state: MethodState):
         self.controller = controller
@@ -135,9 +140,10 @@ class Handle:
         self.processors: dict[str, object] = {}
         self.previous: dict[str, object] = {}
         self.caller = None  # bind(): weak reference to the pipeline whose call this handle serves
+        self.uses = 1  # apply() of an equal config adds one, remove() gives one back (see the class docstring)
 
     def __repr__(self) -> str:
-        status = "applied" if self.active else "removed"
+        status = ("applied" + (f" x{self.uses}" if self.uses > 1 else "")) if self.active else "removed"
         return f"<{type(self).__name__} {self.config!r} on {len(self.layers)} layers, {status}>"
 
     @property
@@ -145,8 +151,12 @@ class Handle:
         return self in self.controller.handles
 
     def remove(self) -> None:
-        """Restore the previous processors of this method's layers and drop its state (idempotent)."""
-        if self.active:
+        """Give back one use of this handle; at the last one, restore the previous processors of this method's layers
+        and drop its state. Once removed, it does nothing (idempotent)."""
+        if not self.active:
+            return
+        self.uses -= 1
+        if self.uses <= 0:
             self.controller.uninstall(self)
 
     def __enter__(self):
@@ -277,7 +287,8 @@ class Controller:
         if not bound:
             for h in self.handles:
                 if h.config == config and h.caller is None:
-                    return h  # applying the same config twice does not stack
+                    h.uses += 1  # applying the same config twice does not stack: one more use of the handle
+                    return h
         layers = config.select_layers(self)
         # a new plugin config of the same method replaces the old one (never one bound to a call); other methods
         # must not share a layer
@@ -327,6 +338,7 @@ class Controller:
                     name, type(handle.config).__name__,
                 )
         handle.state.close()
+        handle.uses = 0
         self.handles.remove(handle)
         if detach and not self.handles:
             self.detach()
@@ -345,8 +357,18 @@ def _plugin_factory(layer: LayerInfo, ctl: Controller, state: MethodState, confi
 def apply(target, config: Plugin) -> Handle:
     """Apply a plugin method to a pipeline or denoiser; returns a :class:`Handle` (also a context manager).
 
-    Applying an equal config again returns the existing handle; a different config of the same method replaces the
-    old one; methods on disjoint layers compose; two methods on the same layer raise :class:`LayerConflictError`.
+    Applying an equal config again returns the existing handle with one more use: handles are reference-counted, so
+    ``handle.remove()`` (or leaving its ``with`` block) gives one use back and uninstalls only at the last one. Nested
+    blocks therefore work::
+
+        with attnctrl.apply(pipe, AttentionMaps()) as outer:
+            with attnctrl.apply(pipe, AttentionMaps()):  # the same handle, now used twice
+                pipe(prompt)
+            outer.heat_maps()  # still applied; uninstalled when the outer block ends
+
+    :func:`remove` uninstalls at once, whatever the count. A different config of the same method replaces the old
+    one (its handle is uninstalled, whatever its count); methods on disjoint layers compose; two methods on the same
+    layer raise :class:`LayerConflictError`.
     Unsupported models and selections with no layer raise. The config of a method that runs in its own pipeline
     (FreeCustom, CLoRA, ...) raises :class:`~attnctrl.core.errors.NotAPluginError` naming that pipeline, before
     anything is installed.
@@ -381,7 +403,8 @@ def bind(target, config: Method, state: MethodState | None = None, processor_fac
 
 
 def remove(target, method: Method | type | Handle | None = None) -> int:
-    """Remove every method (or the given config, method class or handle) from ``target``; returns how many."""
+    """Remove every method (or the given config, method class or handle) from ``target`` at once, however many uses
+    its handle has (see :func:`apply`); returns how many."""
     ctl = Controller.of(target, create=False)
     if ctl is None:
         return 0
@@ -393,7 +416,7 @@ def remove(target, method: Method | type | Handle | None = None) -> int:
             or h.config == method
             or (isinstance(method, type) and isinstance(h.config, method))
         ):
-            h.remove()
+            ctl.uninstall(h)
             removed += 1
     return removed
 

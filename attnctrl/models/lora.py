@@ -10,6 +10,8 @@ __all__ = ["random_lora", "save_unet_lora", "LORA_TARGETS"]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
+_MISSING = object()
+
 
 def random_lora(pipe, path, rank: int = 4, seed: int = 0, scale: float = 0.5) -> Path:
     """Write a LoRA for ``pipe``'s UNet with random, non-zero A and B (so it changes the output) to ``path``.
@@ -21,6 +23,8 @@ def random_lora(pipe, path, rank: int = 4, seed: int = 0, scale: float = 0.5) ->
 
     unet = pipe.unet
     name = "attnctrl_random"
+    had_peft = hasattr(unet, "peft_config")
+    loaded_flag = vars(unet).get("_hf_peft_config_loaded", _MISSING)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False),
                      adapter_name=name)
     try:
@@ -32,6 +36,12 @@ def random_lora(pipe, path, rank: int = 4, seed: int = 0, scale: float = 0.5) ->
         state = get_peft_model_state_dict(unet, adapter_name=name)
     finally:
         unet.delete_adapters(name)
+        if not had_peft:  # the UNet had no LoRA: its very modules back, no PEFT layers left (pipe as it was)
+            unet.unload_lora()
+            if loaded_flag is _MISSING:
+                vars(unet).pop("_hf_peft_config_loaded", None)
+            else:
+                unet._hf_peft_config_loaded = loaded_flag
     return save_unet_lora(pipe, state, path)
 
 

@@ -12,10 +12,18 @@ that only change the batch and the attention. Unlike diffusers' ``from_pipe`` it
 every shared module to float32 unless told a dtype) and leaves the shared components' configs as they were
 (a base ``__init__`` may "fix" a shared scheduler's config). Attributes set on ``pipe`` after its construction
 (``attnctrl_model_id``, a changed ``default_sample_size``, the progress-bar and offload settings) carry over.
+
+A method pipeline shares its components with its base pipeline, so a call must leave them exactly as it found them.
+Every ``__call__`` a method pipeline class defines is wrapped (by :meth:`MethodPipeline.__init_subclass__`, so a
+third-party method gets it too) in :func:`keeping_shared_state`: a :class:`SharedState` snapshot taken before the call
+and restored after it, on success and on error alike (LoRA adapters loaded by the call unloaded and the adapters,
+active adapters and enabled state put back; attention processors; hooks left on a component; the scheduler object,
+class and config; the progress-bar settings; the global torch RNG when the caller gave a generator).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from contextlib import contextmanager
@@ -27,7 +35,8 @@ from ..core.controller import Method
 from ..core.errors import AttnCtrlError, UnsupportedModelError
 from ..core.families import detect_family
 
-__all__ = ["MethodPipeline", "upcast_vae", "encode", "decode", "check_callback", "run_callback", "call_config"]
+__all__ = ["MethodPipeline", "SharedState", "keeping_shared_state", "upcast_vae", "encode", "decode", "check_callback",
+           "run_callback", "call_config"]
 
 _FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX", "cogvideox": "CogVideoX"}
 
@@ -140,6 +149,214 @@ def run_callback(pipe, callback, names: list[str], step: int, timestep, values: 
     return {**values, **{k: v for k, v in out.items() if k in values}}
 
 
+# -- what a call leaves as it found it -----------------------------------------------------------------------------
+
+_MISSING = object()
+
+#: a module's hook dictionaries (a hook a call adds and leaves behind is removed from them)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+#: the attributes PEFT / diffusers' LoRA loaders set on a model
+_PEFT_ATTRS = ("peft_config", "_hf_peft_config_loaded")
+
+#: ids of the pipelines whose call is running: a call inside the call (IR-Diffusion's ``super().__call__``) keeps
+#: the outer snapshot
+_CALLING: set[int] = set()
+
+
+def _tuner_layer_class() -> type | None:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no PEFT: no LoRA can be loaded either
+        return None
+    return BaseTunerLayer
+
+
+def _adapter_names(layer) -> set[str]:
+    """The adapters a PEFT tuner layer holds (``lora_A``, ``lora_B``, ... keys)."""
+    names = set()
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        names.update(getattr(layer, attr, {}).keys())
+    return names
+
+
+class _ModuleState:
+    """One shared ``nn.Module`` component: train/eval flags, ``requires_grad``, its own hooks and its PEFT state
+    (tuner layers with their adapters, active adapters, enabled flag and scales; ``peft_config``)."""
+
+    def __init__(self, module: torch.nn.Module, tuner: type | None):
+        self.module = module
+        modules = list(module.modules())
+        self.training = [(m, m.training) for m in modules]
+        self.grads = [(p, p.requires_grad) for p in module.parameters()]
+        self.hooks = {name: set(getattr(module, name, {})) for name in _HOOK_DICTS}
+        self.attrs = {name: vars(module).get(name, _MISSING) for name in _PEFT_ATTRS}
+        config = self.attrs["peft_config"]
+        self.peft_keys = set(config) if isinstance(config, dict) else None
+        self.layers = {}  # id -> (layer, adapters, active adapter, disabled, scaling)
+        if tuner is not None:
+            for m in modules:
+                if isinstance(m, tuner):
+                    active = getattr(m, "_active_adapter", None)
+                    self.layers[id(m)] = (m, _adapter_names(m), list(active) if isinstance(active, list) else active,
+                                          getattr(m, "_disable_adapters", False), dict(getattr(m, "scaling", {}) or {}))
+
+    def restore(self, tuner: type | None) -> None:
+        module = self.module
+        if tuner is not None:
+            # tuner layers that appeared (a LoRA loaded into modules that had none): their very base layers back
+            for parent in list(module.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, tuner) and id(child) not in self.layers:
+                        setattr(parent, name, child.get_base_layer())
+            # tuner layers that were there: the adapters added to them deleted, their settings put back
+            for layer, adapters, active, disabled, scaling in self.layers.values():
+                if hasattr(layer, "_active_adapter"):  # first, so that no deleted adapter is active
+                    layer._active_adapter = list(active) if isinstance(active, list) else active
+                if hasattr(layer, "_disable_adapters"):
+                    layer._disable_adapters = disabled
+                for name in sorted(_adapter_names(layer) - adapters):
+                    layer.delete_adapter(name)
+                current = getattr(layer, "scaling", None)
+                if isinstance(current, dict) and current != scaling:
+                    current.clear()
+                    current.update(scaling)
+        for name, value in self.attrs.items():
+            if value is _MISSING:
+                vars(module).pop(name, None)
+            else:
+                vars(module)[name] = value
+        if self.peft_keys is not None:
+            for key in set(self.attrs["peft_config"]) - self.peft_keys:
+                del self.attrs["peft_config"][key]
+        for name, keys in self.hooks.items():
+            hooks = getattr(module, name, None)
+            if hooks is not None:
+                for key in set(hooks) - keys:
+                    del hooks[key]
+        for m, flag in self.training:
+            m.training = flag
+        for p, flag in self.grads:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+class SharedState:
+    """A snapshot of what a call of a method pipeline may change on what it shares with its base pipeline;
+    :meth:`restore` puts it back exactly.
+
+    It covers the pipeline's components (the objects, their classes and diffusers configs, so a swapped or
+    reconfigured scheduler comes back), the shared modules (LoRA adapters: those added are unloaded, down to the
+    PEFT layers when the module had none, and the active adapters, enabled flag and scales of the others restored;
+    hooks left on a component; train/eval flags and ``requires_grad``), the attention processors of every attention
+    layer (attnctrl's handles bound for the call are removed first), the pipeline's progress-bar settings and, with
+    ``rng``, the global torch RNG (CPU, and CUDA when initialised). A scheduler's run state (timesteps, step index)
+    is not part of it: every call sets it anew with ``set_timesteps``.
+    """
+
+    def __init__(self, pipe, rng: bool = False):
+        from diffusers.configuration_utils import ConfigMixin
+
+        self.pipe = pipe
+        self.tuner = _tuner_layer_class()
+        state = vars(pipe)
+        self.pipe_config = state.get("_internal_dict", _MISSING)
+        self.components = dict(pipe.components)
+        objects = list({id(v): v for v in self.components.values() if v is not None}.values())
+        self.classes = [(v, type(v)) for v in objects]
+        self.configs = [(v, v._internal_dict) for v in objects if isinstance(v, ConfigMixin)
+                        and "_internal_dict" in vars(v)]
+        modules = [v for v in objects if isinstance(v, torch.nn.Module)]
+        self.modules = [_ModuleState(m, self.tuner) for m in modules]
+        self.processors = [(m, dict(m.attn_processors)) for m in modules if hasattr(m, "attn_processors")]
+        progress = state.get("_progress_bar_config", _MISSING)
+        self.progress = (progress, dict(progress) if isinstance(progress, dict) else None)
+        self.rng = None
+        if rng:
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            self.rng = (torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        from ..core.controller import Controller
+
+        pipe = self.pipe
+        # the components: the same objects, classes and configs
+        for name, value in self.components.items():
+            if getattr(pipe, name, None) is not value:
+                setattr(pipe, name, value)
+        if self.pipe_config is not _MISSING:
+            vars(pipe)["_internal_dict"] = self.pipe_config
+        # attnctrl's handles bound for the call and still installed (a method that failed to remove its own)
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        try:
+            ctl = Controller.of(denoiser, create=False) if denoiser is not None else None
+        except AttnCtrlError:  # a denoiser attnctrl does not support: nothing of attnctrl's on it
+            ctl = None
+        if ctl is not None:
+            for handle in [h for h in ctl.handles if h.caller is not None and h.caller() is pipe]:
+                ctl.uninstall(handle)
+        for obj, cls in self.classes:
+            if type(obj) is not cls:
+                obj.__class__ = cls
+        for obj, config in self.configs:
+            if obj._internal_dict is not config:
+                obj._internal_dict = config
+        for state in self.modules:
+            state.restore(self.tuner)
+        # the attention processors of every attention layer: the very same objects
+        for module, processors in self.processors:
+            current = module.attn_processors
+            for name, processor in processors.items():
+                if name in current and current[name] is not processor:
+                    module.get_submodule(name[: -len(".processor")]).set_processor(processor)
+        progress, items = self.progress
+        if progress is _MISSING:
+            vars(pipe).pop("_progress_bar_config", None)
+        else:
+            vars(pipe)["_progress_bar_config"] = progress
+            if isinstance(progress, dict) and progress != items:
+                progress.clear()
+                progress.update(items)
+        if self.rng is not None:
+            cpu, cuda = self.rng
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def keeping_shared_state(pipe, rng: bool = False):
+    """Inside the block, anything may change what ``pipe`` shares with other pipelines (LoRAs loaded, processors,
+    scheduler, ...); when it ends, errors included, :class:`SharedState` puts it all back."""
+    state = SharedState(pipe, rng)
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+def _keeps_shared_state(call):
+    """``call`` (a method pipeline's ``__call__``) inside :func:`keeping_shared_state`, restoring the global RNG when
+    the caller gave a generator (the method must then draw from none other)."""
+    if getattr(call, "_attnctrl_keeps_shared_state", False):
+        return call
+
+    @functools.wraps(call)
+    def keeping(self, *args, **kwargs):
+        if id(self) in _CALLING:  # a call of the method inside its own call: the outer snapshot covers it
+            return call(self, *args, **kwargs)
+        _CALLING.add(id(self))
+        try:
+            with keeping_shared_state(self, rng=kwargs.get("generator") is not None):
+                return call(self, *args, **kwargs)
+        finally:
+            _CALLING.discard(id(self))
+
+    keeping._attnctrl_keeps_shared_state = True
+    return keeping
+
+
 def _diffusers_class(pipe) -> type | None:
     from diffusers import DiffusionPipeline
 
@@ -162,6 +379,12 @@ class MethodPipeline:
     config_class: ClassVar[type[Method]]
     _attnctrl_base: ClassVar[type | None] = None  # the diffusers pipeline class (on the built subclasses)
     _attnctrl_method: ClassVar[type | None] = None  # the method pipeline class (on the built subclasses)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every ``__call__`` a method pipeline class defines leaves the shared components as it found them."""
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls):
+            cls.__call__ = _keeps_shared_state(vars(cls)["__call__"])
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):

@@ -226,9 +226,7 @@ class CLoRAPipeline(MethodPipeline):
                     z = run_callback(self, callback_on_step_end, callback_inputs, i, t, {"latents": z})["latents"]
                     bar.update()
         finally:
-            handle.remove()
-            if self.get_list_adapters():
-                self.enable_lora()
+            handle.remove()  # the LoRAs this call loaded and the adapters' state: restored by keeping_shared_state
         self.last_masks = fused_masks
         images = decode(self, z, output_type)
         self.maybe_free_model_hooks()
