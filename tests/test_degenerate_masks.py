@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from conftest import tiny, toyworld
 from test_freecustom import REFS, SIZE, gen
 
 import attnctrl.processors.magicface as magicface_module
@@ -20,7 +20,8 @@ from attnctrl.core import AttnCtrlError, LayerSelectionError
 from attnctrl.core.layers import describe
 from attnctrl.core.masks import degenerate
 from attnctrl.errors import AttnCtrlWarning
-from attnctrl.pipelines import CLoRAPipeline, IRDiffusionPipeline, MagicFacePipeline, Subject
+from attnctrl.models.toyworld.examples import SHIPPED
+from attnctrl.pipelines import CLoRAPipeline, IRDiffusionPipeline, MagicFacePipeline, Reference, Subject
 from attnctrl.pipelines.magicface import MagicFaceRun
 from attnctrl.processors.clora import fusion_mask_warning
 from attnctrl.processors.magicface import MagicFace
@@ -174,6 +175,25 @@ def test_magicface_segment_layers_that_select_nothing_raise():
         MagicFace(segment_layers="blocks[0]").segment_selection(
             type(describe(tiny("sd15").unet))(describe(tiny("sd15").unet).family,
                                               tuple(la for la in describe(tiny("sd15").unet) if la.kind == "self")))
+
+
+def test_no_warning_on_the_toyworld_model():
+    """Real masks on the shipped model (its cross-attention is local since the grounding fine-tune): CLoRA's fusion
+    masks at the 8x8 layers and MagicFace's concept masks of the documented example are partial, so no warning."""
+    pipe = toyworld()
+    prompt = "a square on the left and a star on the right"
+    with no_notice():
+        CLoRAPipeline.from_pipe(pipe)([prompt] * 3, [None] * 3, concepts=None, mask_words=[[], ["square"], ["star"]],
+                                      step_size=0, record_layers="res==8", num_inference_steps=2, guidance_scale=5.0,
+                                      generator=gen(), output_type="np")
+    refs = [Reference(SHIPPED / f"striped-{name}.png", SHIPPED / f"striped-{name}-mask.png",
+                      f"a striped {name.replace('-', ' ')} in the middle and a yellow circle on the right")
+            for name in ("green-square", "red-circle")]
+    mf = MagicFacePipeline.from_pipe(pipe)
+    with no_notice():
+        mf("a square on the left and a circle on the right", references=refs, ref_words=["square", "circle"],
+           mask_weights=2.0, num_inference_steps=2, guidance_scale=5.0, generator=gen(), output_type="np")
+    assert all(0.005 < c < 0.95 for c in mf.last_run.coverage[-1].tolist())
 
 
 # -- IR-Diffusion --------------------------------------------------------------------------------------------------
