@@ -17,7 +17,7 @@ from test_freecustom import REFS, SIZE, gen
 import attnctrl.processors.magicface as magicface_module
 from attnctrl.cli.options import method_options
 from attnctrl.core import AttnCtrlError, LayerSelectionError
-from attnctrl.core.layers import describe
+from attnctrl.core.layers import LayerMap, describe
 from attnctrl.core.masks import degenerate
 from attnctrl.errors import AttnCtrlWarning
 from attnctrl.models.toyworld.examples import SHIPPED
@@ -171,10 +171,10 @@ def test_magicface_segment_layers_that_select_nothing_raise():
     mf = MagicFacePipeline.from_pipe(tiny("sd15"))
     with pytest.raises(LayerSelectionError, match="segment_layers.*matched none"):
         mf(PROMPT, **{**MF, "segment_layers": "blocks[99]"})
+    layers = describe(tiny("sd15").unet)
+    self_only = LayerMap(layers.family, tuple(la for la in layers if la.kind == "self"))  # no cross-attention
     with pytest.raises(LayerSelectionError, match="no transformer block with both"):
-        MagicFace(segment_layers="blocks[0]").segment_selection(
-            type(describe(tiny("sd15").unet))(describe(tiny("sd15").unet).family,
-                                              tuple(la for la in describe(tiny("sd15").unet) if la.kind == "self")))
+        MagicFace(segment_layers="blocks[0]").segment_selection(self_only)
 
 
 def test_no_warning_on_the_toyworld_model():
