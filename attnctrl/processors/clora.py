@@ -118,7 +118,7 @@ def fusion_mask_warning(coverage: torch.Tensor, steps: int, mask_words) -> str |
             bad.append(f"branch {j + 1} ({label}) {100 * float(coverage[j]):.1f} % of the image, {effect}")
     if not bad:
         return None
-    return (f"CLoRA's fusion masks are degenerate (mean over {steps} steps: {'; '.join(bad)}) because this model's "
+    return (f"CLoRA's fusion masks are degenerate (mean over {steps} step{'s' * (steps != 1)}: {'; '.join(bad)}) because this model's "
             f"cross-attention at the recorded layers is not local: choose other layers with record_layers (a layer "
             f"selector such as 'res==16' or 'up.2') or another mask_threshold")
 

@@ -186,7 +186,7 @@ class MagicFaceState(ReferenceState):
                 bad.append(f"reference {i + 1}{label} {100 * fraction:.1f} % of the image, {state}")
         if not bad:
             return None
-        return (f"MagicFace's concept masks are degenerate (mean over {len(used)} segmentations: {'; '.join(bad)}) "
+        return (f"MagicFace's concept masks are degenerate (mean over {len(used)} segmentation{'s' * (len(used) != 1)}: {'; '.join(bad)}) "
                 f"because this model's attention at the segmentation layers is not local: choose other layers with "
                 f"segment_layers (a layer selector such as 'up.1' or 'ds<=4') or another ca_scale")
 
