@@ -31,7 +31,32 @@ __all__ = [
     "mask_box",
     "flat_indices",
     "grid_mask",
+    "MASK_FULL",
+    "MASK_EMPTY",
+    "degenerate",
 ]
+
+#: an attention-derived mask covering more than this fraction of the image acts everywhere (a degenerate mask)
+MASK_FULL = 0.95
+#: an attention-derived mask covering less than this fraction of the image acts nowhere (a degenerate mask)
+MASK_EMPTY = 0.005
+
+
+def degenerate(fraction: float) -> str | None:
+    """``"full"`` if an attention-derived mask covers more than :data:`MASK_FULL` of the image, ``"empty"`` if less
+    than :data:`MASK_EMPTY`, else None.
+
+    The thresholds are the methods' shared rule for masks that come from attention maps (CLoRA's fusion masks,
+    MagicFace's concept masks): on a model whose cross-attention is not local such a mask is all or nothing, and
+    the method then acts everywhere or nowhere. 0.5 % is less than one cell of a 16 x 16 map (SD 1.5's 1/32 level at
+    512 px), so on the usual grids only a mask without any cell is "empty".
+    """
+    fraction = float(fraction)
+    if fraction > MASK_FULL:
+        return "full"
+    if fraction < MASK_EMPTY:
+        return "empty"
+    return None
 
 
 class MaskError(AttnCtrlError):

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.controller import bind
-from ..core.errors import AttnCtrlError
+from ..core.errors import AttnCtrlError, notice
 from ..core.tokens import token_indices
 from ..errors import quiet_libraries
-from ..processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, lora_masks, min_max, nt_xent
+from ..processors.clora import CLoRA, CLoRAState, CrossAttnRecorder, fusion_mask_warning, lora_masks, min_max, nt_xent
 from .base import MethodPipeline, call_config, check_callback, decode, run_callback
 
 __all__ = ["CLoRAPipeline", "CLoRAState"]
@@ -194,6 +194,7 @@ class CLoRAPipeline(MethodPipeline):
             return torch.stack(eps), torch.stack(maps)
 
         fused_masks = None
+        coverage, masked_steps = 0.0, 0  # mean fraction of the latent each fusion mask covers (degenerate masks)
         try:
             with self.progress_bar(total=len(timesteps)) as bar:
                 for i, t in enumerate(timesteps):
@@ -218,6 +219,8 @@ class CLoRAPipeline(MethodPipeline):
                         masks = torch.ones(len(prompts), *maps.shape[1:3], device=maps.device, dtype=maps.dtype)
                     fused_masks = masks
                     m = F.interpolate(masks[:, None], size=z.shape[-2:], mode="nearest").to(eps.dtype)  # (N,1,h,w)
+                    if i >= config.apply_mask_after:
+                        coverage, masked_steps = coverage + m.float().flatten(1).mean(1), masked_steps + 1
                     m = m[:, None]  # (N, 1, 1, h, w) against eps (N, 2, C, h, w)
                     eps_u = (m * eps[:, 0:1]).sum(0) / m.sum(0)
                     eps_c = (m * eps[:, 1:2]).sum(0) / m.sum(0)
@@ -228,6 +231,9 @@ class CLoRAPipeline(MethodPipeline):
         finally:
             handle.remove()  # the LoRAs this call loaded and the adapters' state: restored by keeping_shared_state
         self.last_masks = fused_masks
+        message = fusion_mask_warning(coverage / max(masked_steps, 1), masked_steps, mask_words)
+        if message:
+            notice(message)
         images = decode(self, z, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

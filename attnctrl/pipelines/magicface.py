@@ -7,12 +7,14 @@
     ], ref_words=["woman", "hat"], mask_weights=[3.0, 2.0]).images[0]
 
 See :mod:`attnctrl.processors.magicface` for the algorithm. The segmentation of the last generation is kept in
-``mf.last_run`` (``concept``: per-token masks, ``fg``; ``reference_masks()``: one mask per reference).
+``mf.last_run`` (``concept``: per-token masks, ``fg``; ``reference_masks()``: one mask per reference). A concept
+mask that stays empty or covers nearly the whole image (see :meth:`MagicFaceState.mask_warning`) is reported once per
+call with an :class:`~attnctrl.errors.AttnCtrlWarning`.
 """
 
 from __future__ import annotations
 
-from ..core.errors import AttnCtrlError
+from ..core.errors import AttnCtrlError, notice
 from ..core.tokens import token_indices
 from ..processors.magicface import MagicFace, MagicFaceAttnProcessor, MagicFaceState, region_rate
 from .freecustom import ReferencePipeline
@@ -46,7 +48,7 @@ class MagicFaceRun(MagicFaceState, ReferenceRun):
 class MagicFacePipeline(ReferencePipeline):
     """MagicFace (see :mod:`attnctrl.processors.magicface`). Extra call arguments: ``references``, ``ref_words``,
     ``mask_weights``, ``ca_scale``, ``inject_step``, ``use_rate``, ``layers``, ``start_step``, ``end_step``,
-    ``use_null_ref_prompts``, ``upscale``, ``reference_seed``; everything else goes to the base pipeline."""
+    ``use_null_ref_prompts``, ``upscale``, ``segment_layers``, ``reference_seed``; everything else goes to the base pipeline."""
 
     config_class = MagicFace
     processor_class = MagicFaceAttnProcessor
@@ -56,6 +58,17 @@ class MagicFacePipeline(ReferencePipeline):
         """The segmentation of each reference's concept in the target (once the blend phase has run)."""
         run = getattr(self, "last_run", None)
         return run.reference_masks() if run is not None and run.concept is not None else None
+
+    def __call__(self, prompt: str, references=(), reference_seed: int | None = None, **kwargs):
+        """Generate one target image of ``prompt`` with the references; warn once if a concept mask is degenerate."""
+        self.last_run = None
+        out = super().__call__(prompt, references=references, reference_seed=reference_seed, **kwargs)
+        run = self.last_run
+        if run is not None:
+            message = run.mask_warning(list(run.config.ref_words))
+            if message:
+                notice(message)
+        return out
 
     def _validate(self, config: MagicFace, prompt: str, references) -> list[list[int]]:
         words = list(config.ref_words)

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from ..core.controller import Controller, Method, MethodState
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
+from ..core.masks import degenerate
 from ..core.processor import AttnCtrlProcessor
 
-__all__ = ["CLoRA", "CLoRAState", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers"]
+__all__ = ["CLoRA", "CLoRAState", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers",
+           "fusion_mask_warning"]
 
 
 def min_max(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -93,6 +95,32 @@ def lora_masks(maps: torch.Tensor, mask_tokens: list[list[int]], threshold: floa
             masks = step(masks)
     masks[0] = torch.maximum(masks[0], (masks.sum(0) == 0).to(maps.dtype))
     return masks
+
+
+def fusion_mask_warning(coverage: torch.Tensor, steps: int, mask_words) -> str | None:
+    """The warning for degenerate fusion masks, or None.
+
+    ``coverage`` ``(N,)``: the fraction of the latent each branch's fusion mask covered, averaged over the ``steps``
+    steps that fused with masks; ``mask_words`` per branch, its mask words. A LoRA branch (not branch 0, whose mask
+    also holds the background) with mask words is degenerate when its mean mask covers more than 95 % of the latent
+    (its LoRA acts on the whole image: the fusion composes nothing) or less than 0.5 % (it acts nowhere);
+    thresholds :data:`attnctrl.core.masks.MASK_FULL` / ``MASK_EMPTY``. Spec §3.5: the mask is ``A > alpha max A``,
+    so a flat map (cross-attention that is not local) gives all ones.
+    """
+    if steps <= 0:
+        return None
+    bad = []
+    for j, words in enumerate(mask_words):
+        what = degenerate(coverage[j]) if j > 0 and words else None
+        if what:
+            label = ", ".join(repr(w) for w in words)
+            effect = "its LoRA acts on the whole image" if what == "full" else "its LoRA acts nowhere"
+            bad.append(f"branch {j + 1} ({label}) {100 * float(coverage[j]):.1f} % of the image, {effect}")
+    if not bad:
+        return None
+    return (f"CLoRA's fusion masks are degenerate (mean over {steps} step{'s' * (steps != 1)}: {'; '.join(bad)}) because this model's "
+            f"cross-attention at the recorded layers is not local: choose other layers with record_layers (a layer "
+            f"selector such as 'res==16' or 'up.2') or another mask_threshold")
 
 
 def record_layers(ctl: Controller, selector=None) -> list[LayerInfo]:

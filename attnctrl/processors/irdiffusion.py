@@ -305,6 +305,8 @@ class IRDiffusion(Method):
         msa_layers: layer selector of the reposition layers (None: SD 1.x/2.x blocks 10-15 = "decoder-high-res";
             SDXL: transformer blocks from 36/70 of the way on, i.e. spec §4.1's start_layer 36 of 70);
         start_step, end_step: reposition steps; ref_sa_lambda: logit bonus of reference keys (0 as official);
+        rehearsal_layers: layer selector of the cross-attention maps that give the rehearsals' masks (the layout's
+            regions and rehearsed references' masks; None: every layer with text keys, AttentionMaps' default).
     """
 
     mutual_lambda: float = field(default=0.9, metadata={"help": "irdiffusion: mutual cross-attention weight"})
@@ -318,6 +320,9 @@ class IRDiffusion(Method):
     end_step: int | None = field(default=None, metadata={"help": "reference attention before this step"})
     ref_sa_lambda: float = field(default=0.0, metadata={"help": "irdiffusion: logit bonus of reference keys"})
     layers: object = field(default="all", metadata={"help": "layer selector"})
+    rehearsal_layers: object = field(default=None, metadata={
+        "help": "irdiffusion: layers whose cross-attention gives the rehearsals' masks (selector; default: every "
+                "text layer)"})
 
     name = "irdiffusion"
     families = ("sd", "sdxl")

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.controller import Controller, Method
-from ..core.errors import AttnCtrlError
-from ..core.layers import LayerInfo
+from ..core.errors import AttnCtrlError, LayerSelectionError
+from ..core.layers import LayerInfo, LayerMap
+from ..core.masks import degenerate
 from ..core.processor import AttnCtrlProcessor
 from ..kernels.attention import KVBlock, grouped_attention, multi_block_attention
 from .freecustom import per_reference
@@ -108,12 +109,13 @@ class MagicFaceState(ReferenceState):
         self.guidance = guidance
         self.seg_grid = (self.latent_hw[0] // 2, self.latent_hw[1] // 2)
         self.reference_layers = {la.name for la in layers.select(config.layers) if la.kind == "self"}
-        self.store_layers = {la.name for la in layers if la.downsample in STORE_DOWNSAMPLES}
+        self.store_layers = {la.name for la in config.segment_selection(layers)}
         self.recording = True
         self.qk: dict[str, tuple] = {}
         self.concept = None  # (T, H/2, W/2) bool, from the previous UNet call
         self.fg = None
         self.step = 0
+        self.coverage: list[torch.Tensor] = []  # per UNet call: (N,) fraction of the image each concept mask covers
         self._reset_sums()
 
     def _reset_sums(self):
@@ -156,9 +158,37 @@ class MagicFaceState(ReferenceState):
         if self.layers_recorded:
             self.concept, self.fg = segment(self.token_sum, self.fg_sum, self.layers_recorded, self.ref_tokens,
                                             self.ca_scale)
+            if self.n:
+                self.coverage.append(self.reference_masks().float().flatten(1).mean(1).cpu())
         self._reset_sums()
         self.qk.clear()
         self.step += 1
+
+    def mask_warning(self, words=None) -> str | None:
+        """The warning for degenerate concept masks of this call, or None.
+
+        A reference's concept mask is degenerate when it covers less than 0.5 % of the image (empty: region blending
+        never reaches the concept and the region rate skips it) or more than 95 % (the concept's word wins every
+        pixel, so its reference is blended everywhere), averaged over the call's segmentations from the first one
+        region blending reads (after step ``inject_step``) on, or over all of them when the call never blends;
+        thresholds :data:`attnctrl.core.masks.MASK_EMPTY` / ``MASK_FULL``. ``words`` name the references.
+        """
+        if not self.coverage:
+            return None
+        used = self.coverage[self.inject:] or self.coverage
+        mean = torch.stack(used).mean(0)
+        bad = []
+        for i, fraction in enumerate(mean.tolist()):
+            what = degenerate(fraction)
+            if what:
+                label = f" ({words[i]!r})" if words and i < len(words) else ""
+                state = "empty" if what == "empty" else "nearly the whole image"
+                bad.append(f"reference {i + 1}{label} {100 * fraction:.1f} % of the image, {state}")
+        if not bad:
+            return None
+        return (f"MagicFace's concept masks are degenerate (mean over {len(used)} segmentation{'s' * (len(used) != 1)}: {'; '.join(bad)}) "
+                f"because this model's attention at the segmentation layers is not local: choose other layers with "
+                f"segment_layers (a layer selector such as 'up.1' or 'ds<=4') or another ca_scale")
 
     def reference_masks(self) -> torch.Tensor:
         """``(N, H/2, W/2)`` boolean segmentation of each reference's word (union of its tokens)."""
@@ -249,6 +279,9 @@ class MagicFace(Method):
     Args to tinker with:
         use_rate: region-adaptive CFG (spec §7); layers, start_step, end_step: reference attention layers/steps;
         upscale: the factor R from the segmentation grid (latent/2) to the latent; use_null_ref_prompts.
+        segment_layers: layer selector of the segmentation's layers (None: every transformer block at latent/2, /4
+            and /8, spec §6; SD 2.1 at 512 px: 11 blocks). A selected layer brings its transformer block's self- and
+            cross-attention, which the token maps need; a selection with no such block is an error.
     """
 
     ref_words: tuple[str, ...] = field(default=(), metadata={"help": "magicface: word of the prompt per reference"})
@@ -262,6 +295,8 @@ class MagicFace(Method):
     end_step: int | None = field(default=None, metadata={"help": "reference attention before this step"})
     use_null_ref_prompts: bool = field(default=False, metadata={"help": "reference prompts replaced by ''"})
     upscale: int = field(default=2, metadata={"help": "magicface: segmentation-to-latent factor R"})
+    segment_layers: object = field(default=None, metadata={
+        "help": "magicface: layers whose attention gives the segmentation (selector; default latent/2, /4, /8)"})
 
     name = "magicface"
     families = ("sd", "sdxl")
@@ -284,6 +319,15 @@ class MagicFace(Method):
             raise AttnCtrlError(f"need 0 <= start_step < end_step, got {self.start_step}, {self.end_step}")
         if self.upscale < 1:
             raise AttnCtrlError(f"upscale must be >= 1, got {self.upscale}")
+        seg = self.segment_layers
+        if seg is not None and not callable(seg):
+            parts = [seg] if isinstance(seg, str) else seg if isinstance(seg, tuple) else None
+            if parts is None or not all(isinstance(p, str) for p in parts):
+                raise AttnCtrlError(f"segment_layers must be a layer selector (a string such as 'up.1', a list of "
+                                    f"them, or None for latent/2, /4, /8), not {seg!r}")
+            if not any(p.strip(" ,&") for p in parts):
+                raise AttnCtrlError("segment_layers is empty: it selects no layer; give a layer selector such as "
+                                    "'up.1', or None for latent/2, /4, /8")
 
     def weights(self, n: int) -> tuple[float, ...]:
         return per_reference(self.mask_weights, n)
@@ -291,8 +335,33 @@ class MagicFace(Method):
     def scale_for(self, n: int) -> float:
         return self.ca_scale if self.ca_scale is not None else (0.9 if n == 1 else 0.6)
 
+    def segment_selection(self, layers: LayerMap) -> list[LayerInfo]:
+        """The layers the segmentation records (see ``segment_layers``): the self- and cross-attention of every
+        transformer block with a selected layer. Raises :class:`AttnCtrlError` when the selection matches no layer or
+        no block with both."""
+        seg = self.segment_layers
+        if seg is None:
+            chosen = [la for la in layers if la.downsample in STORE_DOWNSAMPLES]
+        else:
+            try:
+                chosen = layers.select(seg)
+            except LayerSelectionError as e:
+                raise LayerSelectionError(f"MagicFace segment_layers: {e}") from None
+        def block(la: LayerInfo) -> str:  # the processors' block key
+            return la.name.rsplit(".", 2)[0]
+
+        kinds: dict[str, set] = {}
+        for la in layers:
+            kinds.setdefault(block(la), set()).add(la.kind)
+        blocks = {block(la) for la in chosen if {"self", "cross"} <= kinds[block(la)]}
+        if not blocks:
+            raise LayerSelectionError(
+                f"MagicFace segment_layers {seg!r} selects no transformer block with both self- and cross-attention "
+                f"(the segmentation needs both); valid terms: {layers.choices()}")
+        return [la for la in layers if block(la) in blocks]
+
     def select_layers(self, ctl: Controller) -> list[LayerInfo]:
         reference = super().select_layers(ctl)
-        store = [la for la in ctl.layers if la.downsample in STORE_DOWNSAMPLES]
+        store = self.segment_selection(ctl.layers)
         names = {la.name for la in reference} | {la.name for la in store}
         return [la for la in ctl.layers if la.name in names]
