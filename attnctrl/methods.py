@@ -174,6 +174,8 @@ def _one_per(values, n: int, what: str, per: str) -> None:
 
 
 def _check_maps(config, prompts, inputs) -> None:
+    if not config.words:
+        raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give them, e.g. --opt words=cat,hat")
     words_in(prompts[0], config.words, "the heat-map word")
 
 

@@ -129,6 +129,8 @@ GENERATE = {
     "input-for-plain-generation": [*M, "-p", "a cat", "--ref", "{img}"],
     "input-of-another-method": [*FC, "--ref", "{img}:{mask}:a circle", *SQ],
     "maps-word-absent": [*M, "-p", "a cat", "--method", "attention_maps", "--opt", "words=dog"],
+    "maps-no-words": [*M, "-p", "a cat", "--method", "attention-maps", "--opt", "words="],
+    "maps-no-words-at-all": [*M, "-p", "a cat", "--method", "attention-maps"],
     "ditctrl-one-prompt": ["-m", "tiny-cogvideox", "--method", "ditctrl", "-p", "a cat"],
     "ditctrl-subject-words-count": ["-m", "tiny-cogvideox", "--method", "ditctrl", "-p", "a cat", "-p", "a dog",
                                     "-p", "a cow", "--opt", "subject_words=cat,dog"],

@@ -74,3 +74,21 @@ def test_dtypes():
 def test_every_tiny_family_loads_by_name():
     for family in TINY_FAMILIES:
         assert load_pipeline(f"tiny-{family}") is not None
+
+
+def test_the_family_and_default_dtype_come_from_the_checkpoint_not_its_name(tmp_path):
+    import json
+
+    from attnctrl.models.loading import family_of, makes_video
+
+    folder = tmp_path / "my-model"  # a FLUX checkpoint whose name does not say so
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert family_of(str(folder)) == "flux" and not makes_video(str(folder))
+    named = tmp_path / "flux-lookalike"  # a name that says flux, a checkpoint that is SD
+    named.mkdir()
+    (named / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert family_of(str(named)) is None
+    assert family_of("tiny-cogvideox") == "cogvideox" and makes_video("tiny-cogvideox")
+    assert family_of("toyworld") is None and not makes_video("toyworld")
+    assert parse_dtype(None, torch.device("cuda"), family_of(str(folder))) in (torch.bfloat16, torch.float16)

@@ -116,17 +116,37 @@ def model_folder(model: str) -> Path:
     return toyworld_path() if model == "toyworld" else Path(model).expanduser()
 
 
-def makes_video(model: str | None) -> bool:
-    """Whether ``model`` is a video model, read before loading it: its folder's ``model_index.json`` class, else
-    its name (``tiny-cogvideox``, ``THUDM/CogVideoX-2b``)."""
-    if not model:
-        return False
-    index = model_folder(str(model)) / "model_index.json"
+def pipeline_class_name(model: str | None) -> str:
+    """The pipeline class a model reference names, read before loading it: ``model_index.json`` of its folder (or of
+    its Hugging Face cache entry), ``tiny-<family>``'s class, else ``""``."""
+    model = str(model or DEFAULT_MODEL)
+    if model.startswith("tiny-"):
+        return {"sd15": "StableDiffusionPipeline", "sd21": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                "flux": "FluxPipeline", "cogvideox": "CogVideoXPipeline"}.get(model[5:], "")
+    index = model_folder(model) / "model_index.json"
+    if not index.is_file() and _HUB_ID.match(model) and "/" in model:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "model_index.json")
+            index = Path(cached) if isinstance(cached, str) else index
+        except Exception:  # an unusual cache layout: decide from the loaded model instead
+            pass
     try:
-        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else str(model)
+        return str(json.loads(index.read_text()).get("_class_name", "")) if index.is_file() else ""
     except (OSError, ValueError):
-        name = str(model)
-    return "video" in name.lower()
+        return ""
+
+
+def family_of(model: str | None) -> str | None:
+    """``"flux"`` or ``"cogvideox"`` when the checkpoint's own ``model_index.json`` says so (never the name)."""
+    name = pipeline_class_name(model)
+    return "flux" if "Flux" in name else "cogvideox" if "CogVideoX" in name else None
+
+
+def makes_video(model: str | None) -> bool:
+    """Whether ``model`` is a video model, read before loading it from its ``model_index.json`` class."""
+    return bool(model) and "video" in pipeline_class_name(model).lower()
 
 
 def recommended_settings(pipe) -> dict:
@@ -196,8 +216,7 @@ def load_pipeline(model: str | None = None, dtype=None, device=None):
     """
     model = str(model or DEFAULT_MODEL).strip()
     target = resolve_device(device)
-    family = "flux" if "flux" in model.lower() else "cogvideox" if "cogvideo" in model.lower() else None
-    torch_dtype = parse_dtype(dtype, target, family)
+    torch_dtype = parse_dtype(dtype, target, family_of(model))
     pipe = _load(model, torch_dtype)
     settings = model_folder(model) / "attnctrl.json"
     if settings.is_file():
