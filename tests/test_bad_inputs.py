@@ -40,8 +40,11 @@ def test_specs_split_at_colons_but_not_at_a_windows_drive():
 
 
 def test_lora_and_composition_shorthands(files):
+    import shutil
+    from pathlib import Path
+
     lora = files / "dog.safetensors"
-    lora.write_bytes(b"x")
+    shutil.copy(Path(__file__).resolve().parent.parent / "assets" / "examples" / "toyworld-sks-lora.safetensors", lora)
     branch = parse_lora(f"{lora}:sks dog:a sks dog: running", 0)
     assert (branch.path, branch.words, branch.prompt) == (str(lora), "sks dog", "a sks dog: running")
     with pytest.raises(AttnCtrlError, match="give PATH:WORD:PROMPT"):

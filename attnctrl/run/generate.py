@@ -200,7 +200,7 @@ class Session:
                                     f"fewer frames or --dtype fp16/bf16 on a GPU; nothing was saved") from None
             raise
         used = getattr(self.pipeline, "seed_used", None) if self.pipeline is not None else None
-        used = seed if used is None else int(used)  # IR-Diffusion's rehearsal may move on to another seed (it warns)
+        used = seed if used is None else int(used)  # a method may move on to another seed (it warns)
         if self.video:
             return Result(used, frames=_to_pil(np.asarray(out.frames[0]), "video", self), requested=seed)
         return Result(used, images=_to_pil(np.asarray(out.images[:1]), "image", self), requested=seed)
