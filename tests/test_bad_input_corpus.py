@@ -105,6 +105,8 @@ GENERATE = {
     "device-cuda-without-gpu": [*M, "-p", "a cat", "--device", "cuda"],
     "device-cuda-7": [*M, "-p", "a cat", "--device", "cuda:7"],
     "dtype-banana": [*M, "-p", "a cat", "--dtype", "fp7"],
+    "offload-unknown": [*M, "-p", "a cat", "--offload", "half"],
+    "offload-on-the-cpu": [*M, "-p", "a cat", "--device", "cpu", "--offload", "model"],
     "model-not-cached": ["-m", "nobody/nothing", "-p", "a cat"],
     "model-folder-not-a-pipeline": ["-m", "{folder}", "-p", "a cat"],
     "model-text-file": ["-m", "{text}", "-p", "a cat"],
@@ -260,6 +262,9 @@ BATCH_ARGS = {
     "seeds-flag-duplicate": ([_job()], ["--seeds", "3,3"]),
     "seeds-flag-negative": ([_job()], ["--seeds", "-5"]),
     "resume-and-overwrite": ([_job()], ["--resume", "--overwrite"]),
+    "device-banana": ([_job()], ["--device", "banana"]),
+    "dtype-unknown": ([_job()], ["--dtype", "int4"]),
+    "offload-unknown": ([_job()], ["--offload", "half"]),
     "run-config-unknown-key": ([_job()], ["--config", "{folder}/run.yaml"]),
 }
 

@@ -24,6 +24,8 @@ import click
 
 from .options import MethodCommand, given_inputs, method_inputs, method_options
 
+OFFLOAD_HELP = ("model: keep the model on the CPU and move each module to the GPU while it runs (for checkpoints "
+                "larger than the GPU's memory); sequential: layer by layer (least memory, slowest).")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
@@ -166,6 +168,7 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
               help="Output folder.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
+@click.option("--offload", default=None, metavar="MODE", help=OFFLOAD_HELP)
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @click.option("--gif", is_flag=True, help="Videos: also write an animated GIF next to the MP4.")
 @click.option("--method", default=None, help="Attention method to apply; `--method NAME --help` lists its options "
@@ -175,7 +178,7 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
 @method_inputs
 @user_errors
 def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames,
-             output, device, dtype, no_metadata, gif, method, opts, **inputs) -> None:
+             output, device, dtype, offload, no_metadata, gif, method, opts, **inputs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
     from ..run import Request, from_record, generate, read_record, validate
@@ -185,7 +188,8 @@ def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, 
         options=method_options(method, opts) or None, inputs=given_inputs(inputs) or None, seed=seed, steps=steps,
         guidance=guidance, width=width, height=height, num_frames=num_frames,
     )
-    settings = dict(num_images=num_images, output=Path(output), device=device, metadata=not no_metadata, gif=gif)
+    settings = dict(num_images=num_images, output=Path(output), device=device, metadata=not no_metadata, gif=gif,
+                    offload=offload)
     if from_file:
         path = Path(from_file)
         request = from_record(read_record(path), base=path.resolve().parent, **given, **settings,
@@ -211,9 +215,10 @@ def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, 
 @click.option("--seeds", help="Comma-separated seeds for every job (overrides the job files).")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: the config's, else auto).")
 @click.option("--dtype", default=None, help="fp32, fp16, bf16 (default: the config's, else auto).")
+@click.option("--offload", default=None, metavar="MODE", help=OFFLOAD_HELP)
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @user_errors
-def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, no_metadata) -> None:
+def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, offload, no_metadata) -> None:
     """Run a job file (JSONL, or a YAML/JSON list) over every method; resumable and reproducible."""
     _quiet_libraries()
     from ..run.batch import run_batch
@@ -224,7 +229,7 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
         try:
             counts = run_batch(jobs, output, config_path, resume=resume, overwrite=overwrite, dry_run=dry_run,
                                seeds=seed_list, device=device, dtype=dtype, metadata=False if no_metadata else None,
-                               echo=lambda m: click.echo(m))
+                               echo=lambda m: click.echo(m), offload=offload)
         except KeyboardInterrupt as e:
             click.echo("interrupted: finished outputs are complete, nothing partial was left; run again with --resume",
                        err=True)

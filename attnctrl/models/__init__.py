@@ -2,6 +2,9 @@
 
 from .loading import (
     DEFAULT_MODEL,
+    OFFLOAD_MODES,
+    check_offload,
+    enable_offload,
     load_pipeline,
     makes_video,
     parse_dtype,
@@ -12,6 +15,6 @@ from .loading import (
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = [
-    "DEFAULT_MODEL", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "toyworld_path",
+    "DEFAULT_MODEL", "OFFLOAD_MODES", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "toyworld_path",
     "TINY_FAMILIES", "tiny_pipeline",
 ]

@@ -25,7 +25,8 @@ from ..core.errors import AttnCtrlError, ModelNotAvailableError
 from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
-__all__ = ["DEFAULT_MODEL", "load_pipeline", "parse_dtype", "resolve_device", "recommended_settings", "toyworld_path"]
+__all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
+           "resolve_device", "recommended_settings", "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
 DEFAULT_MODEL = "toyworld"
@@ -208,14 +209,46 @@ def _load(model: str, dtype):
         ) from cached_error
 
 
-def load_pipeline(model: str | None = None, dtype=None, device=None):
+OFFLOAD_MODES = ("model", "sequential")
+
+
+def check_offload(offload: str | None, device: torch.device) -> str | None:
+    """``None``/``"none"`` or one of :data:`OFFLOAD_MODES`, on an accelerator; else one clear error."""
+    if offload in (None, "none", ""):
+        return None
+    if offload not in OFFLOAD_MODES:
+        raise AttnCtrlError(f"unknown offload {offload!r}; use none, model (whole modules, little slower) or "
+                            f"sequential (layer by layer: least memory, slowest)")
+    if device.type == "cpu":
+        raise AttnCtrlError("offload moves the model between the CPU and a GPU, and runs here on the CPU anyway: "
+                            "leave it out (or pick a GPU with --device)")
+    return offload
+
+
+def enable_offload(pipe, mode: str, device) -> None:
+    """diffusers' own offload (``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``) onto ``device``:
+    the modules stay on the CPU and move to ``device`` when they run. attnctrl's processors and method states follow
+    the modules' devices. (The CPU is accepted here so that tests can check the hooks on a machine without a GPU.)"""
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise AttnCtrlError(f"unknown offload {mode!r}; use model or sequential")
+    pipe.attnctrl_offload = mode
+
+
+def load_pipeline(model: str | None = None, dtype=None, device=None, offload: str | None = None):
     """Load a diffusers pipeline from any supported reference (see the module docstring).
 
-    ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"``, a ``torch.dtype`` or ``None``/``"auto"``; ``device``: ``"cpu"``,
-    ``"cuda"``, ... or ``None``/``"auto"``. Errors are :class:`ModelNotAvailableError` with one clear sentence.
+    ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"``, a ``torch.dtype`` or ``None``/``"auto"`` (the checkpoint's family
+    decides: bf16 for FLUX and CogVideoX on CUDA, fp16 otherwise, fp32 on the CPU); ``device``: ``"cpu"``,
+    ``"cuda"``, ... or ``None``/``"auto"``; ``offload``: ``None``, ``"model"`` or ``"sequential"`` (diffusers' CPU
+    offload onto the GPU ``device``, for checkpoints larger than its memory). Errors are one clear sentence.
     """
     model = str(model or DEFAULT_MODEL).strip()
     target = resolve_device(device)
+    mode = check_offload(offload, target)
     torch_dtype = parse_dtype(dtype, target, family_of(model))
     pipe = _load(model, torch_dtype)
     settings = model_folder(model) / "attnctrl.json"
@@ -224,7 +257,9 @@ def load_pipeline(model: str | None = None, dtype=None, device=None):
     if pipe.dtype != torch_dtype:
         with _quiet():
             pipe = pipe.to(dtype=torch_dtype)
-    if pipe.device != target:
+    if mode is not None:
+        enable_offload(pipe, mode, target)
+    elif pipe.device != target:
         pipe = pipe.to(target)
     pipe.attnctrl_model_id = model
     return pipe

@@ -57,7 +57,8 @@ def load(plan: Plan):
     """The pipeline of ``plan.request.model`` (see :func:`attnctrl.load_pipeline`)."""
     from ..models import load_pipeline
 
-    return load_pipeline(plan.request.model, dtype=plan.request.dtype, device=plan.request.device)
+    r = plan.request
+    return load_pipeline(r.model, dtype=r.dtype, device=r.device, offload=r.offload)
 
 
 def _call_defaults(pipe) -> dict:
@@ -273,7 +274,8 @@ def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict |
         "inputs": {k: [KINDS[k].record(r) for r in v] for k, v in plan.inputs.items()} or None,
         "plugins": [{"method": p.name, "options": plain(p)} for p in plan.plugins] or None,
         "scheduler_config": {k: v for k, v in sorted(dict(pipe.scheduler.config).items()) if not k.startswith("_")},
-        "device": str(pipe.device),
+        "device": str(getattr(pipe, "_execution_device", pipe.device)),
+        **({"offload": pipe.attnctrl_offload} if getattr(pipe, "attnctrl_offload", None) else {}),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "versions": {"attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         **(extra or {}),

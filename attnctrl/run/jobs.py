@@ -170,6 +170,7 @@ class RunConfig(BaseModel):
     seeds: list[StrictInt] | None = None
     device: str | None = None
     dtype: str | None = None
+    offload: str | None = None
     metadata: bool = True
 
     _seeds = field_validator("seeds")(_check_seeds)

@@ -23,7 +23,7 @@ from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "MAX_SEED",
-           "read_record", "from_record"]
+           "read_record", "from_record", "check_device_and_dtype"]
 
 #: seeds are 0 .. 2**32 - 1 (the range of NumPy's and A1111's seeds; a larger one is refused, not wrapped)
 MAX_SEED = 2**32 - 1
@@ -53,6 +53,7 @@ class Request:
     output: Path = Path("outputs")
     device: str = "auto"
     dtype: str = "auto"
+    offload: str | None = None
     metadata: bool = True
     gif: bool = False
     base: Path | None = None
@@ -181,7 +182,7 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     _number(r.height, "height", int, 8, 8192, 8)
     _number(r.num_frames, "frames", int, 1, 1000)
 
-    _device_and_dtype(r.device, r.dtype)
+    check_device_and_dtype(r.device, r.dtype, r.offload)
     method = entry(r.method) if r.method is not None else None
     config = method_config(method.name, r.options) if method is not None else None
     if method is None and r.options:
@@ -268,11 +269,14 @@ def from_record(record: dict, base: Path | None = None, **overrides) -> Request:
     return Request(**fields_)
 
 
-def _device_and_dtype(device, dtype) -> None:
-    """The device exists here and the dtype is one attnctrl knows (the model's own checks come with the load)."""
-    from ..models import parse_dtype, resolve_device
+def check_device_and_dtype(device, dtype, offload=None) -> None:
+    """The device exists here, the dtype is one attnctrl knows, offload is possible there (the model's own checks
+    come with the load)."""
+    from ..models import check_offload, parse_dtype, resolve_device
 
-    parse_dtype(dtype, resolve_device(device))
+    target = resolve_device(device)
+    parse_dtype(dtype, target)
+    check_offload(offload, target)
 
 
 def _entries():

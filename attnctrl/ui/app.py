@@ -54,6 +54,7 @@ class Settings:
     count: int = 1
     compare: bool = False  # also generate without the method, same seed (before/after)
     num_frames: int | None = None  # video models: frames per clip (a multi-prompt method: per segment)
+    offload: str = "none"  # diffusers' CPU offload onto the GPU: none, model or sequential (reloads the model)
     speedups: dict = field(default_factory=dict)  # speed-up plugin name -> its options, applied beside the tab
 
 
@@ -100,19 +101,22 @@ class App:
         self.device, self.dtype = device, dtype
         self._pipe = None
         self._model_id: str | None = None
+        self._offload: str | None = None
         self._lock = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------------------------
-    def pipeline(self, model: str | None):
-        """The pipeline of ``model`` (the previous one is released first, to keep one model in memory)."""
+    def pipeline(self, model: str | None, offload: str | None = None):
+        """The pipeline of ``model`` with ``offload`` (the previous one is released first, to keep one model in
+        memory; another offload mode reloads it)."""
         from ..models.loading import load_pipeline
 
         model = (model or "").strip() or self.default_model
-        if self._model_id != model:
+        offload = None if offload in (None, "", "none") else offload
+        if self._model_id != model or self._offload != offload:
             self._pipe, self._model_id = None, None  # a failed load leaves no stale name behind
-            self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device)
+            self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device, offload=offload)
             self._pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
-            self._model_id = model
+            self._model_id, self._offload = model, offload
         return self._pipe
 
     # -- uploaded inputs ------------------------------------------------------------------------------------------
@@ -157,12 +161,13 @@ class App:
             width=_number(settings.width, "Width", int, 8), height=_number(settings.height, "Height", int, 8),
             num_images=count, output=self.output, device=self.device, dtype=self.dtype,
             num_frames=_number(settings.num_frames, "Frames", int, 1),
+            offload=None if settings.offload in (None, "", "none") else settings.offload,
         )
         plan = validate(request)
         result = Result(seed=seed)
         started = time.perf_counter()
         with self._lock:
-            pipe = self.pipeline(request.model)
+            pipe = self.pipeline(request.model, request.offload)
             for out in generate(plan, pipe=pipe):
                 result.files.append(str(out.path))
                 if out.kind == "image":

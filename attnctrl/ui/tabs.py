@@ -170,6 +170,9 @@ def build(app: App) -> gr.Blocks:
                         frames = gr.Number(0, label="Frames (video)", precision=0, minimum=0,
                                            info="video models: frames per clip / segment; 0: the model's")
                     compare = gr.Checkbox(False, label="Before/after: also generate without the method (same seed)")
+                    offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU)",
+                                       info="model: modules move to the GPU while they run (checkpoints larger than "
+                                       "its memory); sequential: layer by layer, least memory, slowest")
                 speed = []  # (entry, switch, [(option, widget)])
                 with gr.Accordion("Speed-ups (apply to every tab)", open=False):
                     for e in _speedups():
@@ -178,7 +181,7 @@ def build(app: App) -> gr.Blocks:
                             speed.append((e, switch, [(c.option, option_widget(e.config, c)) for c in e.controls]))
                 common = dict(model=model, prompt=prompt, negative_prompt=negative, seed=seed, randomize=randomize,
                               steps=steps, guidance=guidance, width=width, height=height, count=count,
-                              compare=compare, num_frames=frames)
+                              compare=compare, num_frames=frames, offload=offload)
                 assert list(common) == COMMON
                 speed_widgets = [w for _, switch, ws in speed for w in [switch, *(w for _, w in ws)]]
                 tabs = []
@@ -209,7 +212,7 @@ def widget_settings(values, speed=(), speed_values=()) -> Settings:
     """Settings from the widgets' values; 0 in steps, guidance, size and frames means the model's value; the
     speed-ups switched on, with their options."""
     given = dict(zip(COMMON, values))
-    for key in ("prompt", "negative_prompt", "model"):  # a widget never shown (closed accordion) sends None
+    for key in ("prompt", "negative_prompt", "model", "offload"):  # a widget never shown sends None
         if given.get(key) is None:
             given.pop(key, None)
     for key in ("steps", "guidance", "width", "height", "num_frames"):
