@@ -170,9 +170,10 @@ def build(app: App) -> gr.Blocks:
                         frames = gr.Number(0, label="Frames (video)", precision=0, minimum=0,
                                            info="video models: frames per clip / segment; 0: the model's")
                     compare = gr.Checkbox(False, label="Before/after: also generate without the method (same seed)")
-                    offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU)",
-                                       info="model: modules move to the GPU while they run (checkpoints larger than "
-                                       "its memory); sequential: layer by layer, least memory, slowest")
+                    offload = gr.Radio([("off", "none"), ("per module", "model"), ("per layer", "sequential")],
+                                       value="none", label="CPU offload (GPU)",
+                                       info="per module: modules move to the GPU while they run (checkpoints larger "
+                                       "than its memory); per layer: least memory, slowest")
                 speed = []  # (entry, switch, [(option, widget)])
                 with gr.Accordion("Speed-ups (apply to every tab)", open=False):
                     for e in _speedups():
