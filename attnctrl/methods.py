@@ -180,7 +180,7 @@ def _check_maps(config, prompts, inputs) -> None:
 
 
 def _check_freecustom(config, prompts, inputs) -> None:
-    _one_per(config.mask_weights, len(inputs["references"]), "mask weights", "references")
+    config.weights(len(inputs["references"]))  # one mask weight, or one per reference
 
 
 def _check_magicface(config, prompts, inputs) -> None:
@@ -189,7 +189,7 @@ def _check_magicface(config, prompts, inputs) -> None:
         raise AttnCtrlError(f"ref_words must name one word of the prompt per reference: {len(config.ref_words)} "
                             f"word(s) for {len(refs)} reference(s) (--opt ref_words=WORD1,WORD2)")
     words_in(prompts[0], config.ref_words, "ref_words: the word")
-    _one_per(config.mask_weights, len(refs), "mask weights", "references")
+    config.weights(len(refs))
 
 
 def _check_irdiffusion(config, prompts, inputs) -> None:

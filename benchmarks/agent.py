@@ -46,13 +46,27 @@ def _time(fn, repeat):
     return best
 
 
+def patch(unet, variant: str) -> None:
+    """Install ``variant`` on ``unet``: ``plain`` (nothing), ``tomesd`` (ratio 0.4), ``agent`` (AgentAttention in its
+    agent phase) or ``tome`` (AgentAttention in its ToMe phase)."""
+    import attnctrl
+    from attnctrl.methods import AgentAttention
+
+    if variant == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(unet, ratio=0.4)
+    elif variant == "agent":
+        attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=10**6))
+    elif variant == "tome":
+        attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=0))
+
+
 @torch.no_grad()
 def run_variant(variant: str, size: int, repeat: int) -> dict:
     """One UNet variant in this process; returns seconds and peak memory."""
     from diffusers import UNet2DConditionModel
 
-    import attnctrl
-    from attnctrl.methods import AgentAttention
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -62,14 +76,7 @@ def run_variant(variant: str, size: int, repeat: int) -> dict:
     sample = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
     context = torch.randn(2, 77, 768, device=device, dtype=dtype)
     t = torch.tensor([500] * 2, device=device)
-    if variant == "tomesd":
-        import tomesd
-
-        tomesd.apply_patch(unet, ratio=0.4)
-    elif variant == "agent":
-        attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=10**6))
-    elif variant == "tome":
-        attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=0))
+    patch(unet, variant)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = _time(lambda: unet(sample, t, context), repeat)

@@ -232,8 +232,6 @@ def clear(device, smoke) -> dict:
 def agent(device, smoke) -> dict:
     from diffusers import UNet2DConditionModel
 
-    import attnctrl
-    from attnctrl.methods import AgentAttention
 
     agent_bench = importlib.import_module("agent")
     config = agent_bench.SD15 if not smoke else dict(
@@ -255,14 +253,7 @@ def agent(device, smoke) -> dict:
     for variant in ("plain", "tomesd", "agent", "tome"):
         unet = UNet2DConditionModel(**config).to(device, dtype).eval()
         try:
-            if variant == "tomesd":
-                import tomesd
-
-                tomesd.apply_patch(unet, ratio=0.4)
-            elif variant == "agent":
-                attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=10**6))
-            elif variant == "tome":
-                attnctrl.apply(unet, AgentAttention(ratio=0.4, switch_step=0))
+            agent_bench.patch(unet, variant)
             seconds, _, peak = timed(lambda u=unet: u(sample, t, context), device)
             rows[variant] = {"seconds": seconds, "peak_gib": peak}
         except Exception as e:  # tomesd may be missing

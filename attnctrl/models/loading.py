@@ -77,11 +77,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, family: s
         raise AttnCtrlError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16 or auto") from None
 
 
-def _quiet():
-    """Silence diffusers/transformers/hub chatter while probing the cache (errors are reported by us)."""
-    return quiet_libraries()
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -90,7 +85,7 @@ def _first_line(e: BaseException) -> str:
 def _from_pretrained(ref: str, dtype, local_only: bool):
     from diffusers import DiffusionPipeline
 
-    with _quiet():
+    with quiet_libraries():
         return DiffusionPipeline.from_pretrained(ref, dtype=dtype, local_files_only=local_only)
 
 
@@ -103,7 +98,7 @@ def _from_single_file(path: Path, dtype):
         with safe_open(str(path), "pt") as f:
             if any(k.startswith("conditioner.embedders.1") for k in f.keys()):
                 cls = StableDiffusionXLPipeline
-    with _quiet():
+    with quiet_libraries():
         return cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
 
 
@@ -255,7 +250,7 @@ def load_pipeline(model: str | None = None, dtype=None, device=None, offload: st
     if settings.is_file():
         pipe.attnctrl_defaults = json.loads(settings.read_text()).get("recommended", {})
     if pipe.dtype != torch_dtype:
-        with _quiet():
+        with quiet_libraries():
             pipe = pipe.to(dtype=torch_dtype)
     if mode is not None:
         enable_offload(pipe, mode, target)
