@@ -103,7 +103,7 @@ def unet_benchmark(sizes, repeat) -> None:
 
 @torch.no_grad()
 def layer_benchmark(repeat) -> None:
-    from attnctrl.kernels.token_merge import bipartite_plan
+    from attnctrl.kernels.token_merge import bipartite_plan, random_picks
     from attnctrl.processors.agent import agent_attention
 
     cuda = torch.cuda.is_available()
@@ -125,7 +125,7 @@ def layer_benchmark(repeat) -> None:
         gen = torch.Generator().manual_seed(0)
 
         def agent():
-            plan = bipartite_plan(x, side, side, 4, 4, gen)
+            plan = bipartite_plan(x, side, side, 4, 4, random_picks(side, side, 4, 4, gen))
             r = int(n * 0.4)
             merged = plan.merge(x, r)
             agents = plan.merge(x, min(plan.n_src, int(n * 0.95)))

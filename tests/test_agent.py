@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import attnctrl
 from attnctrl.core import AttnCtrlError, Controller, UnsupportedModelError
-from attnctrl.kernels.token_merge import bipartite_plan
+from attnctrl.kernels.token_merge import bipartite_plan, random_picks
 from attnctrl.methods import AgentAttention
 from attnctrl.processors.agent import agent_attention
 
@@ -63,7 +63,7 @@ def _grid_tokens(b=2, h=8, w=12, c=6, seed=0):
 
 def test_merge_invariants():
     x = _grid_tokens()
-    plan = bipartite_plan(x, 8, 12, 4, 4, torch.Generator().manual_seed(0))
+    plan = bipartite_plan(x, 8, 12, 4, 4, random_picks(8, 12, 4, 4, torch.Generator().manual_seed(0)))
     n = 96
     assert plan.n_dst == 2 * 3 and plan.n_src == n - 6
     for r in (0, 5, 40, 90, 200):
@@ -88,7 +88,7 @@ def test_partition_is_top_left_without_randomness_and_shared_across_the_batch():
     plan = bipartite_plan(x, 8, 12, 4, 4, None)
     ys, xs = plan.dst_pos // 12, plan.dst_pos % 12
     assert torch.all(ys % 4 == 0) and torch.all(xs % 4 == 0)
-    rand = bipartite_plan(x, 8, 12, 4, 4, torch.Generator().manual_seed(1))
+    rand = bipartite_plan(x, 8, 12, 4, 4, random_picks(8, 12, 4, 4, torch.Generator().manual_seed(1)))
     assert rand.dst_pos.ndim == 1  # one partition for every batch item (CFG pairs share it)
     cells = (rand.dst_pos // 12 // 4) * 3 + (rand.dst_pos % 12) // 4
     assert sorted(cells.tolist()) == list(range(6))  # one dst per full cell; border tokens are src
@@ -111,7 +111,8 @@ def test_official_merge_order_is_tomesds_own(tie):
         gens = [None if seed is None else torch.Generator().manual_seed(seed) for _ in range(2)]
         merge, unmerge = bipartite_soft_matching_random2d(metric, 12, 8, 4, 4, 40, no_rand=seed is None,
                                                           generator=gens[0])
-        official = bipartite_plan(metric, 8, 12, 4, 4, gens[1], "official")
+        pick = None if seed is None else random_picks(8, 12, 4, 4, gens[1])
+        official = bipartite_plan(metric, 8, 12, 4, 4, pick, "official")
         assert torch.equal(official.merge(x, 40), merge(x))
         assert torch.equal(official.unmerge(official.merge(x, 40), 40), unmerge(merge(x)))
     row_major = bipartite_plan(metric, 8, 12, 4, 4, None)
@@ -173,7 +174,7 @@ def test_tome_phase_equals_softmax_over_merged_tokens_then_unmerge():
         proc = h.processors[layer.name]
         x = torch.randn(2, 32 * 32, 32, generator=torch.Generator().manual_seed(0))
         y = torch.randn(2, 32 * 32, 32, generator=torch.Generator().manual_seed(1))
-        ctl.call.grid, ctl.step = (32, 32), 5
+        ctl.enter_step(5, grid=(32, 32))
         h.state.block_inputs[layer.name] = x
         out = proc(attn, y)
     plan = bipartite_plan(x, 32, 32, 2, 2, None)

@@ -107,6 +107,8 @@ GENERATE = {
     "dtype-banana": [*M, "-p", "a cat", "--dtype", "fp7"],
     "offload-unknown": [*M, "-p", "a cat", "--offload", "half"],
     "offload-on-the-cpu": [*M, "-p", "a cat", "--device", "cpu", "--offload", "model"],
+    "attention-backend-unknown": [*M, "-p", "a cat", "--attention-backend", "fast"],
+    "attention-backend-gpu-only-on-the-cpu": [*M, "-p", "a cat", "--device", "cpu", "--attention-backend", "flash"],
     "model-not-cached": ["-m", "nobody/nothing", "-p", "a cat"],
     "model-folder-not-a-pipeline": ["-m", "{folder}", "-p", "a cat"],
     "model-text-file": ["-m", "{text}", "-p", "a cat"],
@@ -265,6 +267,7 @@ BATCH_ARGS = {
     "device-banana": ([_job()], ["--device", "banana"]),
     "dtype-unknown": ([_job()], ["--dtype", "int4"]),
     "offload-unknown": ([_job()], ["--offload", "half"]),
+    "attention-backend-unknown": ([_job()], ["--attention-backend", "fast"]),
     "run-config-unknown-key": ([_job()], ["--config", "{folder}/run.yaml"]),
 }
 

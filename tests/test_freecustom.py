@@ -102,8 +102,8 @@ def _bound(pipe, config, refs=REFS, guidance=7.5):
     run_ = ReferenceRun(pipe, refs, SIZE, SIZE, seed=0)
     handle = bind(pipe, config, run_, MRSAAttnProcessor)
     ctl = Controller.of(pipe)
-    ctl.call.grid, ctl.step = (SIZE // 8, SIZE // 8), 0
     pipe._guidance_scale = guidance
+    ctl.enter_step(0, grid=(SIZE // 8, SIZE // 8))
     return handle, run_, ctl
 
 
@@ -133,7 +133,7 @@ def test_mrsa_rows_gating_and_style_fidelity():
     for config, step in ((FreeCustom(start_step=5), 2), (FreeCustom(end_step=2), 3), (FreeCustom(layers="up.3"), 0)):
         handle, run_, ctl = _bound(pipe, config)
         try:
-            ctl.step = step
+            ctl.enter_step(step)
             for level in ("up.2", "up.3"):
                 if not any(la.level == level for la in handle.layers):
                     continue

@@ -39,8 +39,8 @@ def _bound(pipe, config=None, refs=REFS, target=TARGET, step=0):
     msa = {la.name for la in config.msa_selection(handle.controller)}
     run_.setup(config, handle.controller.layers, disjoint(target[: len(refs)]), msa)
     ctl = Controller.of(pipe)
-    ctl.call.grid, ctl.step = (SIZE // 8, SIZE // 8), step
     pipe._guidance_scale = 7.5
+    ctl.enter_step(step, grid=(SIZE // 8, SIZE // 8))
     return handle, run_, ctl
 
 

@@ -34,15 +34,16 @@ def _bound(pipe, config=None, refs=REFS, words=("woman", "hat"), stage=1):
     tokens = [attnctrl.core.token_indices(pipe.tokenizer, PROMPT, w) for w in words]
     run_.setup(config, handle.controller.layers, tokens, steps=10, guidance=7.5)
     ctl = Controller.of(pipe)
-    ctl.call.grid, ctl.step = (SIZE // 8, SIZE // 8), 0
     pipe._guidance_scale = 7.5
+    ctl.enter_step(0, grid=(SIZE // 8, SIZE // 8))
     if stage == 2:
         concept = torch.zeros(77, 8, 8, dtype=torch.bool)
         concept[2, :, :5] = True  # "woman": left part
         concept[5, :, 3:] = True  # "hat": right part, overlapping columns 3-4 (the last concept wins)
         concept[0, :, :] = ~(concept[2] | concept[5])
         run_.concept, run_.fg = concept, torch.ones(8, 8, dtype=torch.bool)
-        run_.step = ctl.step = run_.inject + 1
+        run_.step = run_.inject + 1
+        ctl.enter_step(run_.inject + 1)
     return handle, run_, ctl
 
 

@@ -25,16 +25,6 @@ def collect_info() -> dict:
     from ..models import DEFAULT_MODEL, TINY_FAMILIES
 
     cuda = torch.cuda.is_available()
-    backends = ["sdpa (torch)"]
-    if hasattr(torch.nn.attention, "flex_attention") or _has_flex():
-        backends.append("flex_attention" + ("" if cuda else " (CPU: correct, slow unless compiled)"))
-    if cuda:
-        cb = torch.backends.cuda
-        backends += [f"sdpa-flash={cb.flash_sdp_enabled()}", f"sdpa-mem-efficient={cb.mem_efficient_sdp_enabled()}"]
-        if _version("xformers"):
-            backends.append("xformers")
-        if _version("triton"):
-            backends.append("triton")
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -42,7 +32,7 @@ def collect_info() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
         "cpu_threads": torch.get_num_threads(),
-        "attention_backends": backends,
+        "attention_backends": _backends(torch.device("cuda" if cuda else "cpu")),
         "families": {f.name: f.title for f in FAMILIES.values()},
         "tiny_models": ["tiny-" + f for f in TINY_FAMILIES],
         "default_model": DEFAULT_MODEL,
@@ -52,12 +42,20 @@ def collect_info() -> dict:
     }
 
 
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _backends(device: torch.device) -> list[str]:
+    """The public backends of diffusers' attention dispatcher that can run here (``--attention-backend``)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from ..core.errors import AttnCtrlError
+    from ..models import check_attention_backend
+
+    usable = []
+    for name in (b.value for b in AttentionBackendName if not b.value.startswith("_")):
+        try:
+            usable.append(check_attention_backend(name, device))
+        except AttnCtrlError:
+            pass
+    return usable
 
 
 def format_info(data: dict) -> str:

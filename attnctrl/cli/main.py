@@ -26,6 +26,8 @@ from .options import MethodCommand, given_inputs, method_inputs, method_options
 
 OFFLOAD_HELP = ("model: keep the model on the CPU and move each module to the GPU while it runs (for checkpoints "
                 "larger than the GPU's memory); sequential: layer by layer (least memory, slowest).")
+BACKEND_HELP = ("diffusers' attention backend for plain attention (native, flash, sage, xformers, ...; the "
+                "GPU ones need their package) [default: auto, native SDPA].")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
@@ -141,9 +143,8 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
         _quiet_libraries()
         from .. import describe, load_pipeline
 
-        pipe = load_pipeline(layers_model, device="cpu")
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        click.echo(f"\nattention layers of {layers_model}:\n{describe(denoiser).summary()}")
+        layers = describe(load_pipeline(layers_model, device="cpu"))
+        click.echo(f"\nattention layers of {layers_model}:\n{layers.summary()}")
 
 
 @cli.command(cls=MethodCommand, context_settings=CONTEXT)
@@ -169,6 +170,7 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="fp32, fp16, bf16 or auto.")
 @click.option("--offload", default=None, metavar="MODE", help=OFFLOAD_HELP)
+@click.option("--attention-backend", default=None, metavar="NAME", help=BACKEND_HELP)
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @click.option("--gif", is_flag=True, help="Videos: also write an animated GIF next to the MP4.")
 @click.option("--method", default=None, help="Attention method to apply; `--method NAME --help` lists its options "
@@ -178,7 +180,7 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
 @method_inputs
 @user_errors
 def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames,
-             output, device, dtype, offload, no_metadata, gif, method, opts, **inputs) -> None:
+             output, device, dtype, offload, attention_backend, no_metadata, gif, method, opts, **inputs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""
     _quiet_libraries()
     from ..run import Request, from_record, generate, read_record, validate
@@ -189,7 +191,7 @@ def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, 
         guidance=guidance, width=width, height=height, num_frames=num_frames,
     )
     settings = dict(num_images=num_images, output=Path(output), device=device, metadata=not no_metadata, gif=gif,
-                    offload=offload)
+                    offload=offload, attention_backend=attention_backend)
     if from_file:
         path = Path(from_file)
         request = from_record(read_record(path), base=path.resolve().parent, **given, **settings,
@@ -216,9 +218,11 @@ def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, 
 @click.option("--device", default=None, help="cpu, cuda, ... (default: the config's, else auto).")
 @click.option("--dtype", default=None, help="fp32, fp16, bf16 (default: the config's, else auto).")
 @click.option("--offload", default=None, metavar="MODE", help=OFFLOAD_HELP)
+@click.option("--attention-backend", default=None, metavar="NAME", help=BACKEND_HELP)
 @click.option("--no-metadata", is_flag=True, help="Do not embed settings in the PNG files.")
 @user_errors
-def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, offload, no_metadata) -> None:
+def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, dtype, offload, attention_backend,
+          no_metadata) -> None:
     """Run a job file (JSONL, or a YAML/JSON list) over every method; resumable and reproducible."""
     _quiet_libraries()
     from ..run.batch import run_batch
@@ -229,7 +233,8 @@ def batch(jobs, config_path, output, resume, overwrite, dry_run, seeds, device, 
         try:
             counts = run_batch(jobs, output, config_path, resume=resume, overwrite=overwrite, dry_run=dry_run,
                                seeds=seed_list, device=device, dtype=dtype, metadata=False if no_metadata else None,
-                               echo=lambda m: click.echo(m), offload=offload)
+                               echo=lambda m: click.echo(m), offload=offload,
+                               attention_backend=attention_backend)
         except KeyboardInterrupt as e:
             click.echo("interrupted: finished outputs are complete, nothing partial was left; run again with --resume",
                        err=True)

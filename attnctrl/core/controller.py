@@ -9,8 +9,9 @@ as an attribute of the model). It
   IP-Adapter or another plugin's processor survives), then removes every hook it added;
 * registers one forward pre-hook on the denoiser that reads the call (timestep, batch, token grid, text length:
   :class:`~attnctrl.core.families.CallInfo`) and advances the step index: a timestep lower than the previous one
-  is the next step, a higher one starts a new run (schedulers count down), equal timesteps (CFG in separate calls,
-  several branches per step) stay in the same step;
+  is the next step, a higher one starts a new run (schedulers count down), and so does a new schedule (the
+  pipeline's ``scheduler.timesteps``, which every call sets anew: two one-step runs have equal timesteps); equal
+  timesteps (CFG in separate calls, several branches per step) stay in the same step;
 * carries method state, so nothing travels through ``cross_attention_kwargs``.
 
 Two kinds of config reach it. A :class:`Plugin` (AttentionMaps, AgentAttention, CLEAR) makes its own state and
@@ -46,7 +47,9 @@ class MethodState:
         """A new denoising run starts (step 0)."""
 
     def on_step(self, ctl: Controller) -> None:
-        """The step index changed (``ctl.step``)."""
+        """The step index changed (``ctl.step``). Decide here, not in a processor, what depends on the step: this
+        runs before the denoiser's forward, outside any ``torch.compile`` graph, so a step number read inside the
+        forward does not recompile the model at every step (see :meth:`AttnCtrlProcessor.on_step`)."""
 
     def close(self) -> None:
         """The method is being removed: drop hooks and references."""
@@ -191,6 +194,7 @@ class Controller:
         self.step = -1
         self.call_in_step = 0  # denoiser calls already made at this step (FLUX true CFG: 0 = cond, 1 = uncond)
         self.timestep: float | None = None
+        self._schedule = None  # the scheduler's timesteps tensor of the current run
         self._hook = denoiser.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     @classmethod
@@ -228,25 +232,32 @@ class Controller:
 
     @property
     def cfg(self) -> bool:
-        """Whether the current call's batch is a CFG batch [uncond; cond] (known only through the pipeline)."""
+        """Whether the current call's batch is a CFG batch [uncond; cond] (read from the pipeline before the call)."""
+        return self.call.cfg
+
+    def _batch_cfg(self) -> bool:
         if self.family.cfg != "batch":
             return False
         pipe = self.pipe
         return bool(getattr(pipe, "do_classifier_free_guidance", False)) if pipe is not None else False
 
+    @torch.compiler.disable  # Python bookkeeping (a timestep read as a float): outside any compiled graph
     def _pre_forward(self, module, args, kwargs):
         call = read_call(self.family, module, args, kwargs)
+        call.cfg = self._batch_cfg()
         t = call.timestep
         self.call = call
         self.call_in_step += 1
+        schedule = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        new_schedule = schedule is not None and schedule is not self._schedule
+        self._schedule = schedule
         if t is not None:
-            if self.step < 0 or self.timestep is None or t > self.timestep:
+            if self.step < 0 or self.timestep is None or t > self.timestep or new_schedule:
                 self.begin_run()
             elif t < self.timestep:
                 self.step += 1
                 self.call_in_step = 0
-                for h in self.handles:
-                    h.state.on_step(self)
+                self._on_step()
             self.timestep = t
         return None
 
@@ -257,7 +268,24 @@ class Controller:
         self.timestep = None
         for h in self.handles:
             h.state.on_run(self)
+        self._on_step()
+
+    def enter_step(self, step: int, **call) -> None:
+        """Stand where the pre-forward hook stands before a denoiser call at ``step``: ``call`` sets
+        :class:`CallInfo` fields (``cfg`` is read from the pipeline unless given), then the ``on_step`` hooks run.
+        For calling processors directly (tests, notebooks)."""
+        for key, value in call.items():
+            setattr(self.call, key, value)
+        if "cfg" not in call:
+            self.call.cfg = self._batch_cfg()
+        self.step = step
+        self._on_step()
+
+    def _on_step(self) -> None:
+        for h in self.handles:
             h.state.on_step(self)
+            for processor in h.processors.values():
+                processor.on_step(self)
 
     # -- installing -----------------------------------------------------------------------------------------------
     def _set_processor(self, name: str, processor) -> None:
@@ -316,6 +344,9 @@ class Controller:
         try:
             for layer in layers:
                 processor = processor_factory(layer, self, state, config)
+                for attr in ("_attention_backend", "_parallel_config"):  # set_attention_backend's, kept per layer
+                    if getattr(current[layer.name], attr, None) is not None and hasattr(processor, attr):
+                        setattr(processor, attr, getattr(current[layer.name], attr))
                 handle.previous[layer.name] = current[layer.name]
                 handle.processors[layer.name] = processor
                 self._set_processor(layer.name, processor)

@@ -59,18 +59,26 @@ def detect_family(denoiser: torch.nn.Module) -> Family:
     raise UnsupportedModelError(f"attnctrl does not support {name}; it supports {_SUPPORTED}.")
 
 
+def denoiser_of(pipe) -> torch.nn.Module | None:
+    """The pipeline's UNet or transformer, ``None`` if it has neither (a ``torch.compile`` wrapper: its module; never
+    ``pipe.unet or ...``, which asks a compiled module for its length)."""
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return getattr(module, "_orig_mod", module)
+    return None
+
+
 def find_denoiser(target) -> tuple[torch.nn.Module, object | None]:
     """``(denoiser, pipeline_or_None)`` for a pipeline, or for a denoiser given directly."""
     if isinstance(target, torch.nn.Module):
         target = getattr(target, "_orig_mod", target)  # torch.compile wrapper
         detect_family(target)
         return target, None
-    for attr in ("unet", "transformer"):
-        denoiser = getattr(target, attr, None)
-        if isinstance(denoiser, torch.nn.Module):
-            denoiser = getattr(denoiser, "_orig_mod", denoiser)
-            detect_family(denoiser)
-            return denoiser, target
+    denoiser = denoiser_of(target)
+    if denoiser is not None:
+        detect_family(denoiser)
+        return denoiser, target
     raise UnsupportedModelError(
         f"{type(target).__name__} is neither a diffusers pipeline with a UNet/transformer nor a denoiser; "
         f"attnctrl supports {_SUPPORTED}."
@@ -85,6 +93,7 @@ class CallInfo:
     batch: int = 0
     grid: tuple[int, ...] = ()  # token grid at full resolution: SD latent (H, W); FLUX packed (h, w); CogVideoX (F, h, w)
     text_len: int = 0  # number of text tokens the attention layers see
+    cfg: bool = False  # the batch is [uncond; cond] (set by the controller from the pipeline)
 
 
 def _arg(args, kwargs, index: int, name: str):

@@ -30,10 +30,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from .errors import LayerSelectionError
-from .families import Family, detect_family
+from .families import Family, detect_family, find_denoiser
 
 __all__ = ["LayerInfo", "LayerMap", "describe", "Selector"]
 
@@ -144,8 +142,10 @@ def _dit_layers(model, family: Family) -> list[LayerInfo]:
     ]
 
 
-def describe(denoiser: torch.nn.Module) -> LayerMap:
-    """The :class:`LayerMap` of a denoiser (raises :class:`UnsupportedModelError` for unknown models)."""
+def describe(denoiser) -> LayerMap:
+    """The :class:`LayerMap` of a denoiser or of a pipeline's (raises :class:`UnsupportedModelError` for unknown
+    models)."""
+    denoiser, _ = find_denoiser(denoiser)
     family = detect_family(denoiser)
     layers = _unet_layers(denoiser, family) if family.name in ("sd", "sdxl") else _dit_layers(denoiser, family)
     if not layers:

@@ -8,14 +8,17 @@ not override anything is therefore bit-for-bit identical to the stock processor 
 
 One class serves every family (the call path is chosen from the layer's family), so a method writes its attention
 logic once. It keeps the keyword signature diffusers filters on (``image_rotary_emb`` is named, FLUX passes it
-positionally) and the ``_attention_backend`` / ``_parallel_config`` attributes that
-``FluxTransformer2DModel.set_attention_backend`` sets, so FLUX layers keep honouring diffusers' attention backends.
+positionally) and the ``_attention_backend`` / ``_parallel_config`` attributes that ``ModelMixin.set_attention_backend``
+sets. The plain attention of every family goes through ``dispatch_attention_fn`` (:meth:`stock_attention`), so a
+backend chosen with ``set_attention_backend`` or the ``attention_backend`` context manager (native, flash, sage,
+xformers, ...) applies wherever a method has not replaced the math. A method's own math (additive biases, partial
+log-sum-exps, agent tokens, local windows) calls PyTorch's SDPA (or flex attention) directly, which picks its fused
+kernel itself; each method's docstring says so.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .layers import LayerInfo
 
@@ -52,7 +55,11 @@ class AttnCtrlProcessor:
     ):
         return self._forward(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, temb)
 
-    # -- the hook -------------------------------------------------------------------------------------------------
+    # -- the hooks ------------------------------------------------------------------------------------------------
+    def on_step(self, ctl) -> None:
+        """A new step (``ctl.step``) begins: store here what the forward needs to know of the step (whether the
+        method acts now, its phase). Called before the denoiser's forward, outside ``torch.compile`` graphs."""
+
     def attend(
         self,
         attn,
@@ -70,17 +77,15 @@ class AttnCtrlProcessor:
         return self.stock_attention(query, key, value, attention_mask)
 
     def stock_attention(self, query, key, value, attention_mask=None) -> torch.Tensor:
-        """Exactly the kernel call of the family's stock processor."""
-        if self.layer.family == "flux":
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
+        """The stock kernel call, through diffusers' attention dispatcher: the backend ``set_attention_backend`` /
+        ``attention_backend(...)`` chose (``native`` SDPA by default, bit for bit the stock processors' own call)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn  # 1.5 s to import: not at start-up
 
-            out = dispatch_attention_fn(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
-            return out.transpose(1, 2)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                              is_causal=False)
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        return out.transpose(1, 2)
 
     @property
     def text_len(self) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MergePlan", "bipartite_plan"]
+__all__ = ["MergePlan", "bipartite_plan", "random_picks"]
 
 
 @dataclass
@@ -82,19 +82,24 @@ class MergePlan:
         return out
 
 
+def random_picks(h: int, w: int, sx: int, sy: int, generator: torch.Generator) -> torch.Tensor:
+    """A random dst position (``0 .. sy * sx - 1``) in each full ``sy x sx`` cell of an ``h x w`` grid."""
+    return torch.randint(sy * sx, (h // sy, w // sx), generator=generator)
+
+
 def bipartite_plan(
     metric: torch.Tensor,
     h: int,
     w: int,
     sx: int,
     sy: int,
-    generator: torch.Generator | None = None,
+    pick: torch.Tensor | None = None,
     order: str = "row-major",
 ) -> MergePlan:
     """Match the tokens of ``metric`` ``(B, h * w, C)`` (row-major grid) as described in the module docstring.
 
-    ``generator`` (CPU) draws the dst position in each cell; ``None`` takes the top-left token of every cell.
-    ``order``: ``"row-major"`` or ``"official"`` (see the module docstring).
+    ``pick`` ``(h // sy, w // sx)``: the dst position in each cell (:func:`random_picks`); ``None`` takes the
+    top-left token of every cell. ``order``: ``"row-major"`` or ``"official"`` (see the module docstring).
     """
     if order not in ("row-major", "official"):
         raise ValueError(f"order must be 'row-major' or 'official', not {order!r}")
@@ -105,12 +110,10 @@ def bipartite_plan(
     hsy, wsx = h // sy, w // sx
     if hsy == 0 or wsx == 0:
         raise ValueError(f"the {h}x{w} grid has no full {sy}x{sx} cell")
+    if pick is not None and tuple(pick.shape) != (hsy, wsx):
+        raise ValueError(f"pick has shape {tuple(pick.shape)}, the {h}x{w} grid has {hsy}x{wsx} cells")
     with torch.no_grad():
-        if generator is None:
-            pick = torch.zeros(hsy, wsx, dtype=torch.long)
-        else:
-            pick = torch.randint(sy * sx, (hsy, wsx), generator=generator)
-        pick = pick.to(device)
+        pick = torch.zeros(hsy, wsx, dtype=torch.long, device=device) if pick is None else pick.to(device)
         cy, cx = torch.arange(hsy, device=device).view(-1, 1), torch.arange(wsx, device=device).view(1, -1)
         dst_y = cy * sy + pick // sx
         dst_x = cx * sx + pick % sx

@@ -3,6 +3,7 @@
 from .loading import (
     DEFAULT_MODEL,
     OFFLOAD_MODES,
+    check_attention_backend,
     check_offload,
     enable_offload,
     load_pipeline,
@@ -10,11 +11,13 @@ from .loading import (
     parse_dtype,
     recommended_settings,
     resolve_device,
+    set_attention_backend,
     toyworld_path,
 )
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = [
-    "DEFAULT_MODEL", "OFFLOAD_MODES", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "toyworld_path",
+    "DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "set_attention_backend",
+    "toyworld_path",
     "TINY_FAMILIES", "tiny_pipeline",
 ]

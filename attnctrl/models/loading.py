@@ -25,8 +25,8 @@ from ..core.errors import AttnCtrlError, ModelNotAvailableError
 from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
-__all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
-           "resolve_device", "recommended_settings", "toyworld_path"]
+__all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
+           "resolve_device", "recommended_settings", "set_attention_backend", "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
 DEFAULT_MODEL = "toyworld"
@@ -233,17 +233,59 @@ def enable_offload(pipe, mode: str, device) -> None:
     pipe.attnctrl_offload = mode
 
 
-def load_pipeline(model: str | None = None, dtype=None, device=None, offload: str | None = None):
+#: diffusers attention backends that run on the CPU (the others need CUDA and their own package).
+CPU_BACKENDS = ("native", "_native_math", "flex")
+
+
+def check_attention_backend(backend: str | None, device: torch.device) -> str | None:
+    """``None``/``"auto"`` (diffusers' active backend, native SDPA unless changed) or a backend of diffusers'
+    attention dispatcher that can run here (its package installed, a GPU where it needs one); else one clear error."""
+    if backend in (None, "", "auto"):
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    names = [b.value for b in AttentionBackendName]
+    if backend not in names:
+        public = ", ".join(n for n in names if not n.startswith("_"))
+        raise AttnCtrlError(f"unknown attention backend {backend!r}; use auto or one of diffusers': {public}")
+    if device.type == "cpu" and backend not in CPU_BACKENDS:
+        raise AttnCtrlError(f"attention backend {backend!r} runs on a GPU only; on the CPU use auto, native or flex")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except (RuntimeError, ImportError) as e:
+        raise AttnCtrlError(f"attention backend {backend!r} cannot run here: {_first_line(e)}") from None
+    return backend
+
+
+def set_attention_backend(pipe, backend: str) -> None:
+    """``set_attention_backend`` on the pipeline's denoiser: its diffusers processors that take a backend, and every
+    attnctrl processor's plain attention, use it (a UNet's stock ``AttnProcessor2_0`` calls SDPA whatever is set)."""
+    from ..core.families import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    try:
+        with quiet_libraries():
+            denoiser.set_attention_backend(backend)
+    except Exception as e:
+        raise AttnCtrlError(f"attention backend {backend!r} could not be set: {_first_line(e)}") from e
+    pipe.attnctrl_attention_backend = backend
+
+
+def load_pipeline(model: str | None = None, dtype=None, device=None, offload: str | None = None,
+                  attention_backend: str | None = None):
     """Load a diffusers pipeline from any supported reference (see the module docstring).
 
     ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"``, a ``torch.dtype`` or ``None``/``"auto"`` (the checkpoint's family
     decides: bf16 for FLUX and CogVideoX on CUDA, fp16 otherwise, fp32 on the CPU); ``device``: ``"cpu"``,
     ``"cuda"``, ... or ``None``/``"auto"``; ``offload``: ``None``, ``"model"`` or ``"sequential"`` (diffusers' CPU
-    offload onto the GPU ``device``, for checkpoints larger than its memory). Errors are one clear sentence.
+    offload onto the GPU ``device``, for checkpoints larger than its memory); ``attention_backend``: ``None`` or a
+    backend of diffusers' dispatcher (``"native"``, ``"flash"``, ``"sage"``, ``"xformers"``, ...), see
+    :func:`set_attention_backend`. Errors are one clear sentence.
     """
     model = str(model or DEFAULT_MODEL).strip()
     target = resolve_device(device)
     mode = check_offload(offload, target)
+    backend = check_attention_backend(attention_backend, target)
     torch_dtype = parse_dtype(dtype, target, family_of(model))
     pipe = _load(model, torch_dtype)
     settings = model_folder(model) / "attnctrl.json"
@@ -252,6 +294,8 @@ def load_pipeline(model: str | None = None, dtype=None, device=None, offload: st
     if pipe.dtype != torch_dtype:
         with quiet_libraries():
             pipe = pipe.to(dtype=torch_dtype)
+    if backend is not None:
+        set_attention_backend(pipe, backend)
     if mode is not None:
         enable_offload(pipe, mode, target)
     elif pipe.device != target:

@@ -33,7 +33,7 @@ import torch
 
 from ..core.controller import Method
 from ..core.errors import AttnCtrlError, UnsupportedModelError
-from ..core.families import detect_family
+from ..core.families import denoiser_of, detect_family
 
 __all__ = ["MethodPipeline", "SharedState", "keeping_shared_state", "upcast_vae", "encode", "decode", "check_callback",
            "run_callback", "call_config"]
@@ -61,10 +61,6 @@ def upcast_vae(vae):
             vae.to(torch.float16)
 
 
-def _denoiser(pipe) -> torch.nn.Module:
-    return getattr(pipe, "unet", None) or pipe.transformer
-
-
 @torch.no_grad()
 def encode(pipe, images, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """Clean latents of ``images`` (what ``pipe.image_processor.preprocess`` takes, resized to ``height x width``
@@ -75,7 +71,7 @@ def encode(pipe, images, height: int | None = None, width: int | None = None) ->
     with upcast_vae(pipe.vae) as vae:
         latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(_denoiser(pipe).dtype)
+        return ((latents - shift) * vae.config.scaling_factor).to(denoiser_of(pipe).dtype)
 
 
 @torch.no_grad()
@@ -288,7 +284,7 @@ class SharedState:
         if self.pipe_config is not _MISSING:
             vars(pipe)["_internal_dict"] = self.pipe_config
         # attnctrl's handles bound for the call and still installed (a method that failed to remove its own)
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        denoiser = denoiser_of(pipe)
         try:
             ctl = Controller.of(denoiser, create=False) if denoiser is not None else None
         except AttnCtrlError:  # a denoiser attnctrl does not support: nothing of attnctrl's on it
@@ -393,7 +389,7 @@ class MethodPipeline:
         ``DiffusionPipeline.from_pipe``."""
         method = cls._attnctrl_method or cls
         base = _diffusers_class(pipe)
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or torch.nn.Module()
+        denoiser = denoiser_of(pipe) or torch.nn.Module()
         family = detect_family(denoiser)
         if family.name not in method.config_class.families:
             names = " and ".join(_FAMILY_NAMES.get(f, f) for f in method.config_class.families)
@@ -471,7 +467,7 @@ class MethodPipeline:
 
     @property
     def _sdxl(self) -> bool:
-        return detect_family(_denoiser(self)).name == "sdxl"
+        return detect_family(denoiser_of(self)).name == "sdxl"
 
     def to_json_string(self) -> str:
         """The config as the base class saves it: ``save_pretrained`` writes a pipeline that

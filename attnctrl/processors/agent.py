@@ -15,13 +15,16 @@ For the self-attention (``attn1``) of every transformer block at full latent res
 
        V_A = softmax(d^-0.5 * A K^T) V,   O = softmax(d^(-0.5 * k_scale2) * Q A^T) V_A + k_shortcut * V
 
-   (without agents: plain softmax attention over the merged tokens), ``to_out``, and unmerge to ``N`` tokens.
+   (without agents: plain softmax attention over the merged tokens, through diffusers' attention dispatcher so
+   the chosen backend applies), ``to_out``, and unmerge to ``N`` tokens. The two agent calls have their own scales
+   and stay on PyTorch's SDPA.
 
 The schedule: steps before ``switch_step`` use ``sx, sy, agent_ratio`` (agent phase), later steps ``late_sx,
 late_sy, late_agent_ratio`` (with 0.5 there are no agents: pure ToMe), as in the official README.
 
-Decisions on official quirks: merge randomness comes from a private generator seeded by ``seed`` and re-seeded at
-every generation (the official forks the global RNG, so images depend on everything drawn before);
+Decisions on official quirks: merge randomness comes from a private generator seeded by ``merge_seed`` and re-seeded at every generation,
+drawn at the start of each step for the layers that merge, in call order (the official forks the global RNG, so
+images depend on everything drawn before; drawing before the forward keeps ``torch.compile`` graphs whole);
 ``ratio = 0`` or a layer where ``r`` rounds to 0 runs the stock attention (the official code crashes); ``remove``
 restores everything (the official leaves attention classes swapped); merged tokens are listed in row-major
 grid order with a stable ranking (ties break by position, on every device), where tomesd's non-stable ``argsort``
@@ -39,7 +42,7 @@ from ..core.controller import Controller, MethodState, Plugin
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
 from ..core.processor import AttnCtrlProcessor
-from ..kernels.token_merge import bipartite_plan
+from ..kernels.token_merge import bipartite_plan, random_picks
 
 __all__ = ["AgentAttention", "AgentAttnProcessor", "agent_attention"]
 
@@ -61,6 +64,9 @@ class _AgentState(MethodState):
         self.ctl = ctl
         self.generator = torch.Generator("cpu")
         self.generator.manual_seed(config.merge_seed)
+        self.layers = layers
+        self.picks: dict[str, torch.Tensor] = {}
+        self.now = (config.sx, config.sy, config.agent_ratio)  # this step's phase (set before each step)
         self.block_inputs: dict[str, torch.Tensor] = {}
         self.hooks = []
         for layer in layers:
@@ -75,6 +81,21 @@ class _AgentState(MethodState):
 
     def on_run(self, ctl: Controller) -> None:
         self.generator.manual_seed(self.config.merge_seed)
+
+    def on_step(self, ctl: Controller) -> None:
+        """Draw this step's dst positions for every layer that merges, in call order, before the denoiser runs (a
+        ``torch.Generator`` inside the forward would break a ``torch.compile`` graph at every layer). As tomesd /
+        AgentSD: random only for even batches (an odd batch takes the top-left token of each cell)."""
+        c = self.config
+        self.picks = {}
+        self.now = self.phase()
+        if not c.use_rand or ctl.call.batch % 2 or not ctl.call.grid:
+            return
+        sx, sy, _ = self.now
+        for layer in self.layers:
+            h, w = layer.grid(ctl.call.grid)
+            if int(h * w * c.ratio) > 0 and h >= sy and w >= sx:
+                self.picks[layer.name] = random_picks(h, w, sx, sy, self.generator)
 
     def phase(self) -> tuple[int, int, float]:
         """``(sx, sy, agent_ratio)`` of the current step."""
@@ -112,14 +133,13 @@ class AgentAttnProcessor(AttnCtrlProcessor):
                 or attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None):
             return super()._unet_forward(attn, hidden_states, encoder_hidden_states, attention_mask,
                                          image_rotary_emb, temb)
-        sx, sy, agent_ratio = self.state.phase()
+        sx, sy, agent_ratio = self.state.now
         h, w = self.layer.grid(self.ctl.call.grid)
         if h * w != n or h < sy or w < sx:
             return super()._unet_forward(attn, hidden_states, encoder_hidden_states, attention_mask,
                                          image_rotary_emb, temb)
         b = hidden_states.shape[0]
-        use_rand = config.use_rand and b % 2 == 0  # as tomesd/AgentSD: odd batches take the top-left token
-        plan = bipartite_plan(x, h, w, sx, sy, self.state.generator if use_rand else None, config.merge_order)
+        plan = bipartite_plan(x, h, w, sx, sy, self.state.picks.get(self.layer.name), config.merge_order)
         r = min(r, plan.n_src)
         merged = plan.merge(hidden_states, r)
         n_merged = merged.shape[1]
@@ -147,9 +167,9 @@ class AgentAttnProcessor(AttnCtrlProcessor):
                 a = attn.norm_q(a)
             out = agent_attention(q, k, v, a, config.k_scale2, config.k_shortcut, fp32)
         elif fp32:
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out = self.stock_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.stock_attention(q, k, v)  # plain attention over the merged tokens: the chosen backend
         out = out.transpose(1, 2).reshape(b, n_merged, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         out = plan.unmerge(out, r)

@@ -45,14 +45,15 @@ class MRSAAttnProcessor(AttnCtrlProcessor):
         super().__init__(layer, controller)
         self.state = state
         self.config = config
+        self.now = False  # MRSA at this step (set before each step)
 
-    def active(self) -> bool:
-        c, step = self.config, self.ctl.step
-        return self.state.n > 0 and step >= c.start_step and (c.end_step is None or step < c.end_step)
+    def on_step(self, ctl) -> None:
+        c = self.config
+        self.now = self.state.n > 0 and ctl.step >= c.start_step and (c.end_step is None or ctl.step < c.end_step)
 
     def attend(self, attn, query, key, value, attention_mask=None, text_len=0):
         out = self.stock_attention(query, key, value, attention_mask)
-        if not self.active():
+        if not self.now:
             return out
         cfg = self.ctl.cfg
         targets, refs = self.state.rows(query.shape[0], cfg)

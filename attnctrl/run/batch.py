@@ -40,7 +40,7 @@ from ..inputs import KINDS
 from ..io.metadata import atomic_path, save_json, temp_target
 from .generate import Session, load, slug, write
 from .jobs import JobFileError, Task, expand, load_jobs, load_run_config, seeds_problem
-from .request import check_device_and_dtype, validate, writable_folder
+from .request import check_runtime, validate, writable_folder
 
 __all__ = ["run_batch", "task_stem", "is_video_task", "split_tasks"]
 
@@ -323,7 +323,8 @@ class _Ranks:
 
 
 def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, dry_run=False, seeds=None,
-              device=None, dtype=None, metadata=None, echo=print, progress=True, offload=None) -> dict:
+              device=None, dtype=None, metadata=None, echo=print, progress=True, offload=None,
+              attention_backend=None) -> dict:
     """Run (or with ``dry_run`` only list) the tasks of a job file; returns counts by status (``adopted``: complete
     outputs whose manifest line a crash had cut, recorded by a resumed run; they count as skipped too)."""
     started_at = time.time()
@@ -339,7 +340,8 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
     device = device or run.device or "auto"
     dtype = dtype or run.dtype or "auto"
     offload = offload or run.offload
-    check_device_and_dtype(device, dtype, offload)  # once for the run, before any job
+    attention_backend = attention_backend or run.attention_backend
+    check_runtime(device, dtype, offload, attention_backend)  # once for the run, before any job
     metadata = run.metadata if metadata is None else metadata
     jobs = load_jobs(jobs_path, run)
     tasks = expand(jobs, run.seeds)
@@ -366,7 +368,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
         try:
             complete, adopted = _reconcile(out, stems, my_tasks, rank, manifest) if resume else (set(), 0)
             counts, models, hashes = _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype,
-                                                metadata, echo, progress, offload)
+                                                metadata, echo, progress, offload, attention_backend)
         except BaseException as e:
             if ranks is not None:
                 ranks.finish(e)
@@ -396,6 +398,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
         "attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "dtype": dtype, "offload": offload,
+        "attention_backend": attention_backend,
         "processes": world, "jobs_file": str(jobs_path), "run_config": run.model_dump(),
         "jobs": [job.model_dump(exclude_defaults=True) for _, job in jobs], "models": sorted(map(str, models)),
         "input_hashes": hashes, "tasks": len(tasks),
@@ -404,7 +407,7 @@ def run_batch(jobs_path, out, config_path=None, resume=False, overwrite=False, d
 
 
 def _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtype, metadata, echo, progress,
-               offload=None):
+               offload=None, attention_backend=None):
     """This process's share (the stems in ``complete`` skipped): ``(counts, model ids, input file hashes)``."""
     from tqdm.auto import tqdm
 
@@ -426,8 +429,9 @@ def _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtyp
                  "output": None, "status": "ok"}
         try:
             plan = validate(job.request(base, task.seed, task.variant, device=device, dtype=dtype, output=out,
-                                        metadata=metadata, offload=offload))
-            key = (job.model, dtype, device, offload)
+                                        metadata=metadata, offload=offload,
+                                        attention_backend=attention_backend))
+            key = (job.model, dtype, device, offload, attention_backend)
             if key not in pipes:
                 pipes[key] = load(plan)
                 pipes[key].set_progress_bar_config(disable=not progress, leave=False, position=1)

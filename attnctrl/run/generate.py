@@ -19,6 +19,7 @@ import torch
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError
+from ..core.families import denoiser_of
 from ..inputs import KINDS
 from ..io.metadata import sampler_name
 from .request import Plan, plain, writable_folder
@@ -58,7 +59,8 @@ def load(plan: Plan):
     from ..models import load_pipeline
 
     r = plan.request
-    return load_pipeline(r.model, dtype=r.dtype, device=r.device, offload=r.offload)
+    return load_pipeline(r.model, dtype=r.dtype, device=r.device, offload=r.offload,
+                         attention_backend=r.attention_backend)
 
 
 def _call_defaults(pipe) -> dict:
@@ -91,7 +93,7 @@ def native_size(pipe) -> int | None:
     """The model's native image side in pixels (from its denoiser's sample size), or None if unknown."""
     scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
     sample = getattr(pipe, "default_sample_size", None)
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    denoiser = denoiser_of(pipe)
     config = getattr(denoiser, "config", {}) or {}
     if sample is None:
         sample = config.get("sample_size") or config.get("sample_height")
@@ -276,6 +278,7 @@ def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict |
         "scheduler_config": {k: v for k, v in sorted(dict(pipe.scheduler.config).items()) if not k.startswith("_")},
         "device": str(getattr(pipe, "_execution_device", pipe.device)),
         **({"offload": pipe.attnctrl_offload} if getattr(pipe, "attnctrl_offload", None) else {}),
+        **({"attention_backend": b} if (b := getattr(pipe, "attnctrl_attention_backend", None)) else {}),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "versions": {"attnctrl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         **(extra or {}),

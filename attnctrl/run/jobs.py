@@ -171,6 +171,7 @@ class RunConfig(BaseModel):
     device: str | None = None
     dtype: str | None = None
     offload: str | None = None
+    attention_backend: str | None = None
     metadata: bool = True
 
     _seeds = field_validator("seeds")(_check_seeds)

@@ -23,7 +23,7 @@ from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "MAX_SEED",
-           "read_record", "from_record", "check_device_and_dtype"]
+           "read_record", "from_record", "check_runtime"]
 
 #: seeds are 0 .. 2**32 - 1 (the range of NumPy's and A1111's seeds; a larger one is refused, not wrapped)
 MAX_SEED = 2**32 - 1
@@ -54,6 +54,7 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     offload: str | None = None
+    attention_backend: str | None = None
     metadata: bool = True
     gif: bool = False
     base: Path | None = None
@@ -182,7 +183,7 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     _number(r.height, "height", int, 8, 8192, 8)
     _number(r.num_frames, "frames", int, 1, 1000)
 
-    check_device_and_dtype(r.device, r.dtype, r.offload)
+    check_runtime(r.device, r.dtype, r.offload, r.attention_backend)
     method = entry(r.method) if r.method is not None else None
     config = method_config(method.name, r.options) if method is not None else None
     if method is None and r.options:
@@ -269,14 +270,15 @@ def from_record(record: dict, base: Path | None = None, **overrides) -> Request:
     return Request(**fields_)
 
 
-def check_device_and_dtype(device, dtype, offload=None) -> None:
-    """The device exists here, the dtype is one attnctrl knows, offload is possible there (the model's own checks
-    come with the load)."""
-    from ..models import check_offload, parse_dtype, resolve_device
+def check_runtime(device, dtype, offload=None, attention_backend=None) -> None:
+    """The device exists here, the dtype is one attnctrl knows, offload and the attention backend can run there (the
+    model's own checks come with the load)."""
+    from ..models import check_attention_backend, check_offload, parse_dtype, resolve_device
 
     target = resolve_device(device)
     parse_dtype(dtype, target)
     check_offload(offload, target)
+    check_attention_backend(attention_backend, target)
 
 
 def _entries():

@@ -55,6 +55,7 @@ class Settings:
     compare: bool = False  # also generate without the method, same seed (before/after)
     num_frames: int | None = None  # video models: frames per clip (a multi-prompt method: per segment)
     offload: str = "none"  # diffusers' CPU offload onto the GPU: none, model or sequential (reloads the model)
+    attention_backend: str = "auto"  # diffusers' attention backend for plain attention (reloads the model)
     speedups: dict = field(default_factory=dict)  # speed-up plugin name -> its options, applied beside the tab
 
 
@@ -101,22 +102,23 @@ class App:
         self.device, self.dtype = device, dtype
         self._pipe = None
         self._model_id: str | None = None
-        self._offload: str | None = None
+        self._runtime: tuple = (None, None)
         self._lock = threading.Lock()
 
     # -- models ---------------------------------------------------------------------------------------------------
-    def pipeline(self, model: str | None, offload: str | None = None):
-        """The pipeline of ``model`` with ``offload`` (the previous one is released first, to keep one model in
-        memory; another offload mode reloads it)."""
+    def pipeline(self, model: str | None, offload: str | None = None, attention_backend: str | None = None):
+        """The pipeline of ``model`` with ``offload`` and ``attention_backend`` (the previous one is released first,
+        to keep one model in memory; other runtime settings reload it)."""
         from ..models.loading import load_pipeline
 
         model = (model or "").strip() or self.default_model
-        offload = None if offload in (None, "", "none") else offload
-        if self._model_id != model or self._offload != offload:
+        runtime = (_setting(offload, "none"), _setting(attention_backend, "auto"))
+        if self._model_id != model or self._runtime != runtime:
             self._pipe, self._model_id = None, None  # a failed load leaves no stale name behind
-            self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device, offload=offload)
+            self._pipe = load_pipeline(model, dtype=self.dtype, device=self.device, offload=runtime[0],
+                                       attention_backend=runtime[1])
             self._pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
-            self._model_id, self._offload = model, offload
+            self._model_id, self._runtime = model, runtime
         return self._pipe
 
     # -- uploaded inputs ------------------------------------------------------------------------------------------
@@ -161,13 +163,14 @@ class App:
             width=_number(settings.width, "Width", int, 8), height=_number(settings.height, "Height", int, 8),
             num_images=count, output=self.output, device=self.device, dtype=self.dtype,
             num_frames=_number(settings.num_frames, "Frames", int, 1),
-            offload=None if settings.offload in (None, "", "none") else settings.offload,
+            offload=_setting(settings.offload, "none"),
+            attention_backend=_setting(settings.attention_backend, "auto"),
         )
         plan = validate(request)
         result = Result(seed=seed)
         started = time.perf_counter()
         with self._lock:
-            pipe = self.pipeline(request.model, request.offload)
+            pipe = self.pipeline(request.model, request.offload, request.attention_backend)
             for out in generate(plan, pipe=pipe):
                 result.files.append(str(out.path))
                 if out.kind == "image":
@@ -275,3 +278,8 @@ def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, 
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(app.output)],
                        **kwargs)
+
+
+def _setting(value: str | None, off: str) -> str | None:
+    """A runtime choice of the Advanced settings, ``None`` for its default (``off``, empty or never shown)."""
+    return None if value in (None, "", off) else value

@@ -174,6 +174,9 @@ def build(app: App) -> gr.Blocks:
                                        value="none", label="CPU offload (GPU)",
                                        info="per module: modules move to the GPU while they run (checkpoints larger "
                                        "than its memory); per layer: least memory, slowest")
+                    backend = gr.Dropdown(["auto", "native", "flash", "sage", "xformers", "flex"], value="auto",
+                                          label="Attention backend", info="diffusers' backend for plain attention; "
+                                          "flash, sage and xformers need a GPU and their package")
                 speed = []  # (entry, switch, [(option, widget)])
                 with gr.Accordion("Speed-ups (apply to every tab)", open=False):
                     for e in _speedups():
@@ -182,7 +185,8 @@ def build(app: App) -> gr.Blocks:
                             speed.append((e, switch, [(c.option, option_widget(e.config, c)) for c in e.controls]))
                 common = dict(model=model, prompt=prompt, negative_prompt=negative, seed=seed, randomize=randomize,
                               steps=steps, guidance=guidance, width=width, height=height, count=count,
-                              compare=compare, num_frames=frames, offload=offload)
+                              compare=compare, num_frames=frames, offload=offload,
+                              attention_backend=backend)
                 assert list(common) == COMMON
                 speed_widgets = [w for _, switch, ws in speed for w in [switch, *(w for _, w in ws)]]
                 tabs = []
@@ -213,7 +217,7 @@ def widget_settings(values, speed=(), speed_values=()) -> Settings:
     """Settings from the widgets' values; 0 in steps, guidance, size and frames means the model's value; the
     speed-ups switched on, with their options."""
     given = dict(zip(COMMON, values))
-    for key in ("prompt", "negative_prompt", "model", "offload"):  # a widget never shown sends None
+    for key in ("prompt", "negative_prompt", "model", "offload", "attention_backend"):  # a widget never shown sends None
         if given.get(key) is None:
             given.pop(key, None)
     for key in ("steps", "guidance", "width", "height", "num_frames"):

@@ -195,6 +195,15 @@ def test_step_tracking(fam):
     assert steps == [0, 1, 2, 0, 1] and runs == 2
 
 
+def test_one_step_runs_are_runs_of_their_own():
+    """Two one-step runs share their only timestep: the new schedule (``set_timesteps``) starts the second run."""
+    pipe = tiny("sd15")
+    with attnctrl.apply(pipe, Tracker()) as h:
+        run(pipe, steps=1)
+        run(pipe, steps=1)
+    assert sum(e[0] == "run" for e in h.state.events) == 2
+
+
 def probe(record, layers=None) -> Plugin:
     """A method whose processors call ``record(processor, q, text_len)`` and otherwise do nothing."""
 
