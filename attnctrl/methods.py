@@ -167,12 +167,6 @@ def words_in(prompt: str, words, label: str) -> None:
             raise AttnCtrlError(f"{label} {word!r}: not in the prompt {prompt!r}; use words of the prompt")
 
 
-def _one_per(values, n: int, what: str, per: str) -> None:
-    count = len(values) if isinstance(values, (tuple, list)) else 1
-    if count not in (1, n):
-        raise AttnCtrlError(f"{count} {what} given for {n} {per}; give one, or one per {per.rstrip('s')}")
-
-
 def _check_maps(config, prompts, inputs) -> None:
     if not config.words:
         raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give them, e.g. --opt words=cat,hat")
@@ -185,10 +179,7 @@ def _check_freecustom(config, prompts, inputs) -> None:
 
 def _check_magicface(config, prompts, inputs) -> None:
     refs = inputs["references"]
-    if len(config.ref_words) != len(refs):
-        raise AttnCtrlError(f"ref_words must name one word of the prompt per reference: {len(config.ref_words)} "
-                            f"word(s) for {len(refs)} reference(s) (--opt ref_words=WORD1,WORD2)")
-    words_in(prompts[0], config.ref_words, "ref_words: the word")
+    words_in(prompts[0], config.words_for(len(refs)), "ref_words: the word")
     config.weights(len(refs))
 
 
@@ -209,11 +200,8 @@ def _check_primecomposer(config, prompts, inputs) -> None:
 
 
 def _check_ditctrl(config, prompts, inputs) -> None:
-    words = list(config.subject_words)
-    if words:
-        _one_per(words, len(prompts), "subject_words", "prompts")
-        for i, prompt in enumerate(prompts):
-            words_in(prompt, [words[i] if len(words) > 1 else words[0]], f"prompt {i + 1}: the subject word")
+    for i, (prompt, word) in enumerate(zip(prompts, config.words_for(len(prompts)))):
+        words_in(prompt, [word], f"prompt {i + 1}: the subject word")
 
 
 _EXAMPLE_REF = {"image": "striped-red-circle.png", "mask": "striped-red-circle-mask.png",

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-__all__ = ["collect_info", "format_info", "read_settings"]
+__all__ = ["collect_info", "format_info"]
 
 _PACKAGES = ("attnctrl", "torch", "diffusers", "transformers", "accelerate", "peft", "gradio", "xformers", "triton")
 
@@ -73,28 +73,3 @@ def format_info(data: dict) -> str:
         *(f"  {name:15s} {m['summary']} [{', '.join(m['families'])}]" for name, m in data["methods"].items()),
     ]
     return "\n".join(lines)
-
-
-def read_settings(path: str) -> dict:
-    """The settings stored in an output: a PNG's attnctrl metadata, or a JSON record / batch sidecar."""
-    import json
-    from pathlib import Path
-
-    from ..core.errors import AttnCtrlError
-    from ..io import read_png_metadata
-
-    p = Path(path)
-    if not p.is_file():
-        raise AttnCtrlError(f"{path}: no such file")
-    if p.suffix.lower() == ".json":
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AttnCtrlError(f"{path}: not a JSON record ({e})") from None
-    try:
-        meta = read_png_metadata(p)
-    except Exception as e:
-        raise AttnCtrlError(f"{path}: cannot read PNG metadata ({type(e).__name__}: {e})") from None
-    if not meta.get("attnctrl") and not meta.get("parameters"):
-        raise AttnCtrlError(f"{path}: no settings are stored in this file (written with --no-metadata?)")
-    return meta

@@ -131,10 +131,11 @@ def cli() -> None:
 def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
     """Versions, device, attention backends, families and methods; with FILE, the settings stored in an output
     (a PNG's metadata or a JSON record / sidecar)."""
-    from .info import collect_info, format_info, read_settings
+    from ..run import read_stored
+    from .info import collect_info, format_info
 
     if file:
-        data = read_settings(file)
+        data = read_stored(file)
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     data = collect_info()

@@ -34,6 +34,7 @@ __all__ = [
     "MASK_FULL",
     "MASK_EMPTY",
     "degenerate",
+    "degenerate_warning",
 ]
 
 #: an attention-derived mask covering more than this fraction of the image acts everywhere (a degenerate mask)
@@ -57,6 +58,14 @@ def degenerate(fraction: float) -> str | None:
     if fraction < MASK_EMPTY:
         return "empty"
     return None
+
+
+def degenerate_warning(masks: str, over: str, items, cause: str) -> str | None:
+    """One warning naming the :func:`degenerate` masks among ``items`` (``(label, fraction, effect if full, effect
+    if empty)``), or None: "``masks`` are degenerate (mean over ``over``: ...) because ``cause``"."""
+    bad = [f"{label} {100 * float(fraction):.1f} % of the image, {full if what == 'full' else empty}"
+           for label, fraction, full, empty in items if (what := degenerate(fraction))]
+    return f"{masks} are degenerate (mean over {over}: {'; '.join(bad)}) because {cause}" if bad else None
 
 
 class MaskError(AttnCtrlError):

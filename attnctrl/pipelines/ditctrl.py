@@ -203,13 +203,9 @@ class DiTCtrlPipeline(MethodPipeline):
         return [out[j][None] + g * (out[n + j][None] - out[j][None]) for j in range(n)]
 
     def _subject_tokens(self, prompts, config: DiTCtrl):
-        if not config.subject_words:
+        words = config.words_for(len(prompts))
+        if not words:
             return None
-        words = list(config.subject_words)
-        if len(words) == 1:
-            words = words * len(prompts)
-        if len(words) != len(prompts):
-            raise AttnCtrlError(f"subject_words: give one word for all prompts or one per prompt ({len(prompts)})")
         out = []
         for i, (p, w) in enumerate(zip(prompts, words)):
             try:

@@ -71,12 +71,7 @@ class MagicFacePipeline(ReferencePipeline):
         return out
 
     def _validate(self, config: MagicFace, prompt: str, references) -> list[list[int]]:
-        words = list(config.ref_words)
-        if len(words) != len(references):
-            raise AttnCtrlError(
-                f"ref_words must name one word of the prompt per reference: {len(words)} word(s) for "
-                f"{len(references)} reference(s)"
-            )
+        words = config.words_for(len(references))
         self._distinct(words, "ref_words")
         tokens = []
         for i, word in enumerate(words):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..core.controller import Controller, Method, MethodState
 from ..core.errors import AttnCtrlError
 from ..core.layers import LayerInfo
-from ..core.masks import degenerate
+from ..core.masks import degenerate_warning
 from ..core.processor import AttnCtrlProcessor
 
 __all__ = ["CLoRA", "CLoRAState", "CrossAttnRecorder", "nt_xent", "min_max", "lora_masks", "dilate", "erode", "record_layers",
@@ -109,18 +109,12 @@ def fusion_mask_warning(coverage: torch.Tensor, steps: int, mask_words) -> str |
     """
     if steps <= 0:
         return None
-    bad = []
-    for j, words in enumerate(mask_words):
-        what = degenerate(coverage[j]) if j > 0 and words else None
-        if what:
-            label = ", ".join(repr(w) for w in words)
-            effect = "its LoRA acts on the whole image" if what == "full" else "its LoRA acts nowhere"
-            bad.append(f"branch {j + 1} ({label}) {100 * float(coverage[j]):.1f} % of the image, {effect}")
-    if not bad:
-        return None
-    return (f"CLoRA's fusion masks are degenerate (mean over {steps} step{'s' * (steps != 1)}: {'; '.join(bad)}) because this model's "
-            f"cross-attention at the recorded layers is not local: choose other layers with record_layers (a layer "
-            f"selector such as 'res==16' or 'up.2') or another mask_threshold")
+    items = [(f"branch {j + 1} ({', '.join(repr(w) for w in words)})", coverage[j], "its LoRA acts on the whole image",
+              "its LoRA acts nowhere") for j, words in enumerate(mask_words) if j > 0 and words]
+    return degenerate_warning(
+        "CLoRA's fusion masks", f"{steps} step{'s' * (steps != 1)}", items,
+        "this model's cross-attention at the recorded layers is not local: choose other layers with record_layers (a "
+        "layer selector such as 'res==16' or 'up.2') or another mask_threshold")
 
 
 def record_layers(ctl: Controller, selector=None) -> list[LayerInfo]:

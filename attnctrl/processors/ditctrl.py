@@ -177,6 +177,16 @@ class DiTCtrl(Method):
         if self.mask_guided and not self.subject_words:
             raise AttnCtrlError("mask_guided needs subject_words (the subject's word in the prompts)")
 
+    def words_for(self, n: int) -> list[str]:
+        """``subject_words`` for ``n`` prompts (one word serves every prompt); [] when none are given."""
+        words = list(self.subject_words)
+        if len(words) == 1:
+            words = words * n
+        if words and len(words) != n:
+            raise AttnCtrlError(f"{len(self.subject_words)} subject_words given for {n} prompts; give one, or one "
+                                f"per prompt")
+        return words
+
     def layer_range(self, num_blocks: int) -> tuple[int, int]:
         if self.kv_layers is not None:
             return tuple(self.kv_layers)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..core.controller import Controller, Method
 from ..core.errors import AttnCtrlError, LayerSelectionError
 from ..core.layers import LayerInfo, LayerMap
-from ..core.masks import degenerate
+from ..core.masks import degenerate_warning
 from ..core.processor import AttnCtrlProcessor
 from ..kernels.attention import KVBlock, grouped_attention, multi_block_attention
 from .freecustom import per_reference
@@ -177,18 +177,12 @@ class MagicFaceState(ReferenceState):
             return None
         used = self.coverage[self.inject:] or self.coverage
         mean = torch.stack(used).mean(0)
-        bad = []
-        for i, fraction in enumerate(mean.tolist()):
-            what = degenerate(fraction)
-            if what:
-                label = f" ({words[i]!r})" if words and i < len(words) else ""
-                state = "empty" if what == "empty" else "nearly the whole image"
-                bad.append(f"reference {i + 1}{label} {100 * fraction:.1f} % of the image, {state}")
-        if not bad:
-            return None
-        return (f"MagicFace's concept masks are degenerate (mean over {len(used)} segmentation{'s' * (len(used) != 1)}: {'; '.join(bad)}) "
-                f"because this model's attention at the segmentation layers is not local: choose other layers with "
-                f"segment_layers (a layer selector such as 'up.1' or 'ds<=4') or another ca_scale")
+        items = [(f"reference {i + 1}" + (f" ({words[i]!r})" if words and i < len(words) else ""), fraction,
+                  "nearly the whole image", "empty") for i, fraction in enumerate(mean.tolist())]
+        return degenerate_warning(
+            "MagicFace's concept masks", f"{len(used)} segmentation{'s' * (len(used) != 1)}", items,
+            "this model's attention at the segmentation layers is not local: choose other layers with segment_layers "
+            "(a layer selector such as 'up.1' or 'ds<=4') or another ca_scale")
 
     def reference_masks(self) -> torch.Tensor:
         """``(N, H/2, W/2)`` boolean segmentation of each reference's word (union of its tokens)."""
@@ -331,6 +325,13 @@ class MagicFace(Method):
 
     def weights(self, n: int) -> tuple[float, ...]:
         return per_reference(self.mask_weights, n)
+
+    def words_for(self, n: int) -> list[str]:
+        """``ref_words``, one word of the prompt per reference; raises unless ``n`` are given."""
+        if len(self.ref_words) != n:
+            raise AttnCtrlError(f"ref_words must name one word of the prompt per reference: {len(self.ref_words)} "
+                                f"word(s) for {n} reference(s)")
+        return list(self.ref_words)
 
     def scale_for(self, n: int) -> float:
         return self.ca_scale if self.ca_scale is not None else (0.9 if n == 1 else 0.6)

@@ -6,7 +6,17 @@ requests (:mod:`.jobs`, :mod:`.batch`), the web app builds one per press of Gene
 """
 
 from .generate import Output, Result, Session, generate, load, settings_record, slug
-from .request import Plan, Request, from_record, method_config, parse_option, read_record, validate, writable_folder
+from .request import (
+    Plan,
+    Request,
+    from_record,
+    method_config,
+    parse_option,
+    read_record,
+    read_stored,
+    validate,
+    writable_folder,
+)
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "Output", "Result",
-           "Session", "generate", "load", "settings_record", "slug", "read_record", "from_record"]
+           "Session", "generate", "load", "settings_record", "slug", "read_record", "read_stored", "from_record"]

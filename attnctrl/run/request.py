@@ -23,7 +23,7 @@ from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "MAX_SEED",
-           "read_record", "from_record", "check_runtime"]
+           "read_stored", "read_record", "from_record", "check_runtime"]
 
 #: seeds are 0 .. 2**32 - 1 (the range of NumPy's and A1111's seeds; a larger one is refused, not wrapped)
 MAX_SEED = 2**32 - 1
@@ -229,9 +229,9 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     return Plan(request=r, prompts=prompts, entry=method, config=config, inputs=inputs, plugins=plugins)
 
 
-def read_record(path) -> dict:
-    """The settings record stored with an output: a PNG's ``attnctrl`` chunk, a video's JSON record or a batch
-    sidecar's ``record``."""
+def read_stored(path) -> dict:
+    """Everything an output stores: a PNG's metadata chunks (``attnctrl``, A1111's ``parameters``), or the object
+    of a JSON record / batch sidecar."""
     from ..io import read_png_metadata
 
     p = Path(path)
@@ -242,12 +242,23 @@ def read_record(path) -> dict:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise AttnCtrlError(f"{path}: not a JSON record ({e.__class__.__name__})") from None
-        record = data.get("record", data) if isinstance(data, dict) else None
-    else:
-        try:
-            record = read_png_metadata(p).get("attnctrl")
-        except Exception as e:  # PIL raises several types for files that are not PNGs
-            raise AttnCtrlError(f"{path}: not a PNG written by attnctrl ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise AttnCtrlError(f"{path}: not a JSON record (it holds a {type(data).__name__}, not an object)")
+        return data
+    try:
+        data = read_png_metadata(p)
+    except Exception as e:  # PIL raises several types for files that are not PNGs
+        raise AttnCtrlError(f"{path}: not a PNG with stored settings ({type(e).__name__})") from None
+    if not data.get("attnctrl") and not data.get("parameters"):
+        raise AttnCtrlError(f"{path}: no settings are stored in this file (written with --no-metadata?)")
+    return data
+
+
+def read_record(path) -> dict:
+    """The settings record stored with an output: a PNG's ``attnctrl`` chunk, a video's JSON record or a batch
+    sidecar's ``record``."""
+    data = read_stored(path)
+    record = data.get("record", data) if Path(path).suffix.lower() == ".json" else data.get("attnctrl")
     if not isinstance(record, dict) or "prompt" not in record:
         raise AttnCtrlError(f"{path}: it holds no attnctrl settings (written with --no-metadata, or by another tool)")
     return record
