@@ -27,11 +27,13 @@ mkdir -p "$WORK"
 for version in $DIFFUSERS; do
   venv="$WORK/diffusers-$version-torch-$TORCH"
   if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q "torch==$TORCH"                     # first: a bare torch requirement pulls CUDA
-    "$venv/bin/pip" install -q "diffusers==$version" $DEPS
-    "$venv/bin/pip" install -q --no-deps -e .
+    { python3 -m venv "$venv" &&
+      "$venv/bin/pip" install -q --upgrade pip &&
+      "$venv/bin/pip" install -q "torch==$TORCH" &&                # first: a bare torch requirement pulls CUDA
+      "$venv/bin/pip" install -q "diffusers==$version" $DEPS &&
+      "$venv/bin/pip" install -q --no-deps -e .; } > "$venv.install.log" 2>&1 ||
+      { echo "diffusers $version, torch $TORCH: install failed (see $venv.install.log)" | tee -a "$WORK/versions.log"
+        rm -rf "$venv"; continue; }
   fi
   summary=$(HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -1)
   echo "diffusers $version, torch $TORCH: $summary" | tee -a "$WORK/versions.log"
