@@ -151,6 +151,56 @@ def test_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert load_pipeline(str(out)).scheduler.config.beta_end == 0.012
 
 
+def test_flux_trainer_wiring_resume_and_saved_folder(tmp_path):
+    """--arch flux: the same trainer builds, checkpoints and resumes the FLUX variant and saves a FluxPipeline folder
+    that load_pipeline loads and that draws 128 px images."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from attnctrl import load_pipeline
+    from attnctrl.cli.main import cli
+    from attnctrl.models.toyworld.flux import CheckerView, flow_scheduler, flow_shift
+    from attnctrl.models.toyworld.train import train
+
+    quiet = dict(log=lambda m: None, final_eval=False)
+    tiny = dict(pool_size=16, batch=2, flux_blocks=(1, 1), flux_heads=2, flux_head_dim=16)  # seconds, not hours
+    train(tmp_path, minutes=0.02, arch="flux", **quiet, **tiny)
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert first["config"]["arch"] == "flux" and first["config"]["init"] == "toyworld" and first["step"] > 0
+    assert first["keep_scaling"] is False and first["latents"][0].shape[1:] == (4, 32, 32)  # 128 px scenes
+    with pytest.raises(ValueError, match="keeps its architecture"):
+        train(tmp_path, minutes=0.05, resume=True, arch="sd", **quiet)
+    out = train(tmp_path, minutes=0.04, resume=True, **quiet)  # the run's own architecture
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] > first["step"] and state["shift"] == first["shift"]
+
+    pipe = load_pipeline(str(out))
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.transformer.config.num_single_layers == 1
+    assert pipe.vae.config.shift_factor == pytest.approx(state["shift"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(state["scaling"])
+    saved = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")  # the EMA weights, fp16
+    assert all(torch.equal(saved[k], v.half()) for k, v in state["ema_transformer"].items())
+    settings = pipe.attnctrl_defaults
+    assert (settings["height"], settings["num_inference_steps"], settings["max_sequence_length"]) == (128, 25, 32)
+    kw = dict(num_inference_steps=2, true_cfg_scale=settings["true_cfg_scale"], negative_prompt="", height=128,
+              width=128, max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0))
+    image = pipe("a red circle on the left", **kw).images
+    assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+    assert all(len(pipe.tokenizer_2(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
+    assert CheckerView(pipe)(["a red circle"], num_inference_steps=1).images[0].size == (64, 64)  # for the checker
+    # training sigmas are shifted as the sampler shifts its sigmas at the model's 256 tokens
+    sampler = flow_scheduler()
+    sampler.set_timesteps(sigmas=[0.5], mu=0.5)
+    shift = flow_shift(sampler, 256)
+    assert shift == pytest.approx(np.exp(0.5)) and float(sampler.sigmas[0]) == pytest.approx(shift / (1 + shift))
+
+    # the command line: --arch, and the UNet-only options refused before anything is written
+    result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "g"), "--arch", "flux", "--grounding", "0.1"])
+    assert result.exit_code == 1 and "UNet" in result.output and not (tmp_path / "g").exists()
+    result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "g"), "--arch", "dit"])
+    assert result.exit_code == 2 and "Invalid value" in result.output
+
+
 def test_grounding_targets_recorder_and_loss():
     """TokenCompose's token term: targets name each object's words and silhouette; the recorder changes nothing;
     a map that puts a word's mass inside its object scores 1, a uniform map its area fraction."""

@@ -275,6 +275,10 @@ def _sigterm_as_interrupt():
               help="Training-time budget, across resumes.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUTPUT with its own settings (raise --minutes to train longer).")
+@click.option("--arch", type=click.Choice(["sd", "flux"]), default=None,
+              help="sd: the UNet (Stable Diffusion-like) model, 64 px; flux: a FLUX.1-like transformer (FluxPipeline, "
+              "128 px) starting from --init's VAE and CLIP text encoder (the shipped model's by default).  "
+              "[default: sd; a resumed run keeps its own]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
               help="Procedural scenes drawn once and reused (with flips).")
@@ -282,7 +286,8 @@ def _sigterm_as_interrupt():
               help="Training time of the autoencoder, part of --minutes.  [default: the recipe's, 20]")
 @click.option("--init", "init", default=None, metavar="FOLDER",
               help="Fine-tune a saved toyworld model folder (or 'toyworld', the shipped one) instead of training from "
-              "scratch; its VAE is kept.")
+              "scratch; its VAE is kept. With --arch flux: a UNet model gives the VAE and CLIP text encoder (default "
+              "'toyworld'), a flux model is fine-tuned whole.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate.  [default: the recipe's, 4e-4]")
 @click.option("--look-alike", "look_alike", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
@@ -294,7 +299,7 @@ def _sigterm_as_interrupt():
 @click.option("--references", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
               help="Fraction of each batch trained with in-context references (objects named without their look "
               "copy it from a masked reference in the decoder self-attention).  [default: 0]")
-def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, look_alike, grounding,
+def train_toy(output, minutes, resume, arch, seed, pool_size, vae_minutes, init, lr, look_alike, grounding,
               references) -> None:
     """Train the toyworld text-to-image model on CPU, from scratch or from a saved model (--init)."""
     _quiet_libraries()
@@ -306,8 +311,8 @@ def train_toy(output, minutes, resume, seed, pool_size, vae_minutes, init, lr, l
     if resume and given:
         raise click.ClickException(f"a resumed run keeps its own {' and '.join(given)}; leave them out with --resume")
     overrides = {} if resume else {"seed": seed, "pool_size": pool_size}
-    given_values = {"vae_minutes": vae_minutes, "init": init, "lr": lr, "look_alike_fraction": look_alike,
-                    "grounding_weight": grounding, "reference_fraction": references}
+    given_values = {"arch": arch, "vae_minutes": vae_minutes, "init": init, "lr": lr,
+                    "look_alike_fraction": look_alike, "grounding_weight": grounding, "reference_fraction": references}
     overrides.update({k: v for k, v in given_values.items() if v is not None})
     try:
         path = train(output, minutes=minutes, resume=resume, log=lambda m: click.echo(m, err=True), **overrides)

@@ -19,7 +19,8 @@ import torch
 
 from .world import IMAGE_SIZE
 
-__all__ = ["RECOMMENDED", "UNET_CHANNELS", "BETA_END", "build_models", "noise_scheduler", "save_pipeline"]
+__all__ = ["RECOMMENDED", "UNET_CHANNELS", "BETA_END", "build_vae", "build_text_encoder", "build_models", "noise_scheduler",
+           "save_pipeline"]
 
 #: generation settings stored with the model (``attnctrl.json``) and used by attnctrl's surfaces by default
 RECOMMENDED = {"num_inference_steps": 25, "guidance_scale": 5.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -31,24 +32,37 @@ UNET_CHANNELS = (64, 128, 128, 128)
 BETA_END = 0.02
 
 
-def build_models(tokenizer, seed: int = 0, unet_channels: tuple[int, ...] = UNET_CHANNELS):
-    """Fresh (random) VAE, text encoder and UNet of the toyworld architecture."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_vae(seed: int = 0):
+    """A fresh (random) toyworld ``AutoencoderKL``: RGB <-> 4-channel latents downsampled 4x."""
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
         sample_size=IMAGE_SIZE,
     )
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+
+
+def build_text_encoder(tokenizer, seed: int = 1):
+    """A fresh (random) toyworld ``CLIPTextModel`` (hidden 128, 3 layers) for ``tokenizer``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length, projection_dim=128, hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         attention_dropout=0.0,
     ))
+
+
+def build_models(tokenizer, seed: int = 0, unet_channels: tuple[int, ...] = UNET_CHANNELS):
+    """Fresh (random) VAE, text encoder and UNet of the toyworld architecture."""
+    from diffusers import UNet2DConditionModel
+
+    vae = build_vae(seed)
+    text_encoder = build_text_encoder(tokenizer, seed + 1)
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,

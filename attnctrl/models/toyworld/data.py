@@ -21,7 +21,7 @@ from .world import COLOURS, IMAGE_SIZE, PATTERNS, SHAPES, SIZES, make_scene, obj
 
 __all__ = ["LATENT", "ScenePool", "grounding_targets", "swap_sides", "drop_looks", "sample_latents", "atomic_save"]
 
-LATENT = IMAGE_SIZE // 4  # 16: the latent grid (the VAE downsamples 4x)
+LATENT = IMAGE_SIZE // 4  # 16: the latent grid (the VAE downsamples 4x); the flux variant's token grid at 128 px
 _OBJECT_WORDS = frozenset((*COLOURS, *SHAPES, *PATTERNS, *SIZES))
 
 
@@ -61,17 +61,20 @@ def grounding_targets(scene) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling: float, idx: torch.Tensor, flip: torch.Tensor,
-                   gen: torch.Generator) -> torch.Tensor:
+                   gen: torch.Generator, shift: float = 0.0) -> torch.Tensor:
     """Scaled latents of scenes ``idx`` sampled from their cached VAE posteriors (``mean``, ``logvar``: one row per
-    pool scene), flipped horizontally where ``flip``."""
+    pool scene), flipped horizontally where ``flip``: ``(z - shift) * scaling`` (``shift``: FLUX's VAE
+    ``shift_factor``; 0 for the UNet model)."""
     mean, logvar = mean[idx].float(), logvar[idx].float()
-    latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scaling
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+    latents = (z - shift if shift else z) * scaling
     return torch.where(flip[:, None, None, None], latents.flip(-1), latents)
 
 
 class ScenePool:
-    """The scenes of a run: ``images`` (N, 64, 64, 3) uint8, ``captions``, ``masks`` (N, 3, 16, 16) uint8 object
-    coverage and ``words`` (N, 3, 4) int8 token positions (None in pools saved before the grounding targets)."""
+    """The scenes of a run: ``images`` (N, S, S, 3) uint8 (S = 64, or 128 for the flux variant: the same scenes drawn
+    at twice the resolution), ``captions``, ``masks`` (N, 3, 16, 16) uint8 object coverage and ``words`` (N, 3, 4)
+    int8 token positions (None in pools saved before the grounding targets)."""
 
     def __init__(self, images, captions, masks=None, words=None, seed: int = 0, look_alike_fraction: float = 0.0):
         self.images, self.captions, self.masks, self.words = images, captions, masks, words
@@ -89,11 +92,16 @@ class ScenePool:
 
     @classmethod
     def load_or_build(cls, path: Path, size: int, seed: int = 0, look_alike_fraction: float = 0.0,
-                      need_masks: bool = False, log: Callable[[str], None] = print) -> ScenePool:
-        """The pool saved at ``path``, or a new one of ``size`` scenes drawn and saved there. ``need_masks``: refuse
-        a saved pool without object masks (the grounding loss and reference training need them)."""
+                      need_masks: bool = False, log: Callable[[str], None] = print,
+                      image_size: int = IMAGE_SIZE) -> ScenePool:
+        """The pool saved at ``path``, or a new one of ``size`` scenes drawn at ``image_size`` px and saved there.
+        ``need_masks``: refuse a saved pool without object masks (the grounding loss and reference training need
+        them)."""
         if path.exists():
             saved = torch.load(path)
+            if saved["images"].shape[1] != image_size:
+                raise ValueError(f"{path} holds {saved['images'].shape[1]} px scenes, this run draws {image_size} px; "
+                                 f"use a new run folder")
             pool = cls(saved["images"], saved["captions"], saved.get("masks"), saved.get("words"), seed,
                        look_alike_fraction)
             log(f"pool: {len(pool)} scenes loaded from {path}")
@@ -102,13 +110,13 @@ class ScenePool:
                                  f"need a new run folder")
             return pool
         started = time.perf_counter()
-        images = torch.empty(size, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+        images = torch.empty(size, image_size, image_size, 3, dtype=torch.uint8)
         masks = torch.zeros(size, 3, LATENT, LATENT, dtype=torch.uint8)
         words = torch.full((size, 3, 4), -1, dtype=torch.int8)
         pool = cls(images, [], masks, words, seed, look_alike_fraction)
         for i in range(size):
             scene = pool.scene(i)
-            images[i] = torch.from_numpy(np.array(render(scene)))
+            images[i] = torch.from_numpy(np.array(render(scene, size=image_size)))
             pool.captions.append(scene.caption)
             masks[i], words[i] = grounding_targets(scene)
             if (i + 1) % 4096 == 0:
@@ -117,7 +125,7 @@ class ScenePool:
         return pool
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
-        """Images ``idx`` as (B, 3, 64, 64) floats in [-1, 1]."""
+        """Images ``idx`` as (B, 3, S, S) floats in [-1, 1]."""
         return self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     def index_looks(self) -> None:

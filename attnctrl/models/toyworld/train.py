@@ -6,7 +6,9 @@ The pieces it puts together, one module each:
   schedule and the saved diffusers folder; :mod:`.tokenizer`: the word-level ``CLIPTokenizer``;
 * :mod:`.data`: the scene pool, its grounding targets and the draws of reference training;
 * :mod:`.losses`: VAE loss, min-SNR-weighted epsilon loss, TokenCompose's grounding terms;
-* :mod:`.attention`: the training-time attention hooks (CLoRA's cross-attention recorder, MRSA on references).
+* :mod:`.attention`: the training-time attention hooks (CLoRA's cross-attention recorder, MRSA on references);
+* :mod:`.flux`: the FLUX-architecture variant (``arch="flux"``): its networks, tokenizer, rectified-flow loss and
+  ``FluxPipeline`` folder, trained by this same loop (see below).
 
 Recipe: a fixed pool of procedurally drawn scenes, the VAE first (L1 + MSE + 1e-6 KL; 20 minutes: at 10 it confuses
 yellow/orange and red/orange, and the log reports the colour fidelity of its reconstructions), then the latents of
@@ -19,6 +21,13 @@ look-alike scenes (``look_alike_fraction``) and in-context references in the dec
 (``reference_fraction``). Training is resumable from ``DIR/checkpoint.pt`` and can start from a saved model
 (``init``); the result is a standard diffusers folder ``DIR/model`` (fp16 weights) that
 ``StableDiffusionPipeline.from_pretrained`` loads.
+
+``arch="flux"`` trains the FLUX-architecture variant (:mod:`.flux`) with the same loop, pool, checkpoints, EMA,
+learning-rate schedule and evaluations: the scenes are drawn at 128 px, the VAE and CLIP text encoder come from a
+saved toyworld model (the shipped one unless ``init`` names another; a flux folder given as ``init`` is fine-tuned
+whole), the VAE is kept (no VAE phase) and the pool's latents are normalised FLUX's way (``shift_factor`` and
+``scaling_factor``); a ``FluxTransformer2DModel`` and a T5 encoder are trained with the CLIP text encoder by rectified
+flow; the result is a ``FluxPipeline`` folder. The grounding loss and in-context references are UNet-only.
 """
 
 from __future__ import annotations
@@ -39,10 +48,28 @@ from ..loading import model_folder
 from .architecture import BETA_END, UNET_CHANNELS, build_models, noise_scheduler, save_pipeline
 from .attention import record_cross_attention, reference_attention
 from .data import ScenePool, atomic_save, sample_latents, swap_sides
+from .flux import (
+    FLUX_BLOCKS,
+    FLUX_HEAD_DIM,
+    FLUX_HEADS,
+    FLUX_IMAGE_SIZE,
+    CheckerView,
+    build_flux_models,
+    flow_loss,
+    flow_scheduler,
+    flow_shift,
+    flux_pipeline,
+    save_flux_pipeline,
+    t5_tokenizer,
+)
 from .losses import epsilon_loss, grounding_loss, grounding_terms, min_snr_weights, vae_loss
 from .tokenizer import MAX_TOKENS, toy_tokenizer
+from .world import IMAGE_SIZE
 
-__all__ = ["TrainConfig", "train", "cosine_factor"]
+__all__ = ["ARCHS", "TrainConfig", "train", "cosine_factor"]
+
+#: the architectures ``train`` builds: the UNet (Stable Diffusion-like) model and the FLUX-like variant
+ARCHS = ("sd", "flux")
 
 
 @dataclass
@@ -84,6 +111,11 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     eval_minutes: float = 20.0
     final_eval: bool = True
+    # "sd": the UNet model; "flux": the FLUX-architecture variant (flux.py), sized by the three fields below
+    arch: str = "sd"
+    flux_blocks: tuple[int, int] = FLUX_BLOCKS  # double-stream, single-stream blocks
+    flux_heads: int = FLUX_HEADS
+    flux_head_dim: int = FLUX_HEAD_DIM
 
 
 #: settings of runs saved before they existed (a resumed old checkpoint keeps the behaviour it was trained with)
@@ -113,17 +145,30 @@ def _ema(parameters, decay: float, updates: int):
 class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
+        self.flux = cfg.arch == "flux"
         self.tokenizer = toy_tokenizer()
-        self.vae, self.text_encoder, self.unet = build_models(self.tokenizer, cfg.seed, cfg.unet_channels)
-        self.scheduler = noise_scheduler(cfg.beta_end)
+        if self.flux:
+            self.tokenizer_2 = t5_tokenizer()
+            self.vae, self.text_encoder, self.text_encoder_2, self.denoiser = build_flux_models(
+                self.tokenizer, self.tokenizer_2, cfg.seed, tuple(cfg.flux_blocks), cfg.flux_heads, cfg.flux_head_dim)
+            self.scheduler = flow_scheduler()
+        else:
+            self.tokenizer_2 = self.text_encoder_2 = None
+            self.vae, self.text_encoder, self.denoiser = build_models(self.tokenizer, cfg.seed, cfg.unet_channels)
+            self.scheduler = noise_scheduler(cfg.beta_end)
+        # the denoiser's component name: its folder in the saved pipeline and its key in the checkpoint
+        self.name = "transformer" if self.flux else "unet"
+        self.image_size = FLUX_IMAGE_SIZE if self.flux else IMAGE_SIZE
         self.pool: ScenePool | None = None
-        self.phase = "pool"
+        self.phase = "pool"  # then "vae", then "unet" (the denoiser's phase, whatever the architecture)
         self.elapsed = 0.0
         self.step = 0
         self.vae_step = 0
-        self.ema = self.ema_unet = self.ema_text = None
+        self.ema = self.ema_denoiser = self.ema_text = self.ema_text_2 = None
         self.opt = self.vae_opt = None
         self.scaling = 1.0
+        self.shift = 0.0  # FLUX's VAE shift_factor (the latent mean), 0 for the UNet model
+        self.keep_scaling = False  # True when the latent normalisation comes with the starting folder
         self.history: list[dict] = []
         if cfg.init:
             self._load_init(model_folder(cfg.init))
@@ -131,16 +176,30 @@ class _Trainer:
     def _load_init(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        for name, module in (("vae", self.vae), ("text_encoder", self.text_encoder), ("unet", self.unet)):
+        modules = {"vae": self.vae, "text_encoder": self.text_encoder, self.name: self.denoiser}
+        if self.flux:
+            modules["text_encoder_2"] = self.text_encoder_2
+            if not (folder / "transformer").is_dir():  # a UNet model's folder: its VAE and CLIP text encoder only
+                del modules["transformer"], modules["text_encoder_2"]
+        for name, module in modules.items():
             files = sorted((folder / name).glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"--init {folder}: no {name}/*.safetensors (not a toyworld model folder)")
             try:
                 module.load_state_dict({k: v.float() for k, v in load_file(files[0]).items()})
             except RuntimeError as e:
-                raise ValueError(f"--init {folder}: its {name} is not the toyworld architecture with unet_channels="
-                                 f"{self.cfg.unet_channels} ({str(e).splitlines()[0]})") from None
-        self.scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+                shape = (f"flux_blocks={tuple(self.cfg.flux_blocks)}, flux_heads={self.cfg.flux_heads}, "
+                         f"flux_head_dim={self.cfg.flux_head_dim}" if self.flux
+                         else f"unet_channels={self.cfg.unet_channels}")
+                raise ValueError(f"--init {folder}: its {name} is not the toyworld architecture with {shape} "
+                                 f"({str(e).splitlines()[0]})") from None
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+        self.scaling = vae_config["scaling_factor"]
+        if self.flux and self.name not in modules:
+            self.log(f"initialised from {folder}: its VAE (kept) and CLIP text encoder; new T5 encoder and transformer")
+            return
+        self.shift = vae_config.get("shift_factor") or 0.0
+        self.keep_scaling = True
         self.log(f"initialised from {folder} (VAE kept, scaling factor {self.scaling:.3f})")
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -148,13 +207,13 @@ class _Trainer:
         cfg = self.cfg
         self.pool = ScenePool.load_or_build(self.out / "pool.pt", cfg.pool_size, cfg.seed, cfg.look_alike_fraction,
                                             need_masks=bool(cfg.grounding_weight or cfg.reference_fraction),
-                                            log=self.log)
+                                            log=self.log, image_size=self.image_size)
         if cfg.reference_fraction:
             self.pool.index_looks()
 
     def _latents(self, idx: torch.Tensor, flip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scaled latents of pool scenes ``idx`` sampled from their cached VAE posteriors, flipped where ``flip``."""
-        return sample_latents(self.lat_mean, self.lat_logvar, self.scaling, idx, flip, gen)
+        return sample_latents(self.lat_mean, self.lat_logvar, self.scaling, idx, flip, gen, self.shift)
 
     # -- VAE ---------------------------------------------------------------------------------------------------------
     def vae_loop(self) -> None:
@@ -191,17 +250,25 @@ class _Trainer:
         pool = self.pool
         self.vae.eval()
         means, logvars = [], []
-        for start in range(0, len(pool), 256):
-            post = self.vae.encode(pool.pixels(torch.arange(start, min(start + 256, len(pool))))).latent_dist
+        chunk = 256 if self.image_size == IMAGE_SIZE else 64  # 128 px scenes: smaller chunks (memory)
+        for start in range(0, len(pool), chunk):
+            post = self.vae.encode(pool.pixels(torch.arange(start, min(start + chunk, len(pool))))).latent_dist
             means.append(post.mean.half())
             logvars.append(post.logvar.half())
+            if self.flux and (start // chunk + 1) % 64 == 0:
+                self.log(f"pool encoded: {start + chunk}/{len(pool)} scenes")
         self.lat_mean, self.lat_logvar = torch.cat(means), torch.cat(logvars)
-        if not self.cfg.init:
+        if not self.keep_scaling:
+            if self.flux:  # FLUX's VAE normalisation: (z - shift_factor) * scaling_factor
+                self.shift = float(self.lat_mean.float().mean())
             self.scaling = float(1.0 / self.lat_mean.float().std())
         self.vae.register_to_config(scaling_factor=self.scaling)
+        if self.flux:
+            self.vae.register_to_config(shift_factor=self.shift)
         rec = self.vae.decode(self.lat_mean[:64].float()).sample
-        psnr = -10 * math.log10(F.mse_loss(rec, pool.pixels(torch.arange(64))).item() / 4)
-        self.log(f"vae done: pool encoded, scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB, "
+        psnr = -10 * math.log10(F.mse_loss(rec, pool.pixels(torch.arange(len(rec)))).item() / 4)
+        shift = f"shift factor {self.shift:.3f}, " if self.flux else ""
+        self.log(f"vae done: pool encoded, {shift}scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB, "
                  f"right colour on reconstructions {self._colour_fidelity(rec):.0%}")
         self.phase = "unet"
 
@@ -215,48 +282,61 @@ class _Trainer:
         pixels = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         hits = []
         for image, caption in zip(pixels, self.pool.captions):
+            image = Image.fromarray(image)
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):  # the checker is calibrated at 64 px
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
             try:
-                hits += [obj["colour"] for obj in score(Image.fromarray(image), caption)["objects"]]
+                hits += [obj["colour"] for obj in score(image, caption)["objects"]]
             except CaptionError:  # a look-alike scene's copies name no colour
                 continue
         return sum(hits) / max(1, len(hits))
 
-    # -- UNet + text encoder -------------------------------------------------------------------------------------
+    # -- denoiser + text encoders --------------------------------------------------------------------------------
     def _tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                               return_tensors="pt").input_ids
 
+    def _texts(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.flux else [])
+
     def _trained(self) -> list[torch.nn.Parameter]:
-        return list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        return [p for m in (self.denoiser, *self._texts()) for p in m.parameters()]
 
     def _start_ema(self, saved: dict | None = None) -> None:
-        """EMA copies of the UNet and text encoder (``saved``: their state dicts from a checkpoint) and the
+        """EMA copies of the denoiser and text encoder(s) (``saved``: their state dicts from a checkpoint) and the
         ``EMAModel`` that updates them, at the run's step."""
-        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        if self.flux:
+            self.ema_text_2 = copy.deepcopy(self.text_encoder_2).requires_grad_(False)
         if saved is not None:
-            self.ema_unet.load_state_dict(saved["ema_unet"])
+            self.ema_denoiser.load_state_dict(saved[f"ema_{self.name}"])
             self.ema_text.load_state_dict(saved["ema_text"])
+            if self.flux:
+                self.ema_text_2.load_state_dict(saved["ema_text_2"])
         self.ema = _ema(self._ema_parameters(), self.cfg.ema_decay, self.step)
 
     def _ema_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
+        emas = (self.ema_denoiser, self.ema_text) + ((self.ema_text_2,) if self.flux else ())
+        return [p for m in emas for p in m.parameters()]
 
     def _sync_ema(self) -> None:
-        """Write the EMA weights into ``ema_unet`` / ``ema_text`` (before they are evaluated or saved)."""
+        """Write the EMA weights into ``ema_denoiser`` / ``ema_text`` (before they are evaluated or saved)."""
         if self.ema is not None:
             self.ema.copy_to(self._ema_parameters())
 
     def unet_loop(self) -> None:
+        """The denoiser's phase (a UNet or, with ``arch="flux"``, a FLUX transformer) with the text encoder(s)."""
         cfg, pool = self.cfg, self.pool
         params = self._trained()
         if self.opt is None:
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
             self._start_ema()
-        self.unet.train()
-        self.text_encoder.train()
-        references = reference_attention(self.unet) if cfg.reference_fraction else None
-        recorder = record_cross_attention(self.unet) if cfg.grounding_weight else None
+        self.denoiser.train()
+        for module in self._texts():
+            module.train()
+        references = reference_attention(self.denoiser) if cfg.reference_fraction else None
+        recorder = record_cross_attention(self.denoiser) if cfg.grounding_weight else None
         try:
             self._unet_steps(cfg, pool, params, references, recorder)
         finally:
@@ -265,8 +345,14 @@ class _Trainer:
                     handle.remove()
 
     def _unet_steps(self, cfg: TrainConfig, pool: ScenePool, params, references, recorder) -> None:
-        alphas = self.scheduler.alphas_cumprod
-        weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
+        if self.flux:
+            live = flux_pipeline(self.vae, self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2,
+                                 self.denoiser)
+            # the sampler's shift at the native size: 128 px -> 32x32 latent -> 16x16 = 256 packed tokens
+            shift = flow_shift(self.scheduler, (self.image_size // 8) ** 2)
+        else:
+            alphas = self.scheduler.alphas_cumprod
+            weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
         gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
         budget = cfg.minutes * 60
         unet_start = cfg.vae_minutes * 60
@@ -284,33 +370,13 @@ class _Trainer:
             captions = [swap_sides(c) if f else c for c, f in zip(captions, flip)]
             drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            t = torch.randint(0, len(alphas), (cfg.batch,), generator=gen)
-            if refs is not None:  # references share their target's timestep (re-noised as at inference)
-                latents = torch.cat([latents, refs["latents"]])
-                t = torch.cat([t, t[refs["owner"]]])
-                captions += refs["captions"]
-                references.state.plan = refs
-            noise = torch.randn(latents.shape, generator=gen)
-            noisy = self.scheduler.add_noise(latents, noise, t)
-            context = self.text_encoder(self._tokens(captions))[0]
-            if recorder is not None:
-                recorder.state.maps = []
-            pred = self.unet(noisy, t, context).sample
-            if references is not None:
-                references.state.plan = None
-            loss = epsilon_loss(pred, noise, weights[t])
-            if recorder is not None:
-                masks = pool.masks[idx].float() / 255
-                masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
-                words = torch.where(drop[:, None, None], -1, pool.words[idx].long())
-                if refs is not None:  # captions that lost look words: their word positions moved
-                    words[(refs["slots"] >= 0).any(1)] = -1
-                inside, pixel = grounding_terms([m[: cfg.batch] for m in recorder.state.maps], masks, words)
-                recorder.state.maps = None
-                if inside.numel():  # every caption of the batch dropped: no word to ground
-                    loss = loss + cfg.grounding_weight * grounding_loss(inside, pixel)
-                    mean = inside.mean().item()
-                    smooth_inside = mean if smooth_inside is None else 0.98 * smooth_inside + 0.02 * mean
+            if self.flux:
+                loss = flow_loss(live, latents, captions, gen, shift)
+            else:
+                loss, inside = self._epsilon_step(cfg, pool, alphas, weights, idx, flip, drop, latents, captions,
+                                                  refs, references, recorder, gen)
+                if inside is not None:
+                    smooth_inside = inside if smooth_inside is None else 0.98 * smooth_inside + 0.02 * inside
             progress = min(1.0, (self.elapsed - unet_start) / max(1.0, budget - unet_start))
             lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) * cosine_factor(progress)
             for g in self.opt.param_groups:
@@ -334,13 +400,50 @@ class _Trainer:
                 self.quick_eval()
                 next_eval = self.elapsed + cfg.eval_minutes * 60
 
+    def _epsilon_step(self, cfg: TrainConfig, pool: ScenePool, alphas, weights, idx, flip, drop, latents, captions,
+                      refs, references, recorder, gen: torch.Generator):
+        """The UNet's loss on a batch: min-SNR-weighted epsilon prediction, with the in-context references' rows and
+        the grounding loss when they are on. Returns the loss and the mean of the grounding's inside term (or None)."""
+        t = torch.randint(0, len(alphas), (cfg.batch,), generator=gen)
+        if refs is not None:  # references share their target's timestep (re-noised as at inference)
+            latents = torch.cat([latents, refs["latents"]])
+            t = torch.cat([t, t[refs["owner"]]])
+            captions += refs["captions"]
+            references.state.plan = refs
+        noise = torch.randn(latents.shape, generator=gen)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        context = self.text_encoder(self._tokens(captions))[0]
+        if recorder is not None:
+            recorder.state.maps = []
+        pred = self.denoiser(noisy, t, context).sample
+        if references is not None:
+            references.state.plan = None
+        loss = epsilon_loss(pred, noise, weights[t])
+        mean = None
+        if recorder is not None:
+            masks = pool.masks[idx].float() / 255
+            masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
+            words = torch.where(drop[:, None, None], -1, pool.words[idx].long())
+            if refs is not None:  # captions that lost look words: their word positions moved
+                words[(refs["slots"] >= 0).any(1)] = -1
+            inside, pixel = grounding_terms([m[: cfg.batch] for m in recorder.state.maps], masks, words)
+            recorder.state.maps = None
+            if inside.numel():  # every caption of the batch dropped: no word to ground
+                loss = loss + cfg.grounding_weight * grounding_loss(inside, pixel)
+                mean = inside.mean().item()
+        return loss, mean
+
     def pipeline(self):
-        """A ``StableDiffusionPipeline`` of the EMA weights (for the quick evaluation)."""
+        """A pipeline of the EMA weights for the quick evaluation: a ``StableDiffusionPipeline``, or for the flux
+        variant a ``FluxPipeline`` seen through :class:`~.flux.CheckerView` (true CFG, 64 px images)."""
         from diffusers import StableDiffusionPipeline
 
         self._sync_ema()
+        if self.flux:
+            return CheckerView(flux_pipeline(self.vae, self.ema_text, self.tokenizer, self.ema_text_2, self.tokenizer_2,
+                                             self.ema_denoiser), self.image_size)
         pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.ema_text, tokenizer=self.tokenizer, unet=self.ema_unet,
+            vae=self.vae, text_encoder=self.ema_text, tokenizer=self.tokenizer, unet=self.ema_denoiser,
             scheduler=noise_scheduler(self.cfg.beta_end), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
@@ -355,8 +458,9 @@ class _Trainer:
         single = evaluate(self.pipeline(), captions["single"][::2], steps=20)
         two = evaluate(self.pipeline(), captions["two"][::4], steps=20)
         look = evaluate_look_alike(self.pipeline(), n=16, steps=20)
-        self.unet.train()
-        self.text_encoder.train()
+        self.denoiser.train()
+        for module in self._texts():
+            module.train()
         entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two,
                  "look_alike": look}
         self.history.append(entry)
@@ -365,6 +469,15 @@ class _Trainer:
                  f"colour {look['same']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
         return entry
 
+    def save(self, path: Path, info: dict) -> Path:
+        """The EMA weights as a diffusers folder: ``StableDiffusionPipeline`` or, for the flux variant, ``FluxPipeline``."""
+        self._sync_ema()
+        if self.flux:
+            return save_flux_pipeline(path, self.vae, self.ema_text, self.tokenizer, self.ema_text_2, self.tokenizer_2,
+                                      self.ema_denoiser, info)
+        return save_pipeline(path, self.vae, self.ema_text, self.tokenizer, self.ema_denoiser, info,
+                             beta_end=self.cfg.beta_end)
+
     # -- state ------------------------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         self._sync_ema()
@@ -372,12 +485,16 @@ class _Trainer:
             "config": asdict(self.cfg), "phase": self.phase, "elapsed": self.elapsed, "step": self.step,
             "vae_step": self.vae_step, "scaling": self.scaling, "history": self.history,
             "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict(),
-            "unet": self.unet.state_dict(),
+            self.name: self.denoiser.state_dict(),
             "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
             "opt": self.opt.state_dict() if self.opt else None,
-            "ema_unet": self.ema_unet.state_dict() if self.ema_unet else None,
+            f"ema_{self.name}": self.ema_denoiser.state_dict() if self.ema_denoiser else None,
             "ema_text": self.ema_text.state_dict() if self.ema_text else None,
         }
+        if self.flux:
+            state.update(shift=self.shift, keep_scaling=self.keep_scaling,
+                         text_encoder_2=self.text_encoder_2.state_dict(),
+                         ema_text_2=self.ema_text_2.state_dict() if self.ema_text_2 else None)
         if self.phase == "unet":
             state["latents"] = (self.lat_mean, self.lat_logvar)
         atomic_save(state, self.out / "checkpoint.pt")
@@ -388,7 +505,10 @@ class _Trainer:
         self.vae_step, self.scaling, self.history = state["vae_step"], state["scaling"], state.get("history", [])
         self.vae.load_state_dict(state["vae"])
         self.text_encoder.load_state_dict(state["text_encoder"])
-        self.unet.load_state_dict(state["unet"])
+        self.denoiser.load_state_dict(state[self.name])
+        if self.flux:
+            self.shift, self.keep_scaling = state["shift"], state["keep_scaling"]
+            self.text_encoder_2.load_state_dict(state["text_encoder_2"])
         if state["vae_opt"] is not None:
             self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr)
             self.vae_opt.load_state_dict(state["vae_opt"])
@@ -399,6 +519,8 @@ class _Trainer:
         if self.phase == "unet":
             self.lat_mean, self.lat_logvar = state["latents"]
             self.vae.register_to_config(scaling_factor=self.scaling)
+            if self.flux:
+                self.vae.register_to_config(shift_factor=self.shift)
             self.vae.eval()
 
 
@@ -412,12 +534,22 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     schedule; the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run
     from a saved model instead of from scratch: its VAE is kept (a VAE phase of 0 minutes: the pool is only encoded),
     the UNet and text encoder are fine-tuned.
+
+    ``arch="flux"`` trains the FLUX-architecture variant (:mod:`.flux`); its ``init`` (default ``"toyworld"``) is a
+    UNet model folder, whose VAE (kept) and CLIP text encoder it starts from, or a flux folder, fine-tuned whole (its
+    architecture is taken from it). A resumed run keeps its architecture: ``arch``, if given, must be the run's.
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
-    if overrides.get("init"):  # fine-tuning: the folder's architecture and schedule, no VAE phase
+    arch = overrides.pop("arch", None)
+    if arch is not None and arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)}")
+    if arch == "flux":
+        if not (resume and ckpt.exists()):
+            overrides = _flux_start(overrides)
+    elif overrides.get("init"):  # fine-tuning: the folder's architecture and schedule, no VAE phase
         init = model_folder(str(overrides["init"]))
         if not (init / "unet" / "config.json").is_file():
             raise FileNotFoundError(f"--init {init}: not a toyworld model folder (no unet/config.json)")
@@ -425,16 +557,22 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
         beta_end = json.loads((init / "scheduler" / "scheduler_config.json").read_text())["beta_end"]
         overrides = {"beta_end": beta_end, **overrides, "init": str(overrides["init"]), "vae_minutes": 0.0,
                      "unet_channels": channels}
-    cfg = TrainConfig(minutes=minutes, **overrides)
+    cfg = TrainConfig(minutes=minutes, **overrides, **({"arch": arch} if arch else {}))
+    _check_arch(cfg)
     if not resume and cfg.vae_minutes >= cfg.minutes:
         raise ValueError(f"the VAE's {cfg.vae_minutes} minutes must be fewer than the {cfg.minutes} in all "
                          f"(the UNet needs time too)")
     out.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     if state is not None:  # the run's own settings (architecture included) but the budget and explicit overrides
-        if "unet_channels" in overrides or "init" in overrides:
-            raise ValueError("a resumed run keeps its architecture and starting point (unet_channels, init)")
+        if _ARCHITECTURE & overrides.keys():
+            raise ValueError("a resumed run keeps its architecture and starting point (unet_channels, flux sizes, "
+                             "init)")
+        if arch is not None and arch != state["config"].get("arch", "sd"):
+            raise ValueError(f"{out} holds a training run of the {state['config'].get('arch', 'sd')} architecture, "
+                             f"not {arch}; a resumed run keeps its architecture")
         cfg = TrainConfig(**{**_OLDER_RUNS, **state["config"], **overrides, "minutes": minutes})
+        _check_arch(cfg)
     trainer = _Trainer(out, cfg, log)
     if state is not None:
         trainer.restore(state)
@@ -448,12 +586,40 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
         trainer.unet_loop()
     trainer.checkpoint()
     if trainer.phase != "unet" or trainer.step == 0:
-        log("stopped before the UNet phase; resume with a larger --minutes")
+        log(f"stopped before the {'transformer' if trainer.flux else 'UNet'} phase; resume with a larger --minutes")
         return out
     entry = trainer.quick_eval() if cfg.final_eval else None
     info = {"trained_minutes": round(trainer.elapsed / 60, 1), "steps": trainer.step, "vae_steps": trainer.vae_step,
             "config": asdict(cfg), "last_eval": entry}
-    path = save_pipeline(out / "model", trainer.vae, trainer.ema_text, trainer.tokenizer, trainer.ema_unet, info,
-                         beta_end=cfg.beta_end)
+    path = trainer.save(out / "model", info)
     log(f"saved {path}")
     return path
+
+
+#: settings that fix a run's networks and starting point (a resumed run keeps them)
+_ARCHITECTURE = frozenset({"unet_channels", "flux_blocks", "flux_heads", "flux_head_dim", "init"})
+
+
+def _check_arch(cfg: TrainConfig) -> None:
+    """Refuse the UNet-only options (the grounding loss and in-context references hook a UNet's attention) in a
+    flux run."""
+    if cfg.arch == "flux":
+        unet_only = [f"--{n}" for n, v in (("grounding", cfg.grounding_weight), ("references", cfg.reference_fraction))
+                     if v]
+        if unet_only:
+            raise ValueError(f"{' and '.join(unet_only)}: for the UNet (sd) architecture only, not --arch flux")
+
+
+def _flux_start(overrides: dict) -> dict:
+    """The settings of a new flux run: its starting folder (``init``, default the shipped model), no VAE phase (the
+    VAE is kept) and, from a flux folder, the folder's architecture."""
+    ref = str(overrides.get("init") or "toyworld")
+    init = model_folder(ref)
+    sizes = {}
+    if (init / "transformer" / "config.json").is_file():  # a flux model: fine-tuned whole, its architecture kept
+        c = json.loads((init / "transformer" / "config.json").read_text())
+        sizes = {"flux_blocks": (c["num_layers"], c["num_single_layers"]), "flux_heads": c["num_attention_heads"],
+                 "flux_head_dim": c["attention_head_dim"]}
+    elif not (init / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"--init {init}: not a toyworld model folder (no unet/ or transformer/config.json)")
+    return {**overrides, **sizes, "init": ref, "vae_minutes": 0.0}
