@@ -84,6 +84,24 @@ def test_the_methods_own_defaults_win_over_the_base_pipelines(tmp_path):
     assert plain.kwargs["num_inference_steps"] == 2  # the request's own value wins over everything
 
 
+def test_a_models_other_recommended_settings_reach_the_call():
+    """toyworld-flux recommends true CFG against an empty negative prompt and 32 text tokens: the call gets them,
+    and --guidance sets true_cfg_scale (the model has no guidance embedding for guidance_scale)."""
+    pipe = tiny("flux")
+    pipe.attnctrl_defaults = {"num_inference_steps": 25, "guidance_scale": 5.0, "true_cfg_scale": 5.0,
+                              "negative_prompt": "", "max_sequence_length": 32, "not_a_parameter": 1}
+    try:
+        plan = validate(Request(model="tiny-flux", prompts="a cat", guidance=3.0), check_output=False)
+        with Session(plan, pipe) as session:
+            assert session.kwargs == {"num_inference_steps": 25, "true_cfg_scale": 3.0, "negative_prompt": "",
+                                      "max_sequence_length": 32}
+        plan = validate(Request(model="tiny-flux", prompts="a cat", negative_prompt="blur"), check_output=False)
+        with Session(plan, pipe) as session:
+            assert session.kwargs["true_cfg_scale"] == 5.0 and session.kwargs["negative_prompt"] == "blur"
+    finally:
+        del pipe.attnctrl_defaults
+
+
 def test_generate_from_an_output_makes_it_again_byte_identical(tmp_path):
     runner = CliRunner()
     first = runner.invoke(cli, ["generate", "-m", "tiny-sd15", "--steps", "2", "--seed", "11", "-p", "a cat",

@@ -63,6 +63,10 @@ def load(plan: Plan):
                          attention_backend=r.attention_backend)
 
 
+#: call settings every surface sets itself (the rest of a model's recommended settings pass through)
+_STANDARD = ("num_inference_steps", "guidance_scale", "width", "height", "num_frames")
+
+
 def _call_defaults(pipe) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
@@ -156,9 +160,14 @@ class Session:
         defaults.update(own)  # the method's documented settings win over the model's and the base pipeline's
         self.steps = request.steps or defaults.get("num_inference_steps") or 50
         self.guidance = request.guidance if request.guidance is not None else defaults.get("guidance_scale")
-        kwargs = {"num_inference_steps": self.steps}
+        # the model's other recommended call settings (toyworld-flux: true_cfg_scale, negative_prompt "",
+        # max_sequence_length 32) where the pipeline called takes them; a model whose guidance is true CFG (no
+        # guidance embedding) is guided by true_cfg_scale, so --guidance sets that
+        target = self._callee(plan, pipe)
+        kwargs = {k: v for k, v in _recommended(pipe).items() if k not in _STANDARD and k in target}
+        kwargs["num_inference_steps"] = self.steps
         if self.guidance is not None:
-            kwargs["guidance_scale"] = self.guidance
+            kwargs["true_cfg_scale" if "true_cfg_scale" in kwargs else "guidance_scale"] = self.guidance
         if request.negative_prompt:
             kwargs["negative_prompt"] = request.negative_prompt
         for name in ("width", "height"):
@@ -185,6 +194,13 @@ class Session:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _callee(plan: Plan, pipe) -> set[str]:
+        """The keyword arguments the pipeline that will be called takes (the method's, else the base pipeline's)."""
+        if plan.entry is not None and plan.entry.pipeline is not None:
+            return set(inspect.signature(plan.entry.pipeline_class().__call__).parameters)
+        return set(inspect.signature(pipe.__call__).parameters)
 
     def __call__(self, seed: int) -> Result:
         plan = self.plan
