@@ -120,3 +120,20 @@ def test_generate_from_an_output_makes_it_again_byte_identical(tmp_path):
     other = runner.invoke(cli, ["generate", "--from", str(png), "--seed", "12", "-o", str(tmp_path / "c")])
     assert other.exit_code == 0, other.output
     assert read_png_metadata(next((tmp_path / "c").glob("*.png")))["attnctrl"]["seed"] == 12
+
+
+def test_a_model_that_is_not_there_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The model reference is an input: validation resolves it (loading nothing), so the web app keeps the model
+    it has loaded when a user types a name that does not exist."""
+    from attnctrl.core import ModelNotAvailableError
+    from attnctrl.ui.app import App, Settings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for bad in ("nobody/nothing", "tiny-sd99", str(tmp_path)):  # not cached; unknown tiny; a folder without a model
+        with pytest.raises(ModelNotAvailableError):
+            validate(Request(model=bad, prompts="a cat"), check_output=False)
+    app = App("tiny-sd15", str(tmp_path / "out"), "cpu", "fp32")
+    app._pipe, app._model_id, app._runtime = tiny("sd15"), "tiny-sd15", (None, None)
+    with pytest.raises(ModelNotAvailableError):
+        app.generate(Settings(prompt="a cat", model="nobody/nothing", steps=1))
+    assert app._model_id == "tiny-sd15" and app._pipe is tiny("sd15")

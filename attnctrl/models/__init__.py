@@ -4,6 +4,7 @@ from .loading import (
     DEFAULT_MODEL,
     OFFLOAD_MODES,
     check_attention_backend,
+    check_model,
     check_offload,
     enable_offload,
     load_pipeline,
@@ -17,7 +18,7 @@ from .loading import (
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = [
-    "DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "set_attention_backend",
+    "DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_model", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "set_attention_backend",
     "toyworld_path",
     "TINY_FAMILIES", "tiny_pipeline",
 ]

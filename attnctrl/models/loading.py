@@ -25,7 +25,7 @@ from ..core.errors import AttnCtrlError, ModelNotAvailableError
 from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
-__all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
+__all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_model", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
            "resolve_device", "recommended_settings", "set_attention_backend", "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
@@ -150,7 +150,11 @@ def recommended_settings(pipe) -> dict:
     return dict(getattr(pipe, "attnctrl_defaults", {}) or {})
 
 
-def _load(model: str, dtype):
+def check_model(model: str | None) -> str:
+    """What kind of reference ``model`` is (``toyworld``, ``tiny``, ``folder``, ``file`` or ``hub``), checked without
+    loading it: the same sentence :func:`load_pipeline` would fail with, before any work. A hub id is refused here
+    only when it is neither cached nor downloadable (``HF_HUB_OFFLINE``)."""
+    model = str(model or DEFAULT_MODEL).strip()
     if model == "toyworld":
         path = toyworld_path()
         if not (path / "model_index.json").is_file():
@@ -158,22 +162,56 @@ def _load(model: str, dtype):
                 f"the embedded toyworld model is missing from this installation ({path}); reinstall attnctrl or "
                 f"train one with `attnctrl train-toy -o DIR` and pass --model DIR/model"
             )
-        return _from_pretrained(str(path), dtype, local_only=True)
+        return "toyworld"
     if model.startswith("tiny-"):
-        family = model[len("tiny-"):]
-        if family not in TINY_FAMILIES:
+        if model[len("tiny-"):] not in TINY_FAMILIES:
             tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
             raise ModelNotAvailableError(f"unknown tiny model {model!r}; choose one of {tiny}")
-        return tiny_pipeline(family)
+        return "tiny"
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotAvailableError(f"folder {path} is not a diffusers pipeline (it has no model_index.json)")
+        return "folder"
+    if path.is_file():
+        return "file"
+    if not _HUB_ID.match(model):
+        raise ModelNotAvailableError(
+            f"model {model!r} is neither toyworld, a tiny model, an existing folder or file, nor a hub id like 'org/name'"
+        )
+    if _offline() and not pipeline_class_name(model):
+        raise _not_available(model, offline=True)
+    return "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _not_available(model: str, offline: bool) -> ModelNotAvailableError:
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
+    return ModelNotAvailableError(
+        f"model {model!r} is not available offline: it is not toyworld or a tiny model ({tiny}), not a local folder or "
+        f"file, and not in the Hugging Face cache under {hf_home}"
+        f"{'' if offline else ' (the hub could not be reached either)'}; download it where there is network "
+        f"(`hf download {model}`) or pass a local path"
+    )
+
+
+def _load(model: str, dtype):
+    kind = check_model(model)
+    if kind == "toyworld":
+        return _from_pretrained(str(toyworld_path()), dtype, local_only=True)
+    if kind == "tiny":
+        return tiny_pipeline(model[len("tiny-"):])
+    path = Path(model).expanduser()
+    if kind == "folder":
         try:
             return _from_pretrained(str(path), dtype, local_only=True)
         except Exception as e:
             raise ModelNotAvailableError(f"could not load the pipeline in {path}: {_first_line(e)}") from e
-    if path.is_file():
+    if kind == "file":
         try:
             return _from_single_file(path, dtype)
         except Exception as e:
@@ -181,27 +219,16 @@ def _load(model: str, dtype):
                 f"could not load checkpoint file {path} (a single file needs its base model's config in the Hugging "
                 f"Face cache, or convert it to a diffusers folder first): {_first_line(e)}"
             ) from e
-    if not _HUB_ID.match(model):
-        raise ModelNotAvailableError(
-            f"model {model!r} is neither toyworld, a tiny model, an existing folder or file, nor a hub id like 'org/name'"
-        )
     try:
         return _from_pretrained(model, dtype, local_only=True)
     except Exception as cached_error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        offline = _offline()
         if not offline:
             try:
                 return _from_pretrained(model, dtype, local_only=False)
             except Exception:
                 pass
-        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
-        raise ModelNotAvailableError(
-            f"model {model!r} is not available offline: it is not toyworld or a tiny model ({tiny}), not a local folder or "
-            f"file, and not in the Hugging Face cache under {hf_home}"
-            f"{'' if offline else ' (the hub could not be reached either)'}; download it where there is network "
-            f"(`hf download {model}`) or pass a local path"
-        ) from cached_error
+        raise _not_available(model, offline) from cached_error
 
 
 OFFLOAD_MODES = ("model", "sequential")

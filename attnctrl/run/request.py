@@ -184,6 +184,9 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     _number(r.num_frames, "frames", int, 1, 1000)
 
     check_runtime(r.device, r.dtype, r.offload, r.attention_backend)
+    from ..models import check_model
+
+    check_model(r.model)  # the model reference resolves (not loaded): a bad one fails before any work
     method = entry(r.method) if r.method is not None else None
     config = method_config(method.name, r.options) if method is not None else None
     if method is None and r.options:
