@@ -193,6 +193,11 @@ def test_flux_trainer_wiring_resume_and_saved_folder(tmp_path):
     sampler.set_timesteps(sigmas=[0.5], mu=0.5)
     shift = flow_shift(sampler, 256)
     assert shift == pytest.approx(np.exp(0.5)) and float(sampler.sigmas[0]) == pytest.approx(shift / (1 + shift))
+    # a flux folder as --init is fine-tuned whole: its architecture and latent normalisation are kept
+    tuned = train(tmp_path / "ft", minutes=0.01, arch="flux", init=str(out), pool_size=16, batch=2, **quiet)
+    config = json.loads((tuned / "attnctrl.json").read_text())["config"]
+    assert config["flux_blocks"] == [1, 1] and config["flux_head_dim"] == 16 and config["vae_minutes"] == 0
+    assert load_pipeline(str(tuned)).vae.config.shift_factor == pytest.approx(state["shift"])
 
     # the command line: --arch, and the UNet-only options refused before anything is written
     result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "g"), "--arch", "flux", "--grounding", "0.1"])

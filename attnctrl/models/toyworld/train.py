@@ -185,8 +185,12 @@ class _Trainer:
             files = sorted((folder / name).glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"--init {folder}: no {name}/*.safetensors (not a toyworld model folder)")
+            weights = {k: v.float() for k, v in load_file(files[0]).items()}
+            tied = getattr(module, "_tied_weights_keys", None)
+            if isinstance(tied, dict):  # transformers saves tied weights once (T5's embed_tokens = its shared table)
+                weights.update({k: weights[src] for k, src in tied.items() if k not in weights and src in weights})
             try:
-                module.load_state_dict({k: v.float() for k, v in load_file(files[0]).items()})
+                module.load_state_dict(weights)
             except RuntimeError as e:
                 shape = (f"flux_blocks={tuple(self.cfg.flux_blocks)}, flux_heads={self.cfg.flux_heads}, "
                          f"flux_head_dim={self.cfg.flux_head_dim}" if self.flux
