@@ -333,6 +333,32 @@ def test_reference_training_draws_same_look_references_and_drops_their_look_word
         "a small star on the left and a red square"
 
 
+def test_training_time_leaves_out_time_the_process_spent_stopped():
+    """A step during which the process was stopped and continued (SIGCONT) counts as long as the step before it."""
+    import os
+    import signal
+    import time
+
+    from attnctrl.models.toyworld.train import _continues_counted, _StepClock
+
+    if not hasattr(signal, "SIGCONT"):
+        pytest.skip("no SIGCONT on this platform")
+    clock = _StepClock()
+    before = signal.getsignal(signal.SIGCONT)
+    with _continues_counted(clock):
+        clock.start()
+        time.sleep(0.02)
+        first = clock.seconds()
+        clock.start()
+        os.kill(os.getpid(), signal.SIGCONT)  # as after a SIGSTOP; continuing a running process changes nothing else
+        time.sleep(0.3)
+        assert clock.seconds() == first < 0.3
+        clock.start()
+        time.sleep(0.05)
+        assert clock.seconds() >= 0.05  # later steps count by the clock again
+    assert signal.getsignal(signal.SIGCONT) == before
+
+
 def test_ema_is_diffusers_emamodel_with_the_decay_of_the_runs():
     """The trainer's EMA (diffusers' EMAModel) decays by min(0.999, (1 + n) / (10 + n)) at optimiser step n, as the
     hand-written EMA the shipped model was trained with, also when a run resumes at step n; and it updates as
