@@ -9,6 +9,10 @@ and pattern (also over the striped, dotted and hollow objects alone: a plain obj
 pattern), and of images with everything right; on 32 look-alike captions (2-3 objects, no look named:
 :func:`~attnctrl.models.toyworld.bench.evaluate_look_alike`), how often all are drawn in one colour. Then the time of one 25-step generation at the model's native
 size (best of 3), as a newcomer's first ``attnctrl generate`` runs it.
+
+A FLUX-variant folder (``attnctrl train-toy --arch flux``) is run as its ``attnctrl.json`` says (guidance as
+``true_cfg_scale`` against the empty prompt, 128 px, 32 text tokens) through
+:class:`~attnctrl.models.toyworld.flux.CheckerView`, its images box-filtered to the 64 px the checker reads.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def main() -> None:
 
     pipe = attnctrl.load_pipeline(a.model)
     pipe.set_progress_bar_config(disable=True)
+    if type(pipe).__name__ == "FluxPipeline":  # the flux variant: true CFG at 128 px, scored at 64 px
+        from attnctrl.models.toyworld.flux import CheckerView
+
+        pipe = CheckerView(pipe)
     print(f"toyworld benchmark: {a.model}, {a.steps} steps, guidance {a.guidance}, "
           f"{torch.get_num_threads()} CPU threads")
 
@@ -55,7 +63,7 @@ def main() -> None:
         pipe("a red circle on the left", num_inference_steps=25, guidance_scale=a.guidance,
              generator=torch.Generator().manual_seed(0))
         best = min(best, time.perf_counter() - started)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = pipe.size if hasattr(pipe, "size") else pipe.unet.config.sample_size * pipe.vae_scale_factor
     print(f"  one 25-step generation at {size}x{size}: {best:.2f} s (best of 3, incl. text encoding and decoding)")
 
 

@@ -194,6 +194,11 @@ def test_flux_trainer_wiring_resume_and_saved_folder(tmp_path):
     sampler.set_timesteps(sigmas=[0.5], mu=0.5)
     shift = flow_shift(sampler, 256)
     assert shift == pytest.approx(np.exp(0.5)) and float(sampler.sigmas[0]) == pytest.approx(shift / (1 + shift))
+    # a flux folder as --init is fine-tuned whole: its architecture and latent normalisation are kept
+    tuned = train(tmp_path / "ft", minutes=0.01, arch="flux", init=str(out), pool_size=16, batch=2, **quiet)
+    config = json.loads((tuned / "attnctrl.json").read_text())["config"]
+    assert config["flux_blocks"] == [1, 1] and config["flux_head_dim"] == 16 and config["vae_minutes"] == 0
+    assert load_pipeline(str(tuned)).vae.config.shift_factor == pytest.approx(state["shift"])
 
     # the command line: --arch, and the UNet-only options refused before anything is written
     result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "g"), "--arch", "flux", "--grounding", "0.1"])
@@ -327,6 +332,32 @@ def test_reference_training_draws_same_look_references_and_drops_their_look_word
     assert drawn > 20
     assert drop_looks("a small striped green star on the left and a red square", [2, 3, 4, 5]) == \
         "a small star on the left and a red square"
+
+
+def test_training_time_leaves_out_time_the_process_spent_stopped():
+    """A step during which the process was stopped and continued (SIGCONT) counts as long as the step before it."""
+    import os
+    import signal
+    import time
+
+    from attnctrl.models.toyworld.train import _continues_counted, _StepClock
+
+    if not hasattr(signal, "SIGCONT"):
+        pytest.skip("no SIGCONT on this platform")
+    clock = _StepClock()
+    before = signal.getsignal(signal.SIGCONT)
+    with _continues_counted(clock):
+        clock.start()
+        time.sleep(0.02)
+        first = clock.seconds()
+        clock.start()
+        os.kill(os.getpid(), signal.SIGCONT)  # as after a SIGSTOP; continuing a running process changes nothing else
+        time.sleep(0.3)
+        assert clock.seconds() == first < 0.3
+        clock.start()
+        time.sleep(0.05)
+        assert clock.seconds() >= 0.05  # later steps count by the clock again
+    assert signal.getsignal(signal.SIGCONT) == before
 
 
 def test_ema_is_diffusers_emamodel_with_the_decay_of_the_runs():

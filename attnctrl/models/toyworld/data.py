@@ -66,8 +66,7 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling: float, idx
     pool scene), flipped horizontally where ``flip``: ``(z - shift) * scaling`` (``shift``: FLUX's VAE
     ``shift_factor``; 0 for the UNet model)."""
     mean, logvar = mean[idx].float(), logvar[idx].float()
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-    latents = (z - shift if shift else z) * scaling
+    latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen) - shift) * scaling
     return torch.where(flip[:, None, None, None], latents.flip(-1), latents)
 
 

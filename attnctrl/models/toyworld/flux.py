@@ -209,13 +209,8 @@ def save_flux_pipeline(path: Path, vae, text_encoder, tokenizer, text_encoder_2,
                        info: dict | None = None) -> Path:
     """Save a standard diffusers ``FluxPipeline`` folder with fp16 weights and ``attnctrl.json``
     (:data:`FLUX_RECOMMENDED`). ``vae.config`` must hold the run's ``shift_factor`` and ``scaling_factor``."""
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline(
-        scheduler=flow_scheduler(), vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(),
-        tokenizer=tokenizer, text_encoder_2=copy.deepcopy(text_encoder_2).half(), tokenizer_2=tokenizer_2,
-        transformer=copy.deepcopy(transformer).half(),
-    )
+    half = [copy.deepcopy(m).half() for m in (vae, text_encoder, text_encoder_2, transformer)]
+    pipe = flux_pipeline(half[0], half[1], tokenizer, half[2], tokenizer_2, half[3])
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     (path / "attnctrl.json").write_text(json.dumps({"recommended": FLUX_RECOMMENDED, **(info or {})}, indent=2) + "\n")

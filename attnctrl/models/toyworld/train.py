@@ -32,10 +32,13 @@ flow; the result is a ``FluxPipeline`` folder. The grounding loss and in-context
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -142,9 +145,55 @@ def _ema(parameters, decay: float, updates: int):
     return ema
 
 
+class _StepClock:
+    """Seconds of training steps by the wall clock, without the time the process spent stopped (SIGSTOP, Ctrl-Z, a
+    scheduler pausing it for other work): a step during which the process was continued (SIGCONT, counted by
+    :func:`_continues_counted`) counts as long as the step before it. Without this a run paused mid-step for an hour
+    counted that hour as training time (its budget and learning-rate schedule ran on while it was stopped)."""
+
+    def __init__(self):
+        self.continued = self.seen = 0
+        self.last: float | None = None
+        self.t0 = 0.0
+
+    def start(self) -> float:
+        self.t0 = time.perf_counter()
+        self.seen = self.continued
+        return self.t0
+
+    def seconds(self) -> float:
+        """Seconds since :meth:`start` (the previous step's if the process was stopped and continued meanwhile)."""
+        took = time.perf_counter() - self.t0
+        if self.continued != self.seen and self.last is not None:
+            took = self.last
+        self.last = took
+        return took
+
+
+@contextlib.contextmanager
+def _continues_counted(clock: _StepClock):
+    """While the block runs, each SIGCONT the process receives is counted on ``clock`` (the previous handler is
+    restored afterwards). Off the main thread, or without SIGCONT (Windows), a no-op."""
+    if not hasattr(signal, "SIGCONT") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        clock.continued += 1
+        if callable(previous):
+            previous(signum, frame)
+
+    previous = signal.signal(signal.SIGCONT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCONT, previous if previous is not None else signal.SIG_DFL)
+
+
 class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
+        self.clock = _StepClock()
         self.flux = cfg.arch == "flux"
         self.tokenizer = toy_tokenizer()
         if self.flux:
@@ -185,8 +234,12 @@ class _Trainer:
             files = sorted((folder / name).glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"--init {folder}: no {name}/*.safetensors (not a toyworld model folder)")
+            weights = {k: v.float() for k, v in load_file(files[0]).items()}
+            tied = getattr(module, "_tied_weights_keys", None)
+            if isinstance(tied, dict):  # transformers saves tied weights once (T5's embed_tokens = its shared table)
+                weights.update({k: weights[src] for k, src in tied.items() if k not in weights and src in weights})
             try:
-                module.load_state_dict({k: v.float() for k, v in load_file(files[0]).items()})
+                module.load_state_dict(weights)
             except RuntimeError as e:
                 shape = (f"flux_blocks={tuple(self.cfg.flux_blocks)}, flux_heads={self.cfg.flux_heads}, "
                          f"flux_head_dim={self.cfg.flux_head_dim}" if self.flux
@@ -224,7 +277,7 @@ class _Trainer:
         gen = torch.Generator().manual_seed(cfg.seed + self.vae_step)
         total = cfg.vae_minutes * 60
         while self.elapsed < total:
-            t0 = time.perf_counter()
+            self.clock.start()
             x = pool.pixels(torch.randint(0, len(pool), (cfg.vae_batch,), generator=gen))
             post = self.vae.encode(x).latent_dist
             rec = self.vae.decode(post.sample(generator=gen)).sample
@@ -237,7 +290,7 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
             self.vae_opt.step()
             self.vae_step += 1
-            self.elapsed += time.perf_counter() - t0
+            self.elapsed += self.clock.seconds()
             if self.vae_step % 50 == 0:
                 psnr = -10 * math.log10(F.mse_loss(rec, x).item() / 4)
                 self.log(f"vae step {self.vae_step}: loss {loss.item():.4f}, PSNR {psnr:.1f} dB, "
@@ -360,7 +413,7 @@ class _Trainer:
         next_eval = self.elapsed + cfg.eval_minutes * 60
         smooth = smooth_inside = None
         while self.elapsed < budget:
-            t0 = time.perf_counter()
+            t0 = self.clock.start()
             idx = torch.randint(0, len(pool), (cfg.batch,), generator=gen)
             flip = torch.rand(cfg.batch, generator=gen) < 0.5
             latents = self._latents(idx, flip, gen)
@@ -387,7 +440,7 @@ class _Trainer:
             self.opt.step()
             self.step += 1
             self.ema.step(params)
-            self.elapsed += time.perf_counter() - t0
+            self.elapsed += self.clock.seconds()
             smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
             if self.step % 50 == 0:
                 grounded = f", word attention inside its object {smooth_inside:.2f}" if recorder is not None else ""
@@ -528,8 +581,8 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
           log: Callable[[str], None] = print, **overrides) -> Path:
     """Train (or resume training) into ``out_dir``; returns the path of the saved diffusers folder ``out_dir/model``.
 
-    ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints and
-    the periodic evaluations are not counted); resuming with a larger value continues the same run. On resume the run
+    ``minutes`` is the training-time budget across resumes (building and encoding the scene pool, checkpoints, the
+    periodic evaluations and time the process spends stopped are not counted); resuming with a larger value continues the same run. On resume the run
     keeps its own settings except those passed in ``overrides`` (e.g. ``beta_end``, to fine-tune onto another noise
     schedule; the architecture cannot change). ``init=FOLDER`` (or ``"toyworld"``, the shipped model) starts a new run
     from a saved model instead of from scratch: its VAE is kept (a VAE phase of 0 minutes: the pool is only encoded),
@@ -580,10 +633,11 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     trainer.build_pool()
     if trainer.phase == "pool":
         trainer.phase = "vae"
-    if trainer.phase == "vae":
-        trainer.vae_loop()
-    if trainer.phase == "unet":
-        trainer.unet_loop()
+    with _continues_counted(trainer.clock):
+        if trainer.phase == "vae":
+            trainer.vae_loop()
+        if trainer.phase == "unet":
+            trainer.unet_loop()
     trainer.checkpoint()
     if trainer.phase != "unet" or trainer.step == 0:
         log(f"stopped before the {'transformer' if trainer.flux else 'UNet'} phase; resume with a larger --minutes")
