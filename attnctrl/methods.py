@@ -227,8 +227,8 @@ BUILTIN: tuple[MethodEntry, ...] = (
         CLEAR, "CLEAR local attention", "Convolution-like local window attention for FLUX: linear cost.",
         speedup=True, controls=(Control("radius", "CLEAR radius (tokens)", 1, 64, 1),),
         command="attnctrl.distill.command:command",
-        examples=({"model": "tiny-flux", "prompt": "a photo of a cat", "steps": 2,
-                   "options": {"radius": 3, "backend": "tiled"}},),
+        examples=({"model": "toyworld-flux", "prompt": "a red circle on the left and a blue square on the right",
+                   "options": {"radius": 8}},),
     ),
     MethodEntry(
         FreeCustom, "FreeCustom", "One reference image per concept, composed by multi-reference self-attention.",

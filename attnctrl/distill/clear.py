@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..core.controller import apply
 from ..core.errors import AttnCtrlError, UnsupportedModelError
+from ..models import recommended_settings
 from ..processors.clear import CLEAR, clear_weight_keys
 
 __all__ = ["distill_clear", "read_caption_folder", "DEFAULT_PROMPTS"]
@@ -96,13 +97,17 @@ def distill_clear(
     batch: int = 1,
     grad_accum: int = 1,
     resolution: int | None = None,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     guidance: float = 3.5,
     backend: str = "auto",
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Distil CLEAR weights for ``pipe`` (a ``FluxPipeline``) and save them to ``out`` (``.safetensors``)."""
+    """Distil CLEAR weights for ``pipe`` (a ``FluxPipeline``) and save them to ``out`` (``.safetensors``).
+
+    ``resolution`` and ``max_sequence_length`` default to the model's recommended settings (``attnctrl.json``, e.g.
+    toyworld-flux's 128 px and 32 tokens), else FLUX's own (its default size, 512 tokens); teacher images are made
+    with the model's recommended call (toyworld-flux: 25 steps, true CFG against the empty prompt)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from safetensors.torch import save_file
 
@@ -113,7 +118,10 @@ def distill_clear(
     config = CLEAR(radius=radius, down_factor=down_factor, backend=backend)  # validates the arguments
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     gen = torch.Generator("cpu").manual_seed(seed)
-    size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    recommended = recommended_settings(pipe)
+    size = resolution or recommended.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
+    max_sequence_length = max_sequence_length or recommended.get("max_sequence_length", 512)
+    teacher_call = {k: recommended[k] for k in ("true_cfg_scale", "negative_prompt") if k in recommended}
     quantum = pipe.vae_scale_factor * 2 * down_factor
     if size % quantum:
         raise AttnCtrlError(f"resolution {size} must be a multiple of {quantum} px for down_factor {down_factor}")
@@ -125,8 +133,9 @@ def distill_clear(
         log(f"generating {generate} teacher images at {size}x{size}")
         for i in range(generate):
             caption = prompts[i % len(prompts)]
-            image = pipe(caption, height=size, width=size, num_inference_steps=20, guidance_scale=guidance,
-                         max_sequence_length=max_sequence_length,
+            image = pipe(caption, height=size, width=size, guidance_scale=guidance,
+                         num_inference_steps=recommended.get("num_inference_steps", 20),
+                         max_sequence_length=max_sequence_length, **teacher_call,
                          generator=torch.Generator("cpu").manual_seed(seed + i)).images[0]
             items.append((caption, image))
     if not items:

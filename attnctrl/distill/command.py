@@ -8,7 +8,7 @@ import click
 
 
 @click.command("clear", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("-m", "--model", required=True, help="A FLUX pipeline: local folder, cached hub id or tiny-flux.")
+@click.option("-m", "--model", required=True, help="A FLUX pipeline: toyworld-flux, tiny-flux, a local folder or a cached hub id.")
 @click.option("--radius", type=click.FloatRange(1), required=True, help="Disc radius in image tokens.")
 @click.option("--down-factor", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--data", type=click.Path(file_okay=False), help="Folder of images with same-name .txt captions.")
@@ -18,8 +18,10 @@ import click
 @click.option("--lr", type=float, default=1e-5, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--resolution", type=click.IntRange(16), default=None, help="Training resolution in px.")
-@click.option("--max-sequence-length", type=click.IntRange(1, 512), default=512, show_default=True)
+@click.option("--resolution", type=click.IntRange(16), default=None,
+              help="Training resolution in px [default: the model's recommended size, else its default size].")
+@click.option("--max-sequence-length", type=click.IntRange(1, 512), default=None,
+              help="T5 tokens [default: the model's recommended value, else 512].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)

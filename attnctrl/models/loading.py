@@ -2,7 +2,8 @@
 
 Accepted references, tried in this order:
 
-1. ``toyworld``: the embedded model trained on procedural shapes (``attnctrl/assets/models/toyworld``);
+1. an embedded model trained here on procedural shapes (:data:`EMBEDDED_MODELS`: ``toyworld``, a UNet, and
+   ``toyworld-flux``, a FLUX-architecture transformer; ``attnctrl/assets/models/<name>``);
    ``tiny-<family>`` (``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-cogvideox``): built in code;
 2. a local diffusers folder (with ``model_index.json``);
 3. a single checkpoint file (``.safetensors`` / ``.ckpt``) of SD 1.x/2.x or SDXL (its config must be in the cache);
@@ -26,7 +27,8 @@ from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_model", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
-           "resolve_device", "recommended_settings", "set_attention_backend", "toyworld_path"]
+           "resolve_device", "recommended_settings", "set_attention_backend", "EMBEDDED_MODELS", "embedded_path",
+           "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
 DEFAULT_MODEL = "toyworld"
@@ -102,14 +104,26 @@ def _from_single_file(path: Path, dtype):
         return cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
 
 
+#: The models shipped inside the package (``attnctrl/assets/models/<name>``), with the command that trains one.
+EMBEDDED_MODELS = {
+    "toyworld": "attnctrl train-toy -o DIR",
+    "toyworld-flux": "attnctrl train-toy --arch flux -o DIR",
+}
+
+
+def embedded_path(name: str) -> Path:
+    """Folder of the embedded model ``name`` (inside the installed package)."""
+    return Path(str(resources.files("attnctrl").joinpath(f"assets/models/{name}")))
+
+
 def toyworld_path() -> Path:
     """Folder of the embedded toyworld model (inside the installed package)."""
-    return Path(str(resources.files("attnctrl").joinpath("assets/models/toyworld")))
+    return embedded_path("toyworld")
 
 
 def model_folder(model: str) -> Path:
-    """The local folder a model reference names: the embedded toyworld model for ``"toyworld"``, else the path."""
-    return toyworld_path() if model == "toyworld" else Path(model).expanduser()
+    """The local folder a model reference names: the embedded model's for an embedded name, else the path."""
+    return embedded_path(model) if model in EMBEDDED_MODELS else Path(model).expanduser()
 
 
 def pipeline_class_name(model: str | None) -> str:
@@ -151,18 +165,18 @@ def recommended_settings(pipe) -> dict:
 
 
 def check_model(model: str | None) -> str:
-    """What kind of reference ``model`` is (``toyworld``, ``tiny``, ``folder``, ``file`` or ``hub``), checked without
+    """What kind of reference ``model`` is (``embedded``, ``tiny``, ``folder``, ``file`` or ``hub``), checked without
     loading it: the same sentence :func:`load_pipeline` would fail with, before any work. A hub id is refused here
     only when it is neither cached nor downloadable (``HF_HUB_OFFLINE``)."""
     model = str(model or DEFAULT_MODEL).strip()
-    if model == "toyworld":
-        path = toyworld_path()
+    if model in EMBEDDED_MODELS:
+        path = embedded_path(model)
         if not (path / "model_index.json").is_file():
             raise ModelNotAvailableError(
-                f"the embedded toyworld model is missing from this installation ({path}); reinstall attnctrl or "
-                f"train one with `attnctrl train-toy -o DIR` and pass --model DIR/model"
+                f"the embedded {model} model is missing from this installation ({path}); reinstall attnctrl or "
+                f"train one with `{EMBEDDED_MODELS[model]}` and pass --model DIR/model"
             )
-        return "toyworld"
+        return "embedded"
     if model.startswith("tiny-"):
         if model[len("tiny-"):] not in TINY_FAMILIES:
             tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
@@ -177,7 +191,7 @@ def check_model(model: str | None) -> str:
         return "file"
     if not _HUB_ID.match(model):
         raise ModelNotAvailableError(
-            f"model {model!r} is neither toyworld, a tiny model, an existing folder or file, nor a hub id like 'org/name'"
+            f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a tiny model, an existing folder or file, nor a hub id like 'org/name'"
         )
     if _offline() and not pipeline_class_name(model):
         raise _not_available(model, offline=True)
@@ -192,7 +206,7 @@ def _not_available(model: str, offline: bool) -> ModelNotAvailableError:
     hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     tiny = ", ".join("tiny-" + f for f in TINY_FAMILIES)
     return ModelNotAvailableError(
-        f"model {model!r} is not available offline: it is not toyworld or a tiny model ({tiny}), not a local folder or "
+        f"model {model!r} is not available offline: it is not an embedded ({', '.join(EMBEDDED_MODELS)}) or tiny model ({tiny}), not a local folder or "
         f"file, and not in the Hugging Face cache under {hf_home}"
         f"{'' if offline else ' (the hub could not be reached either)'}; download it where there is network "
         f"(`hf download {model}`) or pass a local path"
@@ -201,8 +215,8 @@ def _not_available(model: str, offline: bool) -> ModelNotAvailableError:
 
 def _load(model: str, dtype):
     kind = check_model(model)
-    if kind == "toyworld":
-        return _from_pretrained(str(toyworld_path()), dtype, local_only=True)
+    if kind == "embedded":
+        return _from_pretrained(str(embedded_path(model)), dtype, local_only=True)
     if kind == "tiny":
         return tiny_pipeline(model[len("tiny-"):])
     path = Path(model).expanduser()

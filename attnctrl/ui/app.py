@@ -26,14 +26,15 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import AttnCtrlError
-from ..models.loading import DEFAULT_MODEL
+from ..models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
+from ..models.tiny import TINY_FAMILIES
 
 __all__ = ["Settings", "Result", "App", "build_app", "launch", "MODEL_CHOICES", "editor_inputs", "default_options"]
 
 logger = logging.getLogger("attnctrl.ui")
 
 #: Models offered in the model box (any local folder or cached hub id can be typed in too).
-MODEL_CHOICES = ["toyworld", "tiny-sd15", "tiny-sd21", "tiny-sdxl", "tiny-flux", "tiny-cogvideox"]
+MODEL_CHOICES = [*EMBEDDED_MODELS, *(f"tiny-{family}" for family in TINY_FAMILIES)]
 SLOTS = 3  # reference / subject / LoRA slots per tab
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
