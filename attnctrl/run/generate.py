@@ -150,7 +150,8 @@ class Session:
         self.handles: list = []
         self.pipeline = None
         request = plan.request
-        defaults = {**_call_defaults(pipe), **_recommended(pipe)}
+        recommended = _recommended(pipe)
+        defaults = {**_call_defaults(pipe), **recommended}
         self.video = "num_frames" in defaults or (plan.entry is not None and plan.entry.video)
         if request.num_frames is not None and not self.video:
             raise AttnCtrlError(f"frames are for video models; {type(pipe).__name__} makes images")
@@ -164,7 +165,7 @@ class Session:
         # max_sequence_length 32) where the pipeline called takes them; a model whose guidance is true CFG (no
         # guidance embedding) is guided by true_cfg_scale, so --guidance sets that
         target = self._callee(plan, pipe)
-        kwargs = {k: v for k, v in _recommended(pipe).items() if k not in _STANDARD and k in target}
+        kwargs = {k: v for k, v in recommended.items() if k not in _STANDARD and k in target}
         kwargs["num_inference_steps"] = self.steps
         if self.guidance is not None:
             kwargs["true_cfg_scale" if "true_cfg_scale" in kwargs else "guidance_scale"] = self.guidance
