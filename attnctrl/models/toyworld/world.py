@@ -61,6 +61,7 @@ class Obj:
     cy: float = 32.0
     size_word: str | None = None
     look_said: bool = True  # False: the caption names the shape only (a look-alike scene's copies)
+    pattern_shift: tuple[float, float] = (0.0, 0.0)  # moves the stripes / dots with the object (motion.py's clips)
 
 
 @dataclass
@@ -220,6 +221,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE, noise: float = 3.0, scale: int 
         else:
             mask = _shape_mask(obj.shape, cx, cy, side, box, scale)
             yy, xx = np.mgrid[by0:by1, bx0:bx1].astype(np.float32) / (scale * k)  # in 64-px units
+            xx, yy = xx - obj.pattern_shift[0], yy - obj.pattern_shift[1]
             if obj.pattern == "striped":
                 dark = ((xx + yy) % 6.0) < 2.6
             elif obj.pattern == "dotted":
