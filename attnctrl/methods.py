@@ -169,7 +169,8 @@ def words_in(prompt: str, words, label: str) -> None:
 
 def _check_maps(config, prompts, inputs) -> None:
     if not config.words:
-        raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give them, e.g. --opt words=cat,hat")
+        raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give the words (its option "
+                            "words), e.g. cat, hat")
     words_in(prompts[0], config.words, "the heat-map word")
 
 
