@@ -24,6 +24,7 @@ from pathlib import Path
 from .core.errors import AttnCtrlError
 
 __all__ = ["LoraBranch", "Composition", "InputKind", "KINDS", "kind", "split_spec", "check_text", "check_lora_file",
+           "check_image", "not_an_image", "IMAGE_TYPES",
            "parse_reference", "parse_subject", "parse_lora", "parse_composition"]
 
 
@@ -65,6 +66,7 @@ class Composition:
 # -- text ------------------------------------------------------------------------------------------------------------
 _PART = re.compile(r"(?:[A-Za-z]:[\\/])?[^:]*")  # one colon-separated part; a Windows drive's colon is kept
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_TYPES = "png, jpg, webp, bmp, gif, tiff"  # what the image inputs read, for messages
 
 
 def split_spec(spec: str, parts: int) -> list[str]:
@@ -107,36 +109,47 @@ def _file(path, label: str, base: Path | None = None) -> str:
     return str(p)
 
 
-def _image_size(path: str, label: str) -> tuple[int, int]:
-    """``(width, height)`` of an image file, decoded whole (a text file named ``.png`` or a truncated file is an
-    error now, not after the model has loaded)."""
-    from PIL import Image
+def not_an_image(label: str, name: str) -> AttnCtrlError:
+    """The error for a file that is not an image at all (the app's uploads say it in these words too)."""
+    return AttnCtrlError(f"{label}: {name} is not an image ({IMAGE_TYPES})")
 
+
+def check_image(path: str, label: str, name: str | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image file, decoded whole (a text file named ``.png`` or a truncated file is an
+    error now, not after the model has loaded); ``name`` is how the message shows the file (default: its path)."""
+    from PIL import Image, UnidentifiedImageError
+
+    shown = name or path
     try:
         with Image.open(path) as im:
             im.load()
             return im.size
+    except UnidentifiedImageError:
+        raise not_an_image(label, shown) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise AttnCtrlError(f"{label}: {path} is not an image that can be read ({str(e).splitlines()[0]})") from None
+        raise AttnCtrlError(f"{label}: {shown} is not an image that can be read ({str(e).splitlines()[0]})") from None
+
 
 
 def _mask_pixels(path: str, label: str):
     """The mask file decoded (as :func:`attnctrl.core.masks.load_mask` reads it), not empty."""
     from .core.masks import load_mask
 
-    _image_size(path, label)
+    check_image(path, label)
     mask = load_mask(path)
     if not bool((mask > 0.5).any()):
         raise AttnCtrlError(f"{label}: the mask {path} is empty (all black); white marks the region")
     return mask
 
 
-def check_lora_file(path: str, label: str) -> None:
+def check_lora_file(path: str, label: str, name: str | None = None) -> None:
     """A LoRA file attnctrl can read: safetensors (or a PyTorch ``.bin``/``.pt`` state dict) holding LoRA weights
     (``lora_A``/``lora_B``, ``lora_down``/``lora_up``, ...), all finite. Whether its keys and shapes fit the model is
-    checked when it is loaded, before any generation."""
+    checked when it is loaded, before any generation. ``name`` is how the messages show the file (default: its
+    path)."""
     import torch
 
+    shown = name or path
     try:
         if path.lower().endswith((".bin", ".pt", ".pth", ".ckpt")):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,14 +160,14 @@ def check_lora_file(path: str, label: str) -> None:
             tensors = load_file(path)
     except Exception as e:  # safetensors and torch raise their own types for files that are not theirs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AttnCtrlError(f"{label}: {path} is not a LoRA file (safetensors or a PyTorch state dict): {first}") \
+        raise AttnCtrlError(f"{label}: {shown} is not a LoRA file (safetensors or a PyTorch state dict): {first}") \
             from None
     keys = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and "lora" in k.lower()]
     if not keys:
-        raise AttnCtrlError(f"{label}: {path} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
+        raise AttnCtrlError(f"{label}: {shown} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
     bad = next((k for k in keys if not torch.isfinite(tensors[k]).all()), None)
     if bad is not None:
-        raise AttnCtrlError(f"{label}: {path} has weights that are not finite (NaN or infinity, e.g. {bad}); the "
+        raise AttnCtrlError(f"{label}: {shown} has weights that are not finite (NaN or infinity, e.g. {bad}); the "
                             f"file is damaged or was trained into NaN")
 
 
@@ -320,8 +333,15 @@ def _composition(value: dict, index: int, base) -> Composition:
     comp = Composition(_file(value["background"], "composition: background", base),
                        _file(value["object"], "composition: object", base), box,
                        _file(value["mask"], "composition: mask", base) if value.get("mask") else None)
-    _image_size(comp.background, "composition: background")
-    size = _image_size(comp.object, "composition: object")
+    bw, bh = check_image(comp.background, "composition: background")
+    x, y, w, h = box
+    edges = [edge for edge, off in (("left", x < 0), ("top", y < 0), ("right", x + w > bw), ("bottom", y + h > bh))
+             if off]
+    if edges:
+        raise AttnCtrlError(f"composition: the box {x:g},{y:g},{w:g},{h:g} (x, y, width, height) goes past the "
+                            f"{' and '.join(edges)} edge of the {bw}x{bh} background, so the object would be cut off; "
+                            f"move the box or make it smaller so that it lies on the background")
+    size = check_image(comp.object, "composition: object")
     if comp.mask is not None:
         mask = _mask_pixels(comp.mask, "composition: mask")
         if (mask.shape[1], mask.shape[0]) != size:

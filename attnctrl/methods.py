@@ -40,13 +40,18 @@ logger = logging.getLogger("attnctrl")
 
 @dataclass(frozen=True)
 class Control:
-    """An option the web app shows as a widget on the method's tab (the others are in its JSON box)."""
+    """An option the web app shows as a widget on the method's tab (the others are in its JSON box).
+
+    ``label`` says what it is in plain words, with the paper's symbol in brackets where the paper has one
+    ("Reference strength [w]"); ``info`` is one line, in plain words, on what changing it does (shown under the
+    widget). Neither needs the paper."""
 
     option: str
     label: str
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
+    info: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ def words_in(prompt: str, words, label: str) -> None:
 
 def _check_maps(config, prompts, inputs) -> None:
     if not config.words:
-        raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give them, e.g. --opt words=cat,hat")
+        raise AttnCtrlError("attention-maps makes heat maps of words of the prompt: give the words (its option "
+                            "words), e.g. cat, hat")
     words_in(prompts[0], config.words, "the heat-map word")
 
 
@@ -204,6 +210,9 @@ def _check_ditctrl(config, prompts, inputs) -> None:
         words_in(prompt, [word], f"prompt {i + 1}: the subject word")
 
 
+_REFERENCE_STRENGTH = ("how closely the picture copies the painted part of each reference: higher copies more; "
+                       "one number, or one per reference")
+
 _EXAMPLE_REF = {"image": "striped-red-circle.png", "mask": "striped-red-circle-mask.png",
                 "prompt": "a striped red circle in the middle and a yellow circle on the right"}
 _EXAMPLE_SQUARE = {"image": "striped-green-square.png", "mask": "striped-green-square-mask.png",
@@ -212,20 +221,28 @@ _EXAMPLE_SQUARE = {"image": "striped-green-square.png", "mask": "striped-green-s
 BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry(
         AttentionMaps, "Attention maps", "Heat maps of where each named word went (DAAM-style cross-attention).",
-        controls=(Control("words", "Heat maps of words (comma-separated)"),), check=_check_maps,
+        controls=(Control("words", "Heat maps of words (comma-separated)",
+                          info="words of the prompt to show where each one went in the picture"),),
+        check=_check_maps,
         examples=({"prompt": "a red circle on the left and a blue square on the right",
                    "options": {"words": ["circle", "square"]}},),
     ),
     MethodEntry(
         AgentAttention, "Agent attention", "Token merging + agent tokens in self-attention: faster, training-free.",
-        speedup=True, controls=(Control("ratio", "Token merging ratio", 0, 0.9, 0.05),
-                                Control("agent_ratio", "Agent ratio", 0.05, 1, 0.05)),
+        speedup=True, controls=(Control("ratio", "Share of tokens merged [r]", 0, 0.9, 0.05,
+                                        info="similar image tokens are merged before attention: more is faster "
+                                        "but loses detail; 0 turns it off"),
+                                Control("agent_ratio", "Share merged into agent tokens (early steps)", 0.05, 1, 0.05,
+                                        info="in the early steps most tokens are merged into a few stand-ins that "
+                                        "carry the attention: more is faster")),
         examples=({"model": "tiny-sd15", "prompt": "a photo of a cat", "steps": 2,
                    "options": {"ratio": 0.4, "switch_step": 1}},),
     ),
     MethodEntry(
         CLEAR, "CLEAR local attention", "Convolution-like local window attention for FLUX: linear cost.",
-        speedup=True, controls=(Control("radius", "CLEAR radius (tokens)", 1, 64, 1),),
+        speedup=True, controls=(Control("radius", "Attention window radius in tokens [r]", 1, 64, 1,
+                                        info="each image token looks only at tokens this close (a token is 16 "
+                                        "pixels): smaller is faster, larger keeps more of the whole picture"),),
         command="attnctrl.distill.command:command",
         examples=({"model": "toyworld-flux", "prompt": "a red circle on the left and a blue square on the right",
                    "options": {"radius": 8}},),
@@ -234,7 +251,7 @@ BUILTIN: tuple[MethodEntry, ...] = (
         FreeCustom, "FreeCustom", "One reference image per concept, composed by multi-reference self-attention.",
         inputs=("references",), pipeline="attnctrl.pipelines:FreeCustomPipeline", call=_with_references,
         mask_names=lambda config, inputs: [r.name for r in inputs["references"]], check=_check_freecustom,
-        controls=(Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),),
+        controls=(Control("mask_weights", "Reference strength [w]", 0, 6, 0.1, info=_REFERENCE_STRENGTH),),
         examples=({"prompt": "a circle in the middle", "references": [_EXAMPLE_REF],
                    "options": {"mask_weights": 2.0}},),
     ),
@@ -244,9 +261,12 @@ BUILTIN: tuple[MethodEntry, ...] = (
         inputs=("references",), pipeline="attnctrl.pipelines:MagicFacePipeline", call=_with_references,
         mask_names=lambda config, inputs: list(config.ref_words or [r.name for r in inputs["references"]]),
         check=_check_magicface,
-        controls=(Control("ref_words", "Word of each reference in the prompt (comma-separated)"),
-                  Control("mask_weights", "Mask weight (w)", 0, 6, 0.1),
-                  Control("inject_step", "Switch to region blending after (fraction of steps)", 0, 1, 0.05)),
+        controls=(Control("ref_words", "Word of each reference in the prompt (comma-separated)",
+                          info="for each reference, in order, the word of the prompt it stands for"),
+                  Control("mask_weights", "Reference strength [w]", 0, 6, 0.1, info=_REFERENCE_STRENGTH),
+                  Control("inject_step", "Share of steps that copy the references", 0, 1, 0.05,
+                          info="the first steps copy the references' looks, the rest blend each region; more "
+                          "copies more closely")),
         examples=({"prompt": "a square on the left and a circle on the right",
                    "references": [_EXAMPLE_SQUARE, _EXAMPLE_REF],
                    "options": {"ref_words": ["square", "circle"], "mask_weights": 2.0}},),
@@ -255,7 +275,9 @@ BUILTIN: tuple[MethodEntry, ...] = (
         IRDiffusion, "IR-Diffusion", "Consistent subjects: isolation and reposition attention.",
         inputs=("subjects",), pipeline="attnctrl.pipelines:IRDiffusionPipeline", call=_with_subjects,
         mask_names=lambda config, inputs: [s.word for s in inputs["subjects"]], check=_check_irdiffusion,
-        controls=(Control("mutual_lambda", "Mutual attention weight (lambda)", 0, 1, 0.05),),
+        controls=(Control("mutual_lambda", "Subject consistency [λ]", 0, 1, 0.05,
+                          info="inside each subject's region, how much it follows its reference's prompt: higher "
+                          "keeps it closer to its reference; 0 turns it off"),),
         examples=({"prompt": "a star on the left and a square on the right", "subjects": [
             {"word": "star", "reference": {"image": "striped-green-star.png", "mask": "striped-green-star-mask.png",
                                            "prompt": "a striped green star on the left"},
@@ -266,8 +288,12 @@ BUILTIN: tuple[MethodEntry, ...] = (
         CLoRA, "CLoRA", "Several LoRAs, one concept each, by contrastive attention steering and masked fusion.",
         inputs=("loras",), pipeline="attnctrl.pipelines:CLoRAPipeline", call=_clora, prepare=_clora_prepare,
         mask_names=lambda config, inputs: [b.words for b in inputs["loras"]], check=_check_clora,
-        controls=(Control("step_size", "Latent update step size", 0, 50, 1),
-                  Control("mask_threshold", "Mask threshold", 0, 1, 0.05)),
+        controls=(Control("step_size", "Steering strength [η]", 0, 50, 1,
+                          info="how hard the first steps push each LoRA's words to their own part of the picture, "
+                          "apart from the other LoRAs'; 0 turns it off"),
+                  Control("mask_threshold", "Region threshold [α]", 0, 1, 0.05,
+                          info="a pixel goes to a LoRA where its words' attention is above this share of their "
+                          "strongest: higher gives smaller regions")),
         examples=({"prompt": "a square on the left and a star on the right", "loras": [
             {"path": "toyworld-sks-lora.safetensors", "words": "sks square",
              "prompt": "a sks square on the left and a star on the right"},
@@ -280,8 +306,9 @@ BUILTIN: tuple[MethodEntry, ...] = (
         "background blending.",
         inputs=("composition",), pipeline="attnctrl.pipelines:PrimeComposerPipeline", call=_primecomposer,
         check=_check_primecomposer, defaults={"num_inference_steps": 20, "guidance_scale": None},
-        controls=(Control("domain", "Domain (same: object and background alike; cross: a photo object into a "
-                                    "painting, sketch or cartoon)"),),
+        controls=(Control("domain", "Background style",
+                          info="same: object and background look alike (a photo into a photo); cross: a photo "
+                          "object into a painting, sketch or cartoon"),),
         examples=({"model": "tiny-sd21", "steps": 3,
                    "prompt": "a yellow triangle on the left and a hollow pink circle on the right",
                    "composition": {"background": "composition-background.png", "object": "hollow-pink-circle.png",
@@ -293,7 +320,8 @@ BUILTIN: tuple[MethodEntry, ...] = (
         "attention, latent blending.",
         pipeline="attnctrl.pipelines:DiTCtrlPipeline", call=_ditctrl, video=True, prompts="many",
         check=_check_ditctrl, defaults={"guidance_scale": 6.0},
-        controls=(Control("num_transition_blocks", "Transition segments between prompts", 0, 4, 1),),
+        controls=(Control("num_transition_blocks", "Transition segments between prompts", 0, 4, 1,
+                          info="extra video segments that blend one prompt's scene into the next; 0: none"),),
         examples=({"model": "tiny-cogvideox", "prompt": ["a cat walks", "a dog runs"], "num_frames": 9, "steps": 3,
                    "options": {"overlap": 1, "num_transition_blocks": 1, "kv_steps": [1, 2]}},),
     ),

@@ -3,6 +3,8 @@ traceback or a silently wrong output."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from attnctrl.pipelines.primecomposer import composition_geometry
 from attnctrl.processors.freecustom import FreeCustom
 from attnctrl.processors.magicface import MagicFace
 from attnctrl.run.jobs import JobFileError, load_jobs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 
 @pytest.fixture
@@ -104,6 +108,44 @@ def test_primecomposer_boxes_are_in_background_pixels(files):
                                            (100, 50, 150, 100), 128, 128)
     ys, xs = torch.nonzero(loc, as_tuple=True)
     assert (int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1) == (64, 96, 64, 128)
+
+
+def test_a_box_partly_off_the_background_is_refused_in_words_of_every_surface(files):
+    """A box reaching past the background cut the object off; the one validation refuses it, naming the box (not
+    a command-line flag: the app shows the same message)."""
+    from attnctrl.run import Request, validate
+
+    def plan(box):
+        comp = {"background": str(files / "wide.png"), "object": str(files / "star.png"),
+                "mask": str(files / "mask.png"), "box": box}
+        return validate(Request("a star", model="tiny-sd15", method="primecomposer", inputs={"composition": [comp]}),
+                        check_output=False)
+
+    assert plan([150, 50, 50, 50]).inputs["composition"][0].box == (150, 50, 50, 50)  # up to the edges is fine
+    for box, edge in (([160, 50, 50, 50], "right"), ([-5, 0, 20, 20], "left"), ([0, 90, 20, 20], "bottom"),
+                      ([10, -1, 20, 20], "top")):
+        with pytest.raises(AttnCtrlError, match=f"the box .* goes past the {edge} edge of the 200x100 background, so "
+                                                f"the object would be cut off") as e:
+            plan(box)
+        assert "--" not in str(e.value)
+
+
+def test_shared_validation_names_inputs_not_command_line_flags(tmp_path):
+    """The run layer's messages reach the app and job files too: they name the input; the CLI adds its flag."""
+    from attnctrl.run import Request, validate
+
+    ref = {"image": str(EXAMPLES / "striped-red-circle.png"), "prompt": "a circle"}
+    cases = [(dict(method="freecustom"), "freecustom needs references: give at least one"),
+             (dict(method="attention-maps", options={"words": ["cat"]}, inputs={"references": [ref]}),
+              "attention-maps takes no references"),
+             (dict(method="attention-maps"), "give the words")]
+    for kw, message in cases:
+        with pytest.raises(AttnCtrlError, match=message) as e:
+            validate(Request("a cat", model="tiny-sd15", **kw), check_output=False)
+        assert "--" not in str(e.value)
+    result = CliRunner().invoke(cli, ["generate", "-m", "tiny-sd15", "-p", "a cat", "--method", "freecustom", "-o",
+                                      str(tmp_path)])
+    assert "freecustom needs references: give at least one (--ref IMAGE[:MASK][:PROMPT])" in result.output
 
 
 def test_cli_output_folder_and_prompt_errors_come_before_any_work(files):

@@ -157,6 +157,130 @@ def test_every_tab_and_example_comes_from_the_registry(app):
                 assert len(row) == 4 + len(tab.flat())  # model, prompt, steps, frames + the tab's widgets
 
 
+# -- the page's wiring (built, not launched; no model loads) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from attnctrl.ui.tabs import build
+
+    return build(App(MODEL, tmp_path_factory.mktemp("page")))
+
+
+def events(demo) -> dict:
+    """The page's functions by name (several ``upload`` checks: a list)."""
+    out: dict = {}
+    for fn in demo.fns.values():
+        out.setdefault(fn.name, []).append(fn)
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+def tab_widgets(fns, key) -> list:
+    """The widgets a tab's Generate reads besides the common settings and speed-ups (those of the plain tab)."""
+    return fns[f"generate_{key}"].inputs[len(fns["generate_plain"].inputs):]
+
+
+def test_every_example_fills_every_widget_of_its_tab(page):
+    """Clicking an example sets every widget of the tab, an empty slot to None (gradio's Examples left out a
+    column that was empty in every example, and the page got fewer values than it expected)."""
+    from attnctrl.methods import entries
+
+    fns = events(page)
+    common = fns["generate_plain"].inputs
+    filled = [common[COMMON.index(k)] for k in ("model", "prompt", "steps", "num_frames")]
+    loaded = 0
+    for e in entries():
+        if e.speedup or not e.examples:
+            continue
+        load = fns[f"load_example_{e.name}"]
+        assert [c._id for c in load.outputs] == [c._id for c in filled + tab_widgets(fns, e.name)]
+        for i, _ in enumerate(e.examples):
+            values = load.fn(i)
+            assert len(values) == len(load.outputs), e.name
+            loaded += 1
+    assert loaded == sum(len(e.examples) for e in entries() if not e.speedup)
+    clora = fns["load_example_clora"]
+    files = [v for c, v in zip(clora.outputs, clora.fn(0)) if isinstance(c, gr.File)]
+    assert files[0]["orig_name"] == "toyworld-sks-lora.safetensors" and files[2] is None  # the empty third slot
+
+
+def test_out_of_range_numbers_name_their_field(page):
+    checked = 0
+    for block in page.blocks.values():
+        if not isinstance(block, (gr.Number, gr.Slider)):
+            continue
+        for value, bound in ((block.minimum, -1), (block.maximum, 1)):
+            if value is None:
+                continue
+            with pytest.raises(gr.Error) as e:
+                block.preprocess(value + bound)
+            assert str(block.label) in str(e.value), str(e.value)  # not "Value -1 is less than minimum value 0."
+            checked += 1
+    assert checked >= 10  # the batch count and the methods' sliders
+    fns = events(page)
+    run = fns["generate_plain"].fn
+    n_speed = len(fns["generate_plain"].inputs) - len(COMMON)
+    values = [getattr(settings(seed=-5), k) for k in COMMON] + [None] * n_speed
+    assert page.blocks[fns["generate_plain"].inputs[COMMON.index("seed")]._id].preprocess(-5) == -5
+    with pytest.raises(gr.Error, match="Seed must be at least 0, got -5"):
+        run(*values, None)
+
+
+def test_a_wrong_file_in_a_slot_is_refused_on_upload(page, tmp_path):
+    """A file is checked as soon as it is uploaded, by the input module's own check, in a message naming the slot;
+    a file the image editor refuses in the browser is reported by the page's script to the same message."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    fns = events(page)
+    checks = {fn.inputs[0]._id: fn.fn for fn in fns["upload"]}
+    for key in ("freecustom", "magicface", "irdiffusion", "clora", "primecomposer"):
+        uploads = [c for c in tab_widgets(fns, key) if isinstance(c, (gr.ImageEditor, gr.Image, gr.File))]
+        assert uploads and all(c._id in checks for c in uploads), key
+    refs = [c for c in tab_widgets(fns, "freecustom") if isinstance(c, gr.ImageEditor)]
+    lora = next(c for c in tab_widgets(fns, "clora") if isinstance(c, gr.File))
+    background = next(c for c in tab_widgets(fns, "primecomposer") if isinstance(c, gr.Image))
+    text = {"path": str(notes), "orig_name": "notes.txt"}
+    with pytest.raises(gr.Error, match=r"Reference 1: notes.txt is not an image \(png, jpg, webp"):
+        checks[refs[0]._id]({"background": text, "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="LoRA 1: notes.txt is not a LoRA file"):
+        checks[lora._id](text)
+    with pytest.raises(gr.Error, match="Background: notes.txt is not an image"):
+        checks[background._id](text)
+    good = {"path": str(EXAMPLES / "striped-green-star.png"), "orig_name": "star.png"}
+    checks[refs[1]._id]({"background": good, "layers": [], "composite": None})  # a good file: no message
+    checks[refs[1]._id]({"background": None, "layers": [], "composite": None})
+    checks[lora._id]({"path": str(EXAMPLES / "toyworld-sks-lora.safetensors")})
+    with pytest.raises(gr.Error, match="Reference 2: notes.txt is not an image"):
+        fns["refused"].fn(json.dumps({"slot": refs[1].elem_id, "name": "notes.txt"}))
+    fns["refused"].fn(json.dumps({"slot": "no-such-slot", "name": "notes.txt"}))  # nothing to say
+
+
+def test_every_control_has_plain_words_and_the_page_shows_them(page):
+    """Each registry control: a label in plain words (the paper's symbol in brackets) and a one-line explanation,
+    both on the page."""
+    from attnctrl.methods import BUILTIN
+
+    shown = {(b.label, b.info) for b in page.blocks.values() if isinstance(b, gr.components.Component)
+             and getattr(b, "info", None)}
+    for e in BUILTIN:
+        for c in e.controls:
+            assert c.label and c.info and "\n" not in c.info and len(c.info) <= 160, (e.name, c.option)
+            assert c.label != c.option and "(lambda)" not in c.label and "(w)" not in c.label, c.label
+            assert (c.label, c.info) in shown, (e.name, c.option)
+
+
+def test_the_api_names_every_parameter_after_its_field(page):
+    info = page.get_api_info()["named_endpoints"]
+    from attnctrl.methods import entries
+
+    for key in ["plain"] + [e.name for e in entries() if not e.speedup]:
+        names = [p["parameter_name"] for p in info[f"/generate_{key}"]["parameters"]]
+        assert names[:len(COMMON)] == COMMON and len(set(names)) == len(names), key
+        assert not [n for n in names if n.startswith("param_")], (key, names)
+        assert "speedup_agent_ratio" in names and "progress" not in names
+    assert "mask_weights" in [p["parameter_name"] for p in info["/generate_freecustom"]["parameters"]]
+    assert "reference_1_image" in [p["parameter_name"] for p in info["/generate_freecustom"]["parameters"]]
+    assert "lora_3_file" in [p["parameter_name"] for p in info["/generate_clora"]["parameters"]]
+
+
 # -- generation -----------------------------------------------------------------------------------------------------
 def test_generate_gallery_seeds_metadata_and_maps(app):
     s = settings(seed=7, count=2)
@@ -213,21 +337,22 @@ def test_a_failed_model_load_never_leaves_a_stale_model_name(app, monkeypatch):
 
 
 def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeypatch):
-    from attnctrl.methods import Control, entry
+    from attnctrl.methods import entry
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     maps = Tab("attention-maps", "Attention maps", entry("attention-maps"), [("words", [object()])], more=object())
-    assert entry("attention-maps").controls == (Control("words", "Heat maps of words (comma-separated)"),)
+    assert [(c.option, c.label) for c in entry("attention-maps").controls] == [
+        ("words", "Heat maps of words (comma-separated)")]
     run = _handler(app, maps, ())
     values = [getattr(settings(model="no-such-org/no-such-model"), k) for k in COMMON] + ["circle", ""]
     with pytest.raises(gr.Error, match="no-such-org/no-such-model"):
-        run(None, *values)
+        run(*values, None)
     values = [getattr(settings(prompt="   "), k) for k in COMMON] + ["circle", ""]
     with pytest.raises(gr.Error, match="write a prompt first"):
-        run(None, *values)
+        run(*values, None)
     values = [getattr(settings(), k) for k in COMMON] + ["elephant", ""]
     with pytest.raises(gr.Error, match="elephant"):
-        run(None, *values)
+        run(*values, None)
 
     def boom():
         raise RuntimeError("kaput")
@@ -235,7 +360,7 @@ def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeyp
     with pytest.raises(gr.Error, match="internal error .RuntimeError: kaput"):
         _user_errors(boom)
     values = [getattr(settings(), k) for k in COMMON] + ["circle", ""]
-    gallery, *_rest, seed = run(None, *values)  # after all that, a good request still works
+    gallery, *_rest, seed = run(*values, None)  # after all that, a good request still works
     assert len(gallery) == 1 and seed == 0
 
 
@@ -326,6 +451,67 @@ def test_page_end_to_end(tmp_path):
             server.kill()
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs").rglob("*.png"))  # the outputs went where -o said
+
+
+DROP = """([selector, name]) => {
+  const target = document.querySelector(selector).querySelector('div') || document.querySelector(selector);
+  const dt = new DataTransfer();
+  dt.items.add(new File(['some notes'], name, {type: 'text/plain'}));
+  for (const type of ['dragenter', 'dragover', 'drop']) {
+    target.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+  }
+}"""
+
+
+def test_page_refuses_wrong_files_at_once_and_examples_fill_every_slot(tmp_path):
+    """In the browser: a text file dropped on a reference, picked for a LoRA or for the background is refused at
+    once with the slot's name; the CLoRA example loads (its third LoRA slot empty); the API names its parameters."""
+    chromium = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from gradio_client import Client
+
+    notes, fake = tmp_path / "notes.txt", tmp_path / "fake.png"
+    notes.write_text("some notes")
+    fake.write_text("not a picture")
+    port = _free_port()
+    server = _serve(port, tmp_path / "outputs", tmp_path / "server.log")
+    try:
+        api = Client(f"http://127.0.0.1:{port}/", verbose=False).view_api(return_format="dict", print_info=False)
+        names = [p["parameter_name"] for p in api["named_endpoints"]["/generate_freecustom"]["parameters"]]
+        assert names[:4] == ["model", "prompt", "negative_prompt", "seed"] and "mask_weights" in names
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 3000, "height": 1300})  # every tab in view
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+            page.locator("#prompt textarea").wait_for(timeout=60_000)
+            page.get_by_role("tab", name="FreeCustom").click()
+            page.locator("#upload-freecustom-reference_1_image").wait_for(timeout=30_000)
+            page.evaluate(DROP, ["#upload-freecustom-reference_1_image", "notes.txt"])
+            page.get_by_text("Reference 1: notes.txt is not an image (png, jpg, webp").first.wait_for(timeout=30_000)
+            page.get_by_role("tab", name="PrimeComposer").click()
+            page.locator("#upload-primecomposer-background input[type=file]").set_input_files(str(fake))
+            page.get_by_text("Background: fake.png is not an image").first.wait_for(timeout=30_000)
+            page.get_by_role("tab", name="CLoRA").click()
+            page.locator("#upload-clora-lora_1_file input[type=file]").set_input_files(str(notes))
+            page.get_by_text("LoRA 1: notes.txt is not a LoRA file").first.wait_for(timeout=30_000)
+            page.locator("tr").filter(has_text="a sks square on the left").locator("visible=true").first.click()
+            page.wait_for_function("() => document.querySelector('#upload-clora-lora_2_file').innerText"
+                                   ".includes('toyworld-zwx-lora')", timeout=30_000)
+            assert "toyworld-sks-lora" in page.locator("#upload-clora-lora_1_file").inner_text()
+            assert "safetensors" not in page.locator("#upload-clora-lora_3_file").inner_text()
+            assert page.get_by_text("didn't return enough output values").count() == 0
+            page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
+            if os.environ.get("ATTNCTRL_SCREENSHOT_REFUSED"):
+                page.screenshot(path=os.environ["ATTNCTRL_SCREENSHOT_REFUSED"], full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 def test_widgets_never_shown_send_none_and_mean_the_defaults():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from .options import MethodCommand, given_inputs, method_inputs, method_options
+from .options import MethodCommand, given_inputs, input_flags, method_inputs, method_options
 
 OFFLOAD_HELP = ("model: keep the model on the CPU and move each module to the GPU while it runs (for checkpoints "
                 "larger than the GPU's memory); sequential: layer by layer (least memory, slowest).")
@@ -180,6 +180,7 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
               help="An option of the method (repeat for several), e.g. --opt mask_weights=3,2.")
 @method_inputs
 @user_errors
+@input_flags
 def generate(model, prompts, from_file, negative_prompt, seed, steps, guidance, width, height, num_images, num_frames,
              output, device, dtype, offload, attention_backend, no_metadata, gif, method, opts, **inputs) -> None:
     """Generate images (or videos) with an optional attention method; writes PNGs with metadata."""

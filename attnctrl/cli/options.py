@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import MISSING, fields
 
 import click
 
 from ..core.errors import AttnCtrlError
 
-__all__ = ["MethodCommand", "method_inputs", "given_inputs", "method_options", "method_help"]
+__all__ = ["MethodCommand", "method_inputs", "given_inputs", "method_options", "method_help", "input_flags"]
 
 
 def _kinds():
@@ -35,6 +36,22 @@ def _takers(key: str) -> list[str]:
     from ..methods import entries
 
     return [e.name for e in entries() if key in e.inputs]
+
+
+def input_flags(fn):
+    """Decorator: an error about a method's input (the run layer names the input in words) also names its flag."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..core.errors import InputError
+
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            kind = _kinds()[e.input]
+            raise AttnCtrlError(f"{e} ({kind.flag} {kind.metavar})") from None
+
+    return wrapper
 
 
 def given_inputs(values: dict) -> dict:

@@ -18,6 +18,7 @@ __all__ = [
     "ModelNotAvailableError",
     "TokenLookupError",
     "NotAPluginError",
+    "InputError",
 ]
 
 
@@ -43,3 +44,13 @@ class TokenLookupError(AttnCtrlError):
 
 class NotAPluginError(AttnCtrlError, TypeError):
     """A config that ``attnctrl.apply`` cannot install: the method runs in its own pipeline (the message names it)."""
+
+
+class InputError(AttnCtrlError):
+    """An input a method needs is missing, or one it does not take was given. ``input`` is the input kind's key
+    (``"references"``, ...): the message names the input in words, and a surface may add its own control for it
+    (the command line its flag)."""
+
+    def __init__(self, message: str, input: str):
+        super().__init__(message)
+        self.input = input

@@ -214,7 +214,8 @@ class CLoRA(Method):
     max_iter_to_alter: int = field(default=25, metadata={"help": "clora: steps with latent updates"})
     iterative_steps: tuple[int, ...] = field(default=(0, 10, 20), metadata={"help": "clora: refinement steps"})
     iterative_steps_steps: int = field(default=20, metadata={"help": "clora: extra updates per refinement step"})
-    temperature: float = field(default=0.5, metadata={"help": "clora: NT-Xent temperature"})
+    temperature: float = field(default=0.5, metadata={"help": "clora: temperature of the steering's contrastive "
+                                                                  "(NT-Xent) loss; lower is stricter"})
     mask_threshold: float = field(default=0.3, metadata={"help": "clora: fusion mask threshold alpha"})
     apply_mask_after: int = field(default=0, metadata={"help": "clora: first step with fusion masks"})
     mask_erode: bool = field(default=False, metadata={"help": "clora: 3x3 erosion of the fusion masks"})

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ..core.controller import Method
-from ..core.errors import AttnCtrlError
+from ..core.errors import AttnCtrlError, InputError
 from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
@@ -198,8 +198,7 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     wanted = set(method.inputs) if method is not None else set()
     stray = [k for k in given if k not in wanted]
     if stray:
-        raise AttnCtrlError(f"{KINDS[stray[0]].flag} ({stray[0]}) is not an input of "
-                            f"{method.name if method else 'plain generation'}")
+        raise InputError(f"{method.name if method else 'plain generation'} takes no {stray[0]}", stray[0])
     inputs = {}
     for key in sorted(wanted):
         kind = KINDS[key]
@@ -207,7 +206,7 @@ def validate(request: Request, check_output: bool = True) -> Plan:
         if not isinstance(values, (list, tuple)):
             values = [values]
         if not values:
-            raise AttnCtrlError(f"{method.name} needs {key}: {kind.flag} {kind.metavar}")
+            raise InputError(f"{method.name} needs {key}: give {'one' if kind.single else 'at least one'}", key)
         if kind.single and len(values) != 1:
             raise AttnCtrlError(f"{method.name} takes one {key}, got {len(values)}")
         inputs[key] = [kind.read(v, i, r.base) for i, v in enumerate(values)]

@@ -18,15 +18,41 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import AttnCtrlError
+from ..inputs import check_image, check_lora_file
 from .app import SLOTS, App, _as_image, _number
 
-__all__ = ["KindWidgets", "KIND_WIDGETS", "option_widget", "option_value", "example_editor"]
+__all__ = ["KindWidgets", "KIND_WIDGETS", "option_widget", "option_value", "example_editor", "slider",
+           "IMAGE_UPLOAD", "upload_check"]
+
+#: the class of the blocks that take an image (the page's script reports a file they refuse, see tabs.py)
+IMAGE_UPLOAD = "attnctrl-image-upload"
+
+
+def slider(*args, **kwargs) -> gr.Slider:
+    """A ``gr.Slider`` whose out-of-range value (typed in its box, or sent through the API) is an error naming it;
+    gradio's own says only "Value 9 is greater than maximum value 8.". (The check is put on the instance: a
+    subclass of a gradio component makes gradio write a ``.pyi`` stub beside this module on import.)"""
+    widget = gr.Slider(*args, **kwargs)
+    plain = widget.preprocess
+
+    def preprocess(payload):
+        if isinstance(payload, (int, float)):
+            name = widget.label or "the value"
+            if widget.minimum is not None and payload < widget.minimum:
+                raise gr.Error(f"{name} must be at least {widget.minimum:g}, got {payload:g}", print_exception=False)
+            if widget.maximum is not None and payload > widget.maximum:
+                raise gr.Error(f"{name} must be at most {widget.maximum:g}, got {payload:g}", print_exception=False)
+        return plain(payload)
+
+    widget.preprocess = preprocess
+    return widget
 
 
 def _editor(label: str, **kw):
     return gr.ImageEditor(label=label, type="pil", format="png", image_mode="RGBA", sources=("upload", "clipboard"),
                           brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"), height=260,
-                          layers=gr.LayerOptions(allow_additional_layers=False), transforms=(), **kw)
+                          layers=gr.LayerOptions(allow_additional_layers=False), transforms=(),
+                          elem_classes=[IMAGE_UPLOAD], **kw)
 
 
 EMPTY = {"background": None, "layers": [], "composite": None}  # an empty editor in an example
@@ -66,11 +92,20 @@ def _box(text, label: str):
 @dataclass
 class KindWidgets:
     """How one input kind appears on a tab: ``build()`` makes the widgets (a flat list), ``read(app, values)``
-    turns their values into job-file objects, ``example(app, objects, base)`` the other way for an example row."""
+    turns their values into job-file objects, ``example(app, objects, base)`` the other way for an example row;
+    ``names`` are the widgets' parameter names in the API (one per widget, in order), ``check(path, label, name)``
+    the input module's check of a file uploaded into one of them."""
 
     build: typing.Callable
     read: typing.Callable
     example: typing.Callable
+    names: tuple[str, ...]
+    check: typing.Callable = check_image
+
+
+def _slots(*fields_: str, prefix: str) -> tuple[str, ...]:
+    """``prefix_1_field`` ... for each field, slot by slot within a field (the widgets' order)."""
+    return tuple(f"{prefix}_{i + 1}_{name}" for name in fields_ for i in range(SLOTS))
 
 
 # -- references: SLOTS x (image editor with painted mask, prompt) -----------------------------------------------------
@@ -157,7 +192,7 @@ def _loras_build():
     files, words, prompts = [], [], []
     for i in range(SLOTS):
         with gr.Group():
-            files.append(gr.File(label=f"LoRA {i + 1}", file_types=[".safetensors"], height=90))
+            files.append(gr.File(label=f"LoRA {i + 1}", height=90))  # any file: its check names the slot
             with gr.Row():
                 words.append(gr.Textbox(label=f"LoRA {i + 1} trigger words"))
                 prompts.append(gr.Textbox(label=f"LoRA {i + 1} prompt"))
@@ -193,7 +228,7 @@ def _loras_example(app: App, loras, base: Path) -> list:
 # -- composition: background, object editor, box ------------------------------------------------------------------------
 def _composition_build():
     with gr.Row():
-        background = gr.Image(label="Background", type="pil", format="png", height=260)
+        background = gr.Image(label="Background", type="pil", format="png", height=260, elem_classes=[IMAGE_UPLOAD])
         obj = _editor("Object (paint its mask)")
     with gr.Row():
         boxes = [gr.Number(0, label="Box x"), gr.Number(0, label="Box y"), gr.Number(None, label="Box width"),
@@ -224,11 +259,46 @@ def _composition_example(app: App, comp, base: Path) -> list:
 
 #: input kind key -> its widgets
 KIND_WIDGETS: dict[str, KindWidgets] = {
-    "references": KindWidgets(_references_build, _references_read, _references_example),
-    "subjects": KindWidgets(_subjects_build, _subjects_read, _subjects_example),
-    "loras": KindWidgets(_loras_build, _loras_read, _loras_example),
-    "composition": KindWidgets(_composition_build, _composition_read, _composition_example),
+    "references": KindWidgets(_references_build, _references_read, _references_example,
+                              _slots("image", "prompt", prefix="reference")),
+    "subjects": KindWidgets(_subjects_build, _subjects_read, _subjects_example,
+                            _slots("word", "prompt", "region", "image", prefix="subject")),
+    "loras": KindWidgets(_loras_build, _loras_read, _loras_example, _slots("file", "words", "prompt", prefix="lora"),
+                         check=check_lora_file),
+    "composition": KindWidgets(_composition_build, _composition_read, _composition_example,
+                               ("background", "object_image", "box_x", "box_y", "box_width", "box_height")),
 }
+
+
+def _uploaded(payload) -> tuple[str, str] | None:
+    """``(path, name as uploaded)`` of the file in an upload widget's raw value (a file, an image, or an image
+    editor's background); None when it holds none."""
+    if isinstance(payload, dict) and "background" in payload:
+        payload = payload["background"]
+    if isinstance(payload, list):
+        payload = payload[0] if payload else None
+    if isinstance(payload, dict) and payload.get("path"):
+        path = str(payload["path"])
+        return path, str(payload.get("orig_name") or Path(path).name)
+    if isinstance(payload, (str, Path)):
+        return str(payload), Path(payload).name
+    return None
+
+
+def upload_check(check: typing.Callable, label: str) -> typing.Callable:
+    """The ``upload`` event of a widget (its raw value, ``preprocess=False``): ``check(path, label, name)`` of the
+    input module on the uploaded file, so a wrong file is a message naming the slot now, not at Generate."""
+
+    def upload(payload) -> None:
+        file = _uploaded(payload)
+        if file is None:
+            return
+        try:
+            check(file[0], label, file[1])
+        except AttnCtrlError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return upload
 
 
 # -- options ---------------------------------------------------------------------------------------------------------
@@ -250,15 +320,16 @@ def _as_text(value) -> str:
 
 def option_widget(cls, control):
     """A widget for option ``control.option`` of config ``cls``, typed by the field: a checkbox, a slider (with a
-    range) or number, a radio for a fixed set of words, else a text box (lists comma-separated)."""
+    range) or number, a radio for a fixed set of words, else a text box (lists comma-separated); the registry's
+    label and one-line explanation (``control.info``, else the field's help)."""
     f = _field(cls, control.option)
     hint = typing.get_type_hints(cls)[f.name]
     default = _default(f)
-    info = f.metadata.get("help") or None
+    info = control.info or f.metadata.get("help") or None
     if hint is bool:
         return gr.Checkbox(bool(default), label=control.label, info=info)
     if hint in (int, float) and control.minimum is not None and control.maximum is not None:
-        return gr.Slider(control.minimum, control.maximum, default, step=control.step, label=control.label, info=info)
+        return slider(control.minimum, control.maximum, default, step=control.step, label=control.label, info=info)
     if hint in (int, float):
         return gr.Number(default, label=control.label, info=info)
     if typing.get_origin(hint) is typing.Literal:

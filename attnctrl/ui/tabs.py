@@ -4,21 +4,38 @@ outputs on the right.
 A method's tab is its input kinds' widgets (:data:`attnctrl.ui.inputs.KIND_WIDGETS`), a widget per option its
 registry entry lists in ``controls``, a JSON box for the other options, and its examples; a method the registry
 marks ``speedup`` is a switch (in "Speed-ups") applied beside whatever the tab does. Nothing here names a method.
+
+Each tab's Generate is an API endpoint (``/generate_<tab>``) whose parameters are named after the fields
+(``prompt``, ``seed``, ``mask_weights``, ``reference_1_image``, ...). A file uploaded into a slot is checked at once
+by the input module's own check (a toast naming the slot); a file an image slot refuses in the browser (the editor
+drops it without a word) is reported by the page's script (:data:`UPLOAD_SCRIPT`) to the same message.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import gradio as gr
 
 from ..core.errors import AttnCtrlError
+from ..inputs import not_an_image
 from ..methods import MethodEntry, entries
 from .app import EXAMPLES, MODEL_CHOICES, App, Result, Settings, default_options
-from .inputs import KIND_WIDGETS, example_option, option_value, option_widget, options_json
+from .inputs import (
+    IMAGE_UPLOAD,
+    KIND_WIDGETS,
+    example_option,
+    option_value,
+    option_widget,
+    options_json,
+    slider,
+    upload_check,
+)
 
 logger = logging.getLogger("attnctrl.ui")
 
@@ -38,9 +55,15 @@ class Tab:
     entry: MethodEntry | None
     groups: list
     more: object = None
+    uploads: dict = field(default_factory=dict)  # elem_id of an image slot -> its label
 
     def flat(self) -> list:
         return [c for _, comps in self.groups for c in comps] + ([self.more] if self.more is not None else [])
+
+    def names(self) -> list[str]:
+        """The API parameter names of :meth:`flat`'s widgets: the kinds' slot names, the option names."""
+        names = [n for key, comps in self.groups for n in (KIND_WIDGETS[key].names if key in KIND_WIDGETS else [key])]
+        return names + (["more_options"] if self.more is not None else [])
 
     def request(self, app: App, values) -> tuple[str | None, dict, dict]:
         """``(method, options, inputs)`` from the tab's widget values (see :meth:`flat`)."""
@@ -94,7 +117,16 @@ def _build_tab(tab: Tab) -> None:
     note = " Give one prompt per line in the Prompt box, one segment each." if e.prompts == "many" else ""
     gr.Markdown(f"**{e.title}**: {e.summary}{note}")
     for key in e.inputs:
-        tab.groups.append((key, KIND_WIDGETS[key].build()))
+        kind = KIND_WIDGETS[key]
+        comps = kind.build()
+        tab.groups.append((key, comps))
+        for comp, name in zip(comps, kind.names):
+            if isinstance(comp, (gr.ImageEditor, gr.Image, gr.File)):  # checked as soon as a file is uploaded
+                comp.elem_id = f"upload-{tab.key}-{name}"
+                if IMAGE_UPLOAD in (comp.elem_classes or []):
+                    tab.uploads[comp.elem_id] = comp.label
+                comp.upload(upload_check(kind.check, comp.label), inputs=comp, outputs=None, preprocess=False,
+                            show_progress="hidden", api_visibility="private")
     with gr.Row():
         for control in e.controls:
             tab.groups.append((control.option, [option_widget(e.config, control)]))
@@ -123,6 +155,73 @@ def _user_errors(fn):
     except Exception as e:
         logger.exception("generation failed")
         raise gr.Error(f"internal error ({type(e).__name__}: {e}); the server log has the details") from None
+
+
+#: The page's script: a file that is not an image, dropped on (or picked for) an image slot, is refused there and
+#: reported to the server, which answers with the input module's message naming the slot (the image editor itself
+#: drops such a file without a word).
+UPLOAD_SCRIPT = """() => {
+  if (window.attnctrlUploads) return;
+  window.attnctrlUploads = true;
+  const refuse = (event, files) => {
+    const slot = event.target instanceof Element ? event.target.closest('.IMAGE_UPLOAD') : null;
+    const file = slot && files ? Array.from(files).find((f) => !(f.type || '').startsWith('image/')) : null;
+    if (!file) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    if (event.type === 'change') event.target.value = '';
+    const box = document.querySelector('#attnctrl-upload-report textarea, #attnctrl-upload-report input');
+    if (!box) return;
+    box.value = JSON.stringify({slot: slot.id, name: file.name, at: Date.now()});
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  };
+  document.addEventListener('drop', (e) => refuse(e, e.dataTransfer && e.dataTransfer.files), true);
+  document.addEventListener('change', (e) => e.target.type === 'file' && refuse(e, e.target.files), true);
+}""".replace("IMAGE_UPLOAD", IMAGE_UPLOAD)
+
+
+def _refused_upload(slots: dict):
+    """The server's side of :data:`UPLOAD_SCRIPT`: the message for a file an image slot refused."""
+
+    def refused(report: str) -> None:
+        try:
+            data = json.loads(report or "{}")
+        except json.JSONDecodeError:
+            return
+        label = slots.get(data.get("slot")) if isinstance(data, dict) else None
+        if label is not None:
+            raise gr.Error(str(not_an_image(label, str(data.get("name") or "the file"))), print_exception=False)
+
+    return refused
+
+
+def _examples(app: App, tab: Tab, inputs: list) -> None:
+    """The tab's registry examples as a table; a click fills every one of ``inputs`` (model, prompt, steps, frames
+    and the tab's widgets), an empty slot with None, so nothing of an earlier entry stays behind."""
+    rows = [tab.example_row(app, x) for x in (tab.entry.examples if tab.entry else ())]
+    if not rows:
+        return
+    shown = [[_page_value(c, v) for c, v in zip(inputs, row)] for row in rows]
+    table = gr.Dataset(components=inputs, samples=rows, type="index", label="Examples (shipped inputs and settings)")
+
+    def load(index: int) -> list:
+        return list(shown[index])
+
+    load.__name__ = f"load_example_{tab.key}"
+    table.click(load, inputs=table, outputs=inputs, postprocess=False, show_progress="hidden", queue=False,
+                api_visibility="undocumented")
+
+
+def _page_value(component, value):
+    """``value`` of ``component`` as the page takes it (what ``gr.Examples`` does: files go to gradio's cache now,
+    so the shipped examples need no allowed path)."""
+    from gradio import processing_utils
+    from gradio.data_classes import GradioModel, GradioRootModel
+
+    value = component.postprocess(value)
+    if isinstance(value, (GradioModel, GradioRootModel)):
+        value = value.model_dump()
+    return processing_utils.move_files_to_cache(value, component, postprocess=True, keep_in_cache=True)
 
 
 def _outputs(result: Result):
@@ -155,19 +254,20 @@ def build(app: App) -> gr.Blocks:
                                     info="or a local diffusers folder, a checkpoint file or a cached hub id")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     value="a red circle on the left and a blue square on the right")
+                # no gradio minimum on the numbers: the app's and the run layer's checks name the field
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
+                    seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     randomize = gr.Checkbox(False, label="Random seed")
                     reuse = gr.Button("♻ Reuse last seed", size="sm")
-                    count = gr.Slider(1, 8, 1, step=1, label="Batch count")
+                    count = slider(1, 8, 1, step=1, label="Batch count")
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Row():
-                        steps = gr.Number(0, label="Steps", precision=0, minimum=0, info="0: the model's")
-                        guidance = gr.Number(0, label="Guidance scale", minimum=0, info="0: the model's")
-                        width = gr.Number(0, label="Width", precision=0, minimum=0, step=8, info="0: the model's")
-                        height = gr.Number(0, label="Height", precision=0, minimum=0, step=8, info="0: the model's")
-                        frames = gr.Number(0, label="Frames (video)", precision=0, minimum=0,
+                        steps = gr.Number(0, label="Steps", precision=0, info="0: the model's")
+                        guidance = gr.Number(0, label="Guidance scale", info="0: the model's")
+                        width = gr.Number(0, label="Width", precision=0, step=8, info="0: the model's")
+                        height = gr.Number(0, label="Height", precision=0, step=8, info="0: the model's")
+                        frames = gr.Number(0, label="Frames (video)", precision=0,
                                            info="video models: frames per clip / segment; 0: the model's")
                     compare = gr.Checkbox(False, label="Before/after: also generate without the method (same seed)")
                     offload = gr.Radio([("off", "none"), ("per module", "model"), ("per layer", "sequential")],
@@ -197,20 +297,26 @@ def build(app: App) -> gr.Blocks:
                             button = gr.Button(f"Generate ({tab.title})", variant="primary",
                                                elem_id=f"generate-{tab.key}")
                             tabs.append((tab, button))
-                            rows = [tab.example_row(app, x) for x in (tab.entry.examples if tab.entry else ())]
-                            if rows:  # a click fills the inputs (its model too); Generate runs it
-                                gr.Examples(rows, inputs=[model, prompt, steps, frames] + tab.flat(),
-                                            label="Examples (shipped inputs and settings)")
+                            # a click fills the inputs (its model too); Generate runs it
+                            _examples(app, tab, [model, prompt, steps, frames] + tab.flat())
             with gr.Column(scale=2):
                 for component in (gallery, video, before_after, artifacts, files, info):
                     component.render()
         last_seed = gr.State(0)
         outputs = [gallery, video, before_after, artifacts, files, info, last_seed]
-        reuse.click(lambda s: (s, False), inputs=last_seed, outputs=[seed, randomize])
+        reuse.click(lambda s: (s, False), inputs=last_seed, outputs=[seed, randomize], api_visibility="private")
         for tab, button in tabs:
             button.click(_handler(app, tab, speed), inputs=list(common.values()) + speed_widgets + tab.flat(),
                          outputs=outputs, concurrency_limit=1, concurrency_id="generate")
+        report = gr.Textbox(visible="hidden", elem_id="attnctrl-upload-report")
+        report.change(_refused_upload({k: v for tab, _ in tabs for k, v in tab.uploads.items()}), inputs=report,
+                     outputs=None, show_progress="hidden", api_visibility="private")
+        demo.load(None, js=UPLOAD_SCRIPT)
     return demo
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
 
 
 def widget_settings(values, speed=(), speed_values=()) -> Settings:
@@ -233,10 +339,21 @@ def widget_settings(values, speed=(), speed_values=()) -> Settings:
     return Settings(**given, speedups=speedups)
 
 
-def _handler(app: App, tab: Tab, speed):
-    n_speed = sum(1 + len(ws) for _, _, ws in speed)
+def _speed_names(speed) -> list[str]:
+    """The API parameter names of the speed-up widgets: ``speedup_<method>`` for a switch, then its options."""
+    return [_identifier(n) for e, _, ws in speed for n in [f"speedup_{e.name}", *(f"speedup_{e.name}_{o}" for o, _ in ws)]]
 
-    def run(progress=gr.Progress(track_tqdm=True), *values):  # noqa: B008 (gradio reads the default)
+
+def _handler(app: App, tab: Tab, speed):
+    """The tab's Generate: ``run(*values, progress)``, the values in the order common settings, speed-ups, the
+    tab's widgets; its signature names each value after its field, which gradio shows as the API's parameter
+    names (not ``param_0`` ...)."""
+    n_speed = sum(1 + len(ws) for _, _, ws in speed)
+    names = [*COMMON, *_speed_names(speed), *tab.names()]
+
+    def run(*values):
+        values = values[:-1]  # gradio's progress tracker, the last parameter of the signature below
+
         def work():
             settings = widget_settings(values[:len(COMMON)], speed, values[len(COMMON):len(COMMON) + n_speed])
             method, options, inputs = tab.request(app, values[len(COMMON) + n_speed:])
@@ -245,4 +362,8 @@ def _handler(app: App, tab: Tab, speed):
         return _outputs(_user_errors(work))
 
     run.__name__ = f"generate_{tab.key}"
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, positional) for name in names]
+        + [inspect.Parameter("progress", positional, default=gr.Progress(track_tqdm=True))])
     return run
