@@ -365,6 +365,7 @@ def _plain(value):
 
 def _reference_json(ref) -> dict:
     return {"image": _plain(ref.image), "mask": _plain(ref.mask), "prompt": ref.prompt,
+            **({"name": ref.name} if ref.name else {}),  # kept when the image is renamed (a copy next to the outputs)
             **({"mask_threshold": ref.mask_threshold} if ref.mask_threshold != 127 else {}),
             **({"fit": ref.fit} if ref.fit != "pad" else {})}
 

@@ -137,3 +137,103 @@ def test_a_model_that_is_not_there_is_refused_before_any_work(tmp_path, monkeypa
     with pytest.raises(ModelNotAvailableError):
         app.generate(Settings(prompt="a cat", model="nobody/nothing", steps=1))
     assert app._model_id == "tiny-sd15" and app._pipe is tiny("sd15")
+
+
+def test_should_stop_ends_a_run_between_steps_saving_nothing_and_leaving_the_pipeline_as_it_was(tmp_path):
+    """``should_stop`` (a function or a ``threading.Event``) is asked after every step: the run ends with
+    ``Stopped`` naming the step, writes nothing, and the shared pipeline is exactly as before (processors, hooks,
+    adapters, scheduler), plain, with a plugin and with a method pipeline."""
+    import threading
+
+    from test_shared_pipeline import assert_as_before, plain, snapshot
+
+    from attnctrl.core.errors import Stopped
+    from attnctrl.models import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")  # this test's own: generate() switches the progress bar on
+    pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
+    first = plain(pipe)
+    ref = {"image": str(EXAMPLES / "striped-green-star.png"), "mask": str(EXAMPLES / "striped-green-star-mask.png"),
+           "prompt": "a striped green star"}
+    asked = []
+
+    def should_stop() -> bool:  # asked before the run, then after each step: true after step 3
+        asked.append(1)
+        return len(asked) > 3
+
+    for method, inputs, options in ((None, {}, {}), ("attention-maps", {}, {"words": ["star"]}),
+                                    ("freecustom", {"references": [ref]}, {})):
+        before = snapshot(pipe)
+        plan = validate(Request(prompts="a striped green star", model="tiny-sd15", method=method, inputs=inputs,
+                                options=options, steps=40, output=tmp_path / "out"))
+        asked.clear()
+        with pytest.raises(Stopped, match=r"^Stopped after step 3 of 40; nothing of it was saved$"):
+            list(generate(plan, pipe=pipe, should_stop=should_stop))
+        assert not (tmp_path / "out").exists(), method
+        assert_as_before(pipe, before)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped, match="before the first step of 40"):
+        list(generate(plan, pipe=pipe, should_stop=stop))
+    np.testing.assert_array_equal(plain(pipe), first)  # bit for bit
+
+
+def test_a_runs_inputs_are_kept_next_to_its_outputs_and_the_folder_remakes_it_anywhere(tmp_path):
+    """References (any input file) are copied next to the outputs as ``inputs/<sha256-12>.png`` and the record names
+    those copies: with the originals gone and the output folder moved, ``generate --from`` makes the same pixels."""
+    import re
+    import shutil
+
+    from PIL import Image
+
+    from attnctrl.run import read_record
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("striped-green-star.png", "striped-green-star-mask.png"):
+        shutil.copy(EXAMPLES / name, src / name)
+    request = Request(prompts="a striped green star", model="toyworld", method="freecustom", steps=3, seed=5,
+                      inputs={"references": [{"image": str(src / "striped-green-star.png"),
+                                              "mask": str(src / "striped-green-star-mask.png"),
+                                              "prompt": "a striped green star"}]}, output=tmp_path / "out")
+    image = next(o.path for o in generate(validate(request)) if o.kind == "image")
+    (ref,) = read_record(image)["inputs"]["references"]
+    for key, name in (("image", "striped-green-star.png"), ("mask", "striped-green-star-mask.png")):
+        assert re.fullmatch(r"inputs/[0-9a-f]{12}\.png", ref[key]), ref
+        assert (tmp_path / "out" / ref[key]).read_bytes() == (src / name).read_bytes()
+    shutil.rmtree(src)
+    moved = tmp_path / "elsewhere" / "out"
+    shutil.move(tmp_path / "out", moved)
+    result = CliRunner().invoke(cli, ["generate", "--from", str(moved / image.name), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again" / image.name  # the same counter, seed and prompt
+    np.testing.assert_array_equal(np.asarray(Image.open(moved / image.name)), np.asarray(Image.open(again)))
+    assert read_record(again)["inputs"] == read_record(moved / image.name)["inputs"]  # the same names: same bytes
+    assert ref["name"] == "striped-green-star.png"  # the original's name, so the masks are named as before
+    assert sorted(p.name for p in (tmp_path / "again").rglob("*.png")) == sorted(p.name for p in moved.rglob("*.png"))
+
+
+def test_the_size_rule_read_before_loading_is_the_loaded_models(tmp_path):
+    """The multiple and native side read from a model's configs (before it loads) are the loaded pipeline's; a side
+    the model cannot take is refused before any work, naming it."""
+    import json
+
+    from conftest import toyworld
+
+    from attnctrl.models import size_rule
+    from attnctrl.run.generate import native_size, size_multiple
+
+    assert size_rule("toyworld") == (native_size(toyworld()), size_multiple(toyworld())) == (64, 8)
+    assert size_rule("tiny-sd15") is None  # built in code: checked once loaded
+    assert size_multiple(tiny("flux")) == 16 and size_multiple(tiny("sd15")) == 8
+    flux = tmp_path / "flux"  # a FLUX folder's configs: 2x2 packed latents on an 8x VAE
+    for name, config in (("model_index.json", {"_class_name": "FluxPipeline"}),
+                         ("vae/config.json", {"block_out_channels": [8, 8, 8, 8]}),
+                         ("transformer/config.json", {"_class_name": "FluxTransformer2DModel", "patch_size": 1})):
+        (flux / name).parent.mkdir(parents=True, exist_ok=True)
+        (flux / name).write_text(json.dumps(config))
+    assert size_rule(str(flux)) == (None, 16)
+    with pytest.raises(AttnCtrlError, match="width 136 is not a multiple of 16, which this model needs; try 128"):
+        validate(Request(prompts="a cat", model=str(flux), width=136), check_output=False)
+    with pytest.raises(AttnCtrlError, match="height 8192 is more than 4 times this model's native 64 px"):
+        validate(Request(prompts="a cat", model="toyworld", height=8192), check_output=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -360,8 +361,96 @@ def test_user_errors_become_page_messages_and_the_app_keeps_working(app, monkeyp
     with pytest.raises(gr.Error, match="internal error .RuntimeError: kaput"):
         _user_errors(boom)
     values = [getattr(settings(), k) for k in COMMON] + ["circle", ""]
-    gallery, *_rest, seed = run(*values, None)  # after all that, a good request still works
-    assert len(gallery) == 1 and seed == 0
+    gallery, *_rest = run(*values, None)  # after all that, a good request still works
+    assert len(gallery) == 1 and _rest[5] == 0  # the seed
+
+
+def test_stop_ends_a_running_generation_after_a_step_saving_nothing(app):
+    """Stop (App.stop, the page's Stop button) ends the run after its current denoising step: a short message, no
+    file, the lock free, and the next run makes what it made before the stop."""
+    import threading
+
+    first = app.generate(settings(seed=4))
+    files = set(app.output.rglob("*"))
+    steps, started, out = [], threading.Event(), {}
+
+    def count(module, args, kwargs):  # the denoiser has run a few steps: press Stop now
+        steps.append(1)
+        if len(steps) == 3:
+            started.set()
+
+    hook = app.pipeline(MODEL).unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        worker = threading.Thread(target=lambda: out.update(result=app.generate(settings(steps=500))))
+        worker.start()
+        assert started.wait(120) and app.stop()
+        worker.join(120)
+    finally:
+        hook.remove()
+    result = out["result"]
+    assert result.stopped and not result.images and not result.files
+    assert re.fullmatch(r"\*\*Stopped after step (\d+) of 500; nothing of it was saved\*\*\.", result.info)
+    assert 3 <= int(re.search(r"step (\d+)", result.info).group(1)) < 500
+    assert set(app.output.rglob("*")) == files  # nothing written
+    assert not app.stop()  # nothing is running any more
+    again = app.generate(settings(seed=4))
+    np.testing.assert_array_equal(np.asarray(Image.open(first.images[0][0])),
+                                  np.asarray(Image.open(again.images[0][0])))
+
+
+def test_sizes_beyond_the_model_are_named_before_any_model_work(tmp_path, monkeypatch):
+    """Width 1e9 and 8192 on the default model: a message naming the width, before the model is even loaded; the
+    width and height boxes say the model's multiple and largest side."""
+    from attnctrl.models import DEFAULT_MODEL
+    from attnctrl.ui.tabs import size_hint
+
+    fresh = App(DEFAULT_MODEL, tmp_path)
+    monkeypatch.setattr(App, "pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = _handler(fresh, Tab("plain", "Text to image", None, []), ())
+    for width, message in ((1e9, "width must be at most 8192, got 1000000000"),
+                           (8192, "width 8192 is more than 4 times this model's native 64 px .at most 256.")):
+        values = [getattr(settings(model=DEFAULT_MODEL, width=width), k) for k in COMMON]
+        with pytest.raises(gr.Error, match=message):
+            run(*values, None)
+    values = [getattr(settings(model=DEFAULT_MODEL, height=8192), k) for k in COMMON]
+    with pytest.raises(gr.Error, match="height 8192 is more than 4 times"):
+        run(*values, None)
+    assert size_hint(DEFAULT_MODEL) == {"step": 8, "info": "0: the model's; a multiple of 8, at most 256"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_tab_shows_progress_and_result_beside_generate_and_a_stop(page):
+    """Every tab: Generate and Stop side by side, its run's progress and result just below them; Generate is busy
+    while it runs; a new run and an example's click clear the previous run's files and before/after."""
+    from attnctrl.ui.tabs import _tabs, cleared
+
+    fns = {fn._id: fn for fn in page.fns.values()}
+    after = {fn.trigger_after: fn for fn in fns.values() if fn.trigger_after is not None}
+    ends = {}  # what runs after a generation: on success and on failure
+    for fn in fns.values():
+        if fn.trigger_after is not None and (fn.trigger_only_on_success or fn.trigger_only_on_failure):
+            ends.setdefault(fn.trigger_after, []).append(fn)
+    ids = lambda comps: [getattr(c, "elem_id", None) for c in comps]  # noqa: E731
+    for tab in _tabs():
+        key = tab.key
+        busy = next(fn for fn in fns.values() if fn.name == "busy" and ids(fn.outputs)[0] == f"generate-{key}")
+        run = after[busy._id]
+        assert run.name == f"generate_{key}"
+        assert ids(run.outputs)[-2:] == [f"status-{key}", f"preview-{key}"]
+        assert {f"status-{key}", f"preview-{key}"} <= set(ids(run.show_progress_on))
+        assert sorted((f.name, f.trigger_only_on_success, ids(f.outputs)) for f in ends[run._id]) == [
+            ("idle", False, [f"generate-{key}", f"stop-{key}"]), ("idle", True, [f"generate-{key}", f"stop-{key}"])]
+        assert {"files", "before-after", f"status-{key}"} <= set(ids(busy.outputs))
+        stop = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == f"stop-{key}")
+        assert not stop.interactive  # until its tab's run starts
+        assert any(fn.name == "stop" and stop._id in [t[0] for t in fn.targets] for fn in fns.values())
+    button, stop, *values = busy.fn()
+    assert (button.value, button.interactive, stop.interactive) == ("Generating...", False, True)
+    loads = [fn for fn in fns.values() if (fn.name or "").startswith("load_example_")]
+    assert loads and all(after[fn._id].name == "cleared" and {"files", "before-after"} <= set(
+        ids(after[fn._id].outputs)) for fn in loads)
+    gallery, video, before_after, artifacts, files, info, status, preview = cleared()
+    assert files is None and not before_after.visible and gallery == [] and preview is None and info == ""
 
 
 # -- the page in a browser ------------------------------------------------------------------------------------------
@@ -416,20 +505,32 @@ def test_page_end_to_end(tmp_path):
             page.locator("#prompt textarea").wait_for(timeout=60_000)
             page.get_by_text("Advanced").click()
             page.get_by_label("Steps").fill(os.environ.get("ATTNCTRL_UI_TEST_STEPS", "3"))
-            # 1. attention maps: the gallery shows the image with its seed, the maps appear
+            # 1. an invalid input: a page error message, and the server lives on
+            page.get_by_role("tab", name="FreeCustom").click()
+            page.locator("#generate-freecustom").click()
+            page.get_by_text("upload at least one reference image").first.wait_for(timeout=30_000)
+            # 2. attention maps with before/after: the gallery shows the image with its seed, the maps appear, and
+            # the tab's own status and preview (below its Generate) show the result
+            page.get_by_label("Before/after: also generate without the method (same seed)").check()
             page.get_by_role("tab", name="Attention maps").click()
             page.get_by_label("Heat maps of words (comma-separated)").fill("circle")
             page.locator("#generate-attention-maps").click()
             page.locator("#gallery img").first.wait_for(timeout=120_000)
             page.locator("#artifacts img").first.wait_for(timeout=30_000)
+            page.wait_for_function(f"() => document.querySelector('#status-attention-maps').innerText"
+                                   f".includes('attention-maps') && {IDLE}", timeout=60_000)
             assert "attention-maps" in page.locator("#info").inner_text()
-            # 2. an invalid input: a page error message, and the server lives on
+            assert page.locator("#preview-attention-maps img").count() >= 1
+            assert page.locator("#before-after").is_visible() and ".png" in page.locator("#files").inner_text()
+            page.get_by_label("Before/after: also generate without the method (same seed)").uncheck()
+            # 3. FreeCustom from its example (references with painted masks): the previous run's files and
+            # before/after go; then Generate with our steps
             page.get_by_role("tab", name="FreeCustom").click()
-            page.locator("#generate-freecustom").click()
-            page.get_by_text("upload at least one reference image").first.wait_for(timeout=30_000)
-            # 3. FreeCustom from its example (references with painted masks), then Generate with our steps
             rows = page.locator("tr").filter(has_text="a striped red circle in the middle")
             rows.locator("visible=true").first.click()
+            page.wait_for_function("() => !document.querySelector('#files').innerText.includes('.png')",
+                                   timeout=30_000)
+            assert not page.locator("#before-after").is_visible()
             page.get_by_label("Model").fill(MODEL)
             page.get_by_label("Steps").fill(os.environ.get("ATTNCTRL_UI_TEST_STEPS", "3"))
             info = page.locator("#info")
@@ -439,9 +540,28 @@ def test_page_end_to_end(tmp_path):
                                    f"return s.includes('freecustom') && s !== t && {IDLE}; }}", arg=before,
                                    timeout=240_000)
             page.locator("#gallery img").first.wait_for(timeout=30_000)
+            assert "freecustom" in page.locator("#status-freecustom").inner_text()
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             if os.environ.get("ATTNCTRL_SCREENSHOT"):
                 page.screenshot(path=os.environ["ATTNCTRL_SCREENSHOT"], full_page=True)
+            # 4. an absurd width: a message naming it, before any work
+            page.get_by_role("tab", name="Text to image").click()
+            page.get_by_label("Width").fill("1e9")
+            page.locator("#generate-plain").click()
+            page.get_by_text("width must be at most 8192, got 1000000000").first.wait_for(timeout=30_000)
+            page.get_by_label("Width").fill("0")
+            # 5. Stop: a long run ends after a step with a message beside its button, and Generate is back
+            page.get_by_label("Steps").fill("900")
+            generate = page.locator("#generate-plain")
+            generate.click()
+            page.wait_for_function("() => !document.querySelector('#stop-plain').disabled", timeout=30_000)
+            assert generate.inner_text() == "Generating..." and generate.is_disabled()
+            page.locator("#status-plain .progress-text, #status-plain .eta-bar").first.wait_for(timeout=120_000)
+            page.locator("#stop-plain").click()
+            page.wait_for_function("() => /Stopped (after step \\d+|before the first step) of 900/"
+                                   ".test(document.querySelector('#status-plain').innerText)", timeout=60_000)
+            page.wait_for_function("() => !document.querySelector('#generate-plain').disabled", timeout=30_000)
+            assert generate.inner_text() == "Generate (Text to image)" and page.locator("#stop-plain").is_disabled()
             browser.close()
     finally:
         server.terminate()

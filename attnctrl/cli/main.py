@@ -162,8 +162,8 @@ def info(file: str | None, layers_model: str | None, as_json: bool) -> None:
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="Denoising steps [default: the method's or the model's]")
 @click.option("--guidance", type=float, default=None, help="Guidance scale [default: the method's or the model's]")
-@click.option("--width", type=click.IntRange(8, 8192), default=None, help="Width in pixels (multiple of 8).")
-@click.option("--height", type=click.IntRange(8, 8192), default=None, help="Height in pixels (multiple of 8).")
+@click.option("--width", type=click.IntRange(8, 8192), default=None, help="Width in pixels (a multiple of 8; 16 for FLUX and CogVideoX).")
+@click.option("--height", type=click.IntRange(8, 8192), default=None, help="Height in pixels (a multiple of 8; 16 for FLUX and CogVideoX).")
 @click.option("--num-images", type=click.IntRange(1, 10000), default=1, show_default=True, help="Images to make.")
 @click.option("--num-frames", type=click.IntRange(1, 1000), default=None, help="Frames (video models).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), default="outputs", show_default=True,

@@ -19,6 +19,7 @@ __all__ = [
     "TokenLookupError",
     "NotAPluginError",
     "InputError",
+    "Stopped",
 ]
 
 
@@ -54,3 +55,13 @@ class InputError(AttnCtrlError):
     def __init__(self, message: str, input: str):
         super().__init__(message)
         self.input = input
+
+
+class Stopped(AttnCtrlError):
+    """A generation stopped on request (the run layer's ``should_stop``) between two denoising steps: ``step`` of
+    ``total`` were done; nothing of it was saved."""
+
+    def __init__(self, step: int, total: int):
+        where = f"after step {step}" if step else "before the first step"
+        super().__init__(f"Stopped {where} of {total}; nothing of it was saved")
+        self.step, self.total = step, total

@@ -19,9 +19,11 @@ process left.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +40,8 @@ __all__ = [
     "save_gif",
     "JSON_KEY",
     "sampler_name",
+    "sha256_file",
+    "keep_file",
 ]
 
 JSON_KEY = "attnctrl"
@@ -227,3 +231,24 @@ def save_gif(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def keep_file(path: str | os.PathLike, folder: str | os.PathLike, sub: str = "inputs") -> str:
+    """Copy ``path`` to ``folder/sub/<sha256-12><suffix>`` (atomically; an existing copy is the same bytes) and
+    return that name relative to ``folder`` (``inputs/3f2a9c0d1b4e.png``)."""
+    source = Path(path)
+    name = f"{sub}/{sha256_file(source)[:12]}{source.suffix.lower()}"
+    target = Path(folder) / name
+    if not target.is_file():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return name

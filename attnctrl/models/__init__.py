@@ -15,12 +15,13 @@ from .loading import (
     recommended_settings,
     resolve_device,
     set_attention_backend,
+    size_rule,
     toyworld_path,
 )
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "OFFLOAD_MODES", "embedded_path", "check_attention_backend", "check_model", "check_offload", "enable_offload", "load_pipeline", "makes_video", "parse_dtype", "recommended_settings", "resolve_device", "set_attention_backend",
-    "toyworld_path",
+    "size_rule", "toyworld_path",
     "TINY_FAMILIES", "tiny_pipeline",
 ]

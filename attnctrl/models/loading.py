@@ -15,6 +15,7 @@ Anything else raises :class:`ModelNotAvailableError` naming what was tried and h
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from importlib import resources
@@ -27,7 +28,8 @@ from ..errors import quiet_libraries
 from .tiny import TINY_FAMILIES, tiny_pipeline
 
 __all__ = ["DEFAULT_MODEL", "OFFLOAD_MODES", "check_attention_backend", "check_model", "check_offload", "enable_offload", "load_pipeline", "parse_dtype",
-           "resolve_device", "recommended_settings", "set_attention_backend", "EMBEDDED_MODELS", "embedded_path",
+           "resolve_device", "recommended_settings", "set_attention_backend", "size_rule", "EMBEDDED_MODELS",
+           "embedded_path",
            "toyworld_path"]
 
 #: The model every surface uses when none is given (the tiny SD 1.5 until the trained toy model lands).
@@ -157,6 +159,45 @@ def family_of(model: str | None) -> str | None:
 def makes_video(model: str | None) -> bool:
     """Whether ``model`` is a video model, read before loading it from its ``model_index.json`` class."""
     return bool(model) and "video" in pipeline_class_name(model).lower()
+
+
+def _config(model: str, name: str) -> dict | None:
+    """``name`` (``vae/config.json``, ...) of a model's folder or Hugging Face cache entry, None when absent."""
+    path = model_folder(model) / name
+    if not path.is_file() and _HUB_ID.match(model) and "/" in model:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, name)
+            path = Path(cached) if isinstance(cached, str) else path
+        except Exception:  # an unusual cache layout: the loaded pipeline is checked instead
+            pass
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def size_rule(model: str | None) -> tuple[int | None, int] | None:
+    """``(native side in pixels or None, the multiple every side must be)`` of a model, read from the configs of its
+    folder or cache entry without loading it (the VAE's downsampling times the denoiser's patch, at least 8); None
+    where they are not there to read (tiny models, single files): the run layer checks the loaded pipeline then."""
+    model = str(model or DEFAULT_MODEL)
+    if model.startswith("tiny-"):
+        return None
+    vae = _config(model, "vae/config.json")
+    denoiser = _config(model, "unet/config.json") or _config(model, "transformer/config.json")
+    blocks = (vae or {}).get("block_out_channels")
+    if denoiser is None or not blocks:
+        return None
+    scale = 2 ** (len(blocks) - 1)
+    packed = str(denoiser.get("_class_name", "")).startswith("Flux")  # FLUX packs 2x2 latent patches
+    patch = 2 if packed else int(denoiser.get("patch_size") or 1)
+    sample = None if packed else denoiser.get("sample_size") or denoiser.get("sample_height")
+    if isinstance(sample, (tuple, list)):
+        sample = max(sample)
+    return (sample * scale if isinstance(sample, int) else None), math.lcm(8, scale * patch)
 
 
 def recommended_settings(pipe) -> dict:

@@ -23,7 +23,6 @@ and removes the markers. (On a CPU-only machine ``accelerate launch --cpu`` star
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import torch
 from ..core.errors import AttnCtrlError
 from ..inputs import KINDS
 from ..io.metadata import atomic_path, save_json, temp_target
+from ..io.metadata import sha256_file as _sha256
 from .generate import Session, load, slug, write
 from .jobs import JobFileError, Task, expand, load_jobs, load_run_config, seeds_problem
 from .request import check_runtime, validate, writable_folder
@@ -94,14 +94,6 @@ def _complete(out: Path, stem: str) -> str | None:
         return name if _sha256(main) == digest else None
     except OSError:
         return None
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _append_manifest(path: Path, entry: dict) -> None:
@@ -444,6 +436,7 @@ def _run_tasks(my_tasks, stems, jobs_path, out, manifest, complete, device, dtyp
             with Session(plan, pipe) as session:
                 result = session(task.seed)
                 files = list(write(plan, session, result, out, stem, metadata))
+            records = result.settings.get("inputs") or records  # the copies next to the outputs (with metadata)
             seconds = time.perf_counter() - started
             rerun = job.model_dump(exclude_defaults=True)
             rerun.update(seeds=[task.seed], options={**job.options, **task.variant}, **records)

@@ -9,6 +9,7 @@ is an error, never a saved success. Every surface (command line, job files, web 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,13 +19,13 @@ import numpy as np
 import torch
 
 from ..core.controller import apply
-from ..core.errors import AttnCtrlError
+from ..core.errors import AttnCtrlError, Stopped
 from ..core.families import denoiser_of
 from ..inputs import KINDS
 from ..io.metadata import sampler_name
-from .request import Plan, plain, writable_folder
+from .request import Plan, check_size, plain, writable_folder
 
-__all__ = ["Output", "Result", "Session", "generate", "settings_record", "slug", "load"]
+__all__ = ["Output", "Result", "Session", "generate", "settings_record", "slug", "load", "keep_inputs", "Stopped"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,6 @@ def _to_pil(array: np.ndarray, what: str, session: Session) -> list:
     return numpy_to_pil(array)
 
 
-#: a size may be this many times the model's native size per side (beyond, the attention alone exhausts memory)
-MAX_SIZE_FACTOR = 4
-
-
 def native_size(pipe) -> int | None:
     """The model's native image side in pixels (from its denoiser's sample size), or None if unknown."""
     scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
@@ -106,15 +103,18 @@ def native_size(pipe) -> int | None:
     return int(sample * scale) if isinstance(sample, int) and isinstance(scale, int) else None
 
 
+def size_multiple(pipe) -> int:
+    """What every side must be a multiple of: the VAE's downsampling times the denoiser's patch (FLUX packs 2x2
+    latents), and at least 8 (as :func:`attnctrl.models.size_rule` reads it before loading)."""
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
+    denoiser = denoiser_of(pipe)
+    config = getattr(denoiser, "config", {}) or {}
+    patch = 2 if type(denoiser).__name__.startswith("Flux") else int(config.get("patch_size") or 1)
+    return math.lcm(8, int(scale) * patch)
+
+
 def _check_size(pipe, width, height) -> None:
-    native = native_size(pipe)
-    if native is None:
-        return
-    limit = MAX_SIZE_FACTOR * native
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and value > limit:
-            raise AttnCtrlError(f"{name} {value} is more than {MAX_SIZE_FACTOR} times this model's native {native} px "
-                                f"(at most {limit}): the attention would exhaust memory; generate smaller")
+    check_size(width, height, native_size(pipe), size_multiple(pipe))
 
 
 def _check_prompt_length(pipe, prompts) -> None:
@@ -141,12 +141,44 @@ def _check_prompt_length(pipe, prompts) -> None:
                 return
 
 
+def stop_check(should_stop):
+    """``should_stop`` as a function of no arguments: a ``threading.Event`` (its ``is_set``), a callable, or None."""
+    if should_stop is None:
+        return None
+    if callable(getattr(should_stop, "is_set", None)):
+        return should_stop.is_set
+    if callable(should_stop):
+        return should_stop
+    raise AttnCtrlError(f"should_stop must be a threading.Event or a callable, not {type(should_stop).__name__}")
+
+
+class _StepEnd:
+    """The ``callback_on_step_end`` of a stoppable generation: it counts the steps done and, once ``should_stop()``
+    is true, raises :class:`~attnctrl.core.errors.Stopped`, which ends the call (a method pipeline restores the
+    shared components on the way out) before anything is decoded or saved."""
+
+    def __init__(self, should_stop, total: int):
+        self.should_stop, self.total, self.done = should_stop, total, 0
+
+    def __call__(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        self.done = step + 1
+        if self.should_stop():
+            raise Stopped(self.done, self.total)
+        return tensors
+
+
 class Session:
     """A plan bound to a loaded pipeline; ``session(seed)`` makes one :class:`Result`. Use it as a context manager
-    (or call :meth:`close`): the plugins come off and the shared pipeline is left as it was found."""
+    (or call :meth:`close`): the plugins come off and the shared pipeline is left as it was found.
 
-    def __init__(self, plan: Plan, pipe):
+    ``should_stop`` (a ``threading.Event`` or a function of no arguments) is asked after every denoising step and
+    before every generation: once true, the generation ends with :class:`~attnctrl.core.errors.Stopped` ("Stopped
+    after step k of n") and nothing of it is saved."""
+
+    def __init__(self, plan: Plan, pipe, should_stop=None):
         self.plan, self.pipe = plan, pipe
+        self.should_stop = stop_check(should_stop)
+        self.kept: dict = {}  # (input file, output folder) -> its copy there (keep_inputs)
         self.handles: list = []
         self.pipeline = None
         request = plan.request
@@ -178,6 +210,7 @@ class Session:
         if request.num_frames is not None:
             kwargs["num_frames"] = request.num_frames
         self.kwargs = kwargs
+        self.stoppable = "callback_on_step_end" in target or "kwargs" in target
         _check_size(pipe, request.width, request.height)
         _check_prompt_length(pipe, [*plan.prompts, request.negative_prompt or ""])
         try:
@@ -207,6 +240,11 @@ class Session:
         plan = self.plan
         generator = torch.Generator("cpu").manual_seed(seed)
         kwargs = {**self.kwargs, "generator": generator, "output_type": "np"}
+        if self.should_stop is not None:
+            if self.should_stop():
+                raise Stopped(0, self.steps)
+            if self.stoppable:
+                kwargs["callback_on_step_end"] = _StepEnd(self.should_stop, self.steps)
         try:
             if self.pipeline is not None:
                 out = plan.entry.call(self.pipeline, plan.config, plan.prompts, plan.inputs, **kwargs)
@@ -302,6 +340,37 @@ def settings_record(plan: Plan, session: Session, seed: int, size, extra: dict |
     }
 
 
+#: the fields of an input's JSON record that name a file (references, subjects, LoRAs, compositions)
+_FILE_FIELDS = ("image", "mask", "path", "background", "object", "region")
+
+
+def keep_inputs(records: dict | None, folder: Path, kept: dict | None = None) -> dict | None:
+    """``records`` (input kind -> JSON records) with every input file copied next to the outputs, as
+    ``folder/inputs/<sha256-12><suffix>``, and named by that path relative to ``folder``: the output folder then
+    re-makes its outputs on any machine (:func:`~attnctrl.run.from_record` reads paths relative to the record's
+    folder). ``kept`` caches the copies of one session."""
+    from ..io.metadata import keep_file
+
+    kept = {} if kept is None else kept
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {k: keep(v) if k in _FILE_FIELDS and isinstance(v, str) else walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    def keep(path: str) -> str:
+        if not Path(path).is_file():  # a placeholder of an in-memory image
+            return path
+        key = (str(Path(path).resolve()), str(Path(folder).resolve()))
+        if key not in kept:
+            kept[key] = keep_file(path, folder)
+        return kept[key]
+
+    return walk(records) if records else records
+
+
 def _next_counter(folder: Path) -> int:
     numbers = [int(m.group(1)) for p in folder.glob("*") if (m := re.match(r"^(\d{5})-", p.name))]
     return max(numbers, default=-1) + 1
@@ -316,6 +385,8 @@ def write(plan: Plan, session: Session, result: Result, folder: Path, stem: str,
         frames = result.frames
         record = settings_record(plan, session, result.seed, frames[0].size, {"num_frames": len(frames)},
                                  result.requested)
+        if metadata:
+            record["inputs"] = keep_inputs(record["inputs"], folder, session.kept)
         result.settings = record
         yield Output(save_video(folder / f"{stem}.mp4", frames), "video", result.seed)
         if gif:
@@ -325,6 +396,8 @@ def write(plan: Plan, session: Session, result: Result, folder: Path, stem: str,
         return
     image = result.images[0]
     record = settings_record(plan, session, result.seed, image.size, requested=result.requested)
+    if metadata:
+        record["inputs"] = keep_inputs(record["inputs"], folder, session.kept)
     result.settings = record
     yield Output(save_png(folder / f"{stem}.png", image, record, metadata=metadata), "image", result.seed)
     for name, artifact in session.artifacts(image).items():
@@ -332,9 +405,10 @@ def write(plan: Plan, session: Session, result: Result, folder: Path, stem: str,
         yield Output(path, "artifact", result.seed, name)
 
 
-def generate(plan: Plan, pipe=None) -> Iterator[Output]:
+def generate(plan: Plan, pipe=None, should_stop=None) -> Iterator[Output]:
     """Generate ``plan.request.num_images`` outputs (seeds ``seed``, ``seed + 1``, ...) into ``request.output``;
-    yields each written file. ``pipe``: an already loaded pipeline (else the request's model is loaded)."""
+    yields each written file. ``pipe``: an already loaded pipeline (else the request's model is loaded);
+    ``should_stop``: see :class:`Session` (the outputs finished before a stop stay)."""
     from tqdm.auto import tqdm
 
     request = plan.request
@@ -345,7 +419,7 @@ def generate(plan: Plan, pipe=None) -> Iterator[Output]:
         if pipe is None:
             pipe = load(plan)
         pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")
-        with Session(plan, pipe) as session:
+        with Session(plan, pipe, should_stop) as session:
             counter = _next_counter(folder)
             for i in tqdm(range(request.num_images), desc="images", disable=request.num_images == 1):
                 seed = request.seed + i

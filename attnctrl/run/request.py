@@ -3,7 +3,8 @@
 :func:`validate` turns a :class:`Request` into a :class:`Plan` or raises one :class:`~attnctrl.core.errors.
 AttnCtrlError` sentence: the method and its options (the config's own checks), the inputs the method takes (each
 read through its kind in :mod:`attnctrl.inputs`, files checked), inputs it does not take, prompts (non-empty UTF-8;
-several only for a method that takes several), numbers (finite, in range, sizes multiples of 8) and the output
+several only for a method that takes several), numbers (finite, in range, sizes multiples of 8, and of the
+model's multiple and within its size limit where its configs tell them before it loads) and the output
 folder (writable). Checks that need the loaded model (the family, a word of the prompt, a LoRA's keys) run in
 :func:`attnctrl.run.generate` before the first generation.
 """
@@ -23,7 +24,10 @@ from ..inputs import KINDS, check_text
 from ..methods import MethodEntry, entry
 
 __all__ = ["Request", "Plan", "validate", "method_config", "parse_option", "writable_folder", "MAX_SEED",
-           "read_stored", "read_record", "from_record", "check_runtime"]
+           "read_stored", "read_record", "from_record", "check_runtime", "check_size", "MAX_SIZE_FACTOR"]
+
+#: a size may be this many times the model's native size per side (beyond, the attention alone exhausts memory)
+MAX_SIZE_FACTOR = 4
 
 #: seeds are 0 .. 2**32 - 1 (the range of NumPy's and A1111's seeds; a larger one is refused, not wrapped)
 MAX_SEED = 2**32 - 1
@@ -187,6 +191,11 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     from ..models import check_model
 
     check_model(r.model)  # the model reference resolves (not loaded): a bad one fails before any work
+    from ..models import size_rule
+
+    rule = size_rule(r.model)  # read from the model's configs: a size it cannot take fails before it loads
+    if rule is not None:
+        check_size(r.width, r.height, *rule)
     method = entry(r.method) if r.method is not None else None
     config = method_config(method.name, r.options) if method is not None else None
     if method is None and r.options:
@@ -229,6 +238,21 @@ def validate(request: Request, check_output: bool = True) -> Plan:
     if check_output:
         r.output = Path(r.output)
     return Plan(request=r, prompts=prompts, entry=method, config=config, inputs=inputs, plugins=plugins)
+
+
+def check_size(width, height, native: int | None, multiple: int | None) -> None:
+    """Each given side is at most :data:`MAX_SIZE_FACTOR` times the model's ``native`` side and a multiple of what
+    the model needs (its VAE's downsampling times its patch), else an error naming the side."""
+    for name, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
+        if native and value > MAX_SIZE_FACTOR * native:
+            raise AttnCtrlError(f"{name} {value} is more than {MAX_SIZE_FACTOR} times this model's native {native} px "
+                                f"(at most {MAX_SIZE_FACTOR * native}): the attention would exhaust memory; generate "
+                                f"smaller")
+        if multiple and value % multiple:
+            near = max(multiple, round(value / multiple) * multiple)
+            raise AttnCtrlError(f"{name} {value} is not a multiple of {multiple}, which this model needs; try {near}")
 
 
 def read_stored(path) -> dict:

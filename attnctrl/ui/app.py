@@ -7,7 +7,10 @@ written with its metadata, so the gallery's download button gives the PNG with i
 
 Errors a user can fix (a bad mask, a missing LoRA, a model that is not available offline, a prompt without the
 named word) come back as ``gr.Error`` messages in the page; anything else is logged and shown as an internal error.
-The server keeps running either way. One generation runs at a time (``concurrency_limit=1``).
+The server keeps running either way. One generation runs at a time (``concurrency_limit=1``); :meth:`App.stop`
+ends it after its current denoising step (the run layer's ``should_stop``), saving nothing of it. The inputs a run
+used are copied next to its outputs by the run layer (``inputs/<sha256-12>.png``), so the output folder re-makes
+them anywhere (``attnctrl generate --from OUT.png``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.errors import AttnCtrlError
+from ..core.errors import AttnCtrlError, Stopped
 from ..models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..models.tiny import TINY_FAMILIES
 
@@ -71,6 +74,7 @@ class Result:
     files: list[str] = field(default_factory=list)  # everything written, for download
     seed: int = 0
     info: str = ""
+    stopped: bool = False  # Stop was pressed: ``info`` says after which step; nothing of that run was saved
 
 
 def _number(value, name: str, kind=float, minimum=None, maximum=None):
@@ -100,11 +104,13 @@ class App:
         self.default_model = model or DEFAULT_MODEL
         self.output = Path(output) if output else Path(tempfile.mkdtemp(prefix="attnctrl-ui-"))
         self.output.mkdir(parents=True, exist_ok=True)
+        self.uploads: Path | None = None  # uploaded images, until a run copies them next to its outputs
         self.device, self.dtype = device, dtype
         self._pipe = None
         self._model_id: str | None = None
         self._runtime: tuple = (None, None)
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     # -- models ---------------------------------------------------------------------------------------------------
     def pipeline(self, model: str | None, offload: str | None = None, attention_backend: str | None = None):
@@ -124,9 +130,11 @@ class App:
 
     # -- uploaded inputs ------------------------------------------------------------------------------------------
     def save_input(self, image: Image.Image, kind: str) -> str:
-        """Write an uploaded image (or mask) under ``output/inputs`` by content hash; the path goes in the record."""
-        folder = self.output / "inputs"
-        folder.mkdir(exist_ok=True)
+        """Write an uploaded image (or mask) to the app's upload folder by content hash (a run copies what it used
+        next to its outputs, and its record names that copy)."""
+        if self.uploads is None:
+            self.uploads = Path(tempfile.mkdtemp(prefix="attnctrl-uploads-"))
+        folder = self.uploads
         digest = hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest()[:16]
         path = folder / f"{kind}-{digest}.png"
         if not path.exists():
@@ -142,6 +150,13 @@ class App:
         return self.save_input(image, "image"), (self.save_input(mask, "mask") if mask is not None else None)
 
     # -- generation -----------------------------------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Ask the running generation to stop after its current denoising step; False when none is running."""
+        if not self._lock.locked():
+            return False
+        self._stop.set()
+        return True
+
     def generate(self, settings: Settings, method: str | None = None, options: dict | None = None,
                  inputs: dict | None = None) -> Result:
         """Generate ``settings.count`` outputs with ``method`` (a registered name or None), its ``options`` and its
@@ -171,32 +186,48 @@ class App:
         result = Result(seed=seed)
         started = time.perf_counter()
         with self._lock:
-            pipe = self.pipeline(request.model, request.offload, request.attention_backend)
-            for out in generate(plan, pipe=pipe):
-                result.files.append(str(out.path))
-                if out.kind == "image":
-                    result.images.append((str(out.path), f"seed {out.seed}"))
-                elif out.kind == "video":
-                    result.video = str(out.path)
-                elif out.kind == "artifact":
-                    result.artifacts.append((str(out.path), f"{out.name} (seed {out.seed})"))
-            seconds = time.perf_counter() - started
-            if settings.compare and (method is not None or plan.plugins):
-                if result.video is not None:
-                    raise AttnCtrlError("before/after is for images; untick it for videos")
-                plain = Request(prompts=[prompts[0]], model=request.model, negative_prompt=request.negative_prompt,
-                                seed=seed, steps=request.steps, guidance=request.guidance,
-                                width=result_size(result, request.width, 0), height=result_size(result, request.height, 1),
-                                output=self.output / "without-method", device=self.device, dtype=self.dtype)
-                before = next(o for o in generate(validate(plain), pipe=pipe) if o.kind == "image")
-                result.before_after = (str(before.path), result.images[0][0])
-                result.files.append(str(before.path))
+            self._stop.clear()
+            try:
+                pipe = self.pipeline(request.model, request.offload, request.attention_backend)
+                for out in generate(plan, pipe=pipe, should_stop=self._stop):
+                    result.files.append(str(out.path))
+                    if out.kind == "image":
+                        result.images.append((str(out.path), f"seed {out.seed}"))
+                    elif out.kind == "video":
+                        result.video = str(out.path)
+                    elif out.kind == "artifact":
+                        result.artifacts.append((str(out.path), f"{out.name} (seed {out.seed})"))
+                seconds = time.perf_counter() - started
+                if settings.compare and (method is not None or plan.plugins):
+                    result.before_after = self._before(result, request, prompts[0], seed, pipe)
+            except Stopped as e:
+                kept = f" ({len(result.images)} earlier output(s) kept)" if result.images else ""
+                result.stopped, result.info = True, f"**{e}**{kept}."
+                return result
+            finally:
+                self._stop.clear()
         names = ([method] if method is not None else []) + [p.name for p in plan.plugins]
         result.info = (f"**{len(result.images) or (1 if result.video else 0)} output(s)** with "
                        f"{' + '.join(names) or 'no method'} on `{self._model_id}`, seed {seed}"
                        f"{f'..{seed + count - 1}' if count > 1 else ''}, {seconds:.1f} s: "
                        f"`{Path(result.files[0]).name if result.files else ''}` ... in `{self.output}`.")
         return result
+
+
+    def _before(self, result: Result, request, prompt: str, seed: int, pipe) -> tuple[str, str]:
+        """The before/after pair: the first output, and the same seed without the method (saved under
+        ``without-method``)."""
+        from ..run import Request, generate, validate
+
+        if result.video is not None:
+            raise AttnCtrlError("before/after is for images; untick it for videos")
+        plain = Request(prompts=[prompt], model=request.model, negative_prompt=request.negative_prompt, seed=seed,
+                        steps=request.steps, guidance=request.guidance, width=result_size(result, request.width, 0),
+                        height=result_size(result, request.height, 1), output=self.output / "without-method",
+                        device=self.device, dtype=self.dtype)
+        before = next(o for o in generate(validate(plain), pipe=pipe, should_stop=self._stop) if o.kind == "image")
+        result.files.append(str(before.path))
+        return str(before.path), result.images[0][0]
 
 
 def _entry(name: str):

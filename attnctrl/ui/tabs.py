@@ -9,6 +9,10 @@ Each tab's Generate is an API endpoint (``/generate_<tab>``) whose parameters ar
 (``prompt``, ``seed``, ``mask_weights``, ``reference_1_image``, ...). A file uploaded into a slot is checked at once
 by the input module's own check (a toast naming the slot); a file an image slot refuses in the browser (the editor
 drops it without a word) is reported by the page's script (:data:`UPLOAD_SCRIPT`) to the same message.
+
+Beside each Generate is a Stop (:meth:`App.stop`), and below them the run's progress and result (the shared outputs
+may be scrolled out of view on a long tab); Generate reads "Generating..." while it runs, and a new run or an
+example's click clears the previous run's results (:func:`cleared`).
 """
 
 from __future__ import annotations
@@ -195,9 +199,10 @@ def _refused_upload(slots: dict):
     return refused
 
 
-def _examples(app: App, tab: Tab, inputs: list) -> None:
+def _examples(app: App, tab: Tab, inputs: list, shown_results: list) -> None:
     """The tab's registry examples as a table; a click fills every one of ``inputs`` (model, prompt, steps, frames
-    and the tab's widgets), an empty slot with None, so nothing of an earlier entry stays behind."""
+    and the tab's widgets), an empty slot with None, so nothing of an earlier entry stays behind, and clears
+    ``shown_results`` (the previous run's outputs, see :func:`cleared`)."""
     rows = [tab.example_row(app, x) for x in (tab.entry.examples if tab.entry else ())]
     if not rows:
         return
@@ -209,7 +214,8 @@ def _examples(app: App, tab: Tab, inputs: list) -> None:
 
     load.__name__ = f"load_example_{tab.key}"
     table.click(load, inputs=table, outputs=inputs, postprocess=False, show_progress="hidden", queue=False,
-                api_visibility="undocumented")
+                api_visibility="undocumented").then(
+        cleared, outputs=shown_results, show_progress="hidden", queue=False, api_visibility="private")
 
 
 def _page_value(component, value):
@@ -225,9 +231,49 @@ def _page_value(component, value):
 
 
 def _outputs(result: Result):
+    """The values of a tab's Generate outputs: the shared ones, the seed, then the tab's status and preview."""
     video = gr.Video(value=result.video, visible=result.video is not None)
     before_after = gr.ImageSlider(value=result.before_after, visible=result.before_after is not None)
-    return (result.images, video, before_after, result.artifacts, result.files, result.info, result.seed)
+    return (result.images, video, before_after, result.artifacts, result.files, result.info, result.seed,
+            result.info, result.images[0][0] if result.images else None)
+
+
+def cleared(status: str = "") -> tuple:
+    """What the result components show with no result (gallery, video, before/after, maps, files, info, the tab's
+    status and preview): an example's click and a new run start from it, never from the previous run's files."""
+    return ([], gr.Video(value=None, visible=False), gr.ImageSlider(value=None, visible=False), [], None, "",
+            status, None)
+
+
+def _busy(label: str):
+    """The start of a tab's run: its Generate busy, its Stop usable, the results cleared."""
+
+    def busy():
+        return (gr.Button(value="Generating...", interactive=False), gr.Button(interactive=True),
+                *cleared(f"{label}: generating..."))
+
+    busy.__name__ = "busy"
+    return busy
+
+
+def _idle(label: str):
+    """The end of a tab's run (done, failed or stopped): its Generate back, its Stop off."""
+
+    def idle():
+        return gr.Button(value=f"Generate ({label})", interactive=True), gr.Button(interactive=False)
+
+    idle.__name__ = "idle"
+    return idle
+
+
+def _stopper(app: App):
+    """Stop: the running generation ends after its current step (see :meth:`App.stop`)."""
+
+    def stop() -> None:
+        if app.stop():
+            gr.Info("Stopping after the current step...")
+
+    return stop
 
 
 def _speedups() -> list[MethodEntry]:
@@ -241,11 +287,11 @@ def build(app: App) -> gr.Blocks:
                              buttons=["download", "download_all", "fullscreen"], interactive=False, render=False)
         video = gr.Video(label="Video", visible=False, elem_id="video", render=False)
         before_after = gr.ImageSlider(label="Before (no method) / after", type="filepath", visible=False,
-                                      render=False)
+                                      render=False, elem_id="before-after")
         artifacts = gr.Gallery(label="Maps and masks of the method", columns=3, height=200, format="png",
                                interactive=False, elem_id="artifacts", render=False)
         files = gr.File(label="Files (PNG with metadata, JSON records, videos)", file_count="multiple",
-                        interactive=False, render=False)
+                        interactive=False, render=False, elem_id="files")
         info = gr.Markdown(elem_id="info", render=False)
         gr.Markdown(INTRO)
         with gr.Row():
@@ -265,8 +311,8 @@ def build(app: App) -> gr.Blocks:
                     with gr.Row():
                         steps = gr.Number(0, label="Steps", precision=0, info="0: the model's")
                         guidance = gr.Number(0, label="Guidance scale", info="0: the model's")
-                        width = gr.Number(0, label="Width", precision=0, step=8, info="0: the model's")
-                        height = gr.Number(0, label="Height", precision=0, step=8, info="0: the model's")
+                        width = gr.Number(0, label="Width", precision=0, **size_hint(app.default_model))
+                        height = gr.Number(0, label="Height", precision=0, **size_hint(app.default_model))
                         frames = gr.Number(0, label="Frames (video)", precision=0,
                                            info="video models: frames per clip / segment; 0: the model's")
                     compare = gr.Checkbox(False, label="Before/after: also generate without the method (same seed)")
@@ -290,29 +336,60 @@ def build(app: App) -> gr.Blocks:
                 assert list(common) == COMMON
                 speed_widgets = [w for _, switch, ws in speed for w in [switch, *(w for _, w in ws)]]
                 tabs = []
+                shared = [gallery, video, before_after, artifacts, files, info]
                 with gr.Tabs():
                     for tab in _tabs():
                         with gr.Tab(tab.title, id=tab.key):
                             _build_tab(tab)
-                            button = gr.Button(f"Generate ({tab.title})", variant="primary",
-                                               elem_id=f"generate-{tab.key}")
-                            tabs.append((tab, button))
-                            # a click fills the inputs (its model too); Generate runs it
-                            _examples(app, tab, [model, prompt, steps, frames] + tab.flat())
+                            with gr.Row():
+                                button = gr.Button(f"Generate ({tab.title})", variant="primary", scale=4,
+                                                   elem_id=f"generate-{tab.key}")
+                                stop = gr.Button("Stop", variant="stop", interactive=False, scale=1, min_width=80,
+                                                 elem_id=f"stop-{tab.key}")
+                            # the run's progress and result beside its button (the shared outputs may be far up)
+                            status = gr.Markdown(elem_id=f"status-{tab.key}")
+                            preview = gr.Image(label="Result (the first output)", type="filepath", height=220,
+                                               format="png", interactive=False, elem_id=f"preview-{tab.key}")
+                            tabs.append((tab, button, stop, status, preview))
+                            # a click fills the inputs (its model too) and clears the results; Generate runs it
+                            _examples(app, tab, [model, prompt, steps, frames] + tab.flat(),
+                                      shared + [status, preview])
             with gr.Column(scale=2):
                 for component in (gallery, video, before_after, artifacts, files, info):
                     component.render()
         last_seed = gr.State(0)
-        outputs = [gallery, video, before_after, artifacts, files, info, last_seed]
         reuse.click(lambda s: (s, False), inputs=last_seed, outputs=[seed, randomize], api_visibility="private")
-        for tab, button in tabs:
-            button.click(_handler(app, tab, speed), inputs=list(common.values()) + speed_widgets + tab.flat(),
-                         outputs=outputs, concurrency_limit=1, concurrency_id="generate")
+        model.change(lambda m: (gr.Number(**size_hint(m)),) * 2, inputs=model, outputs=[width, height], queue=False,
+                     show_progress="hidden", api_visibility="private")
+        for tab, button, stop, status, preview in tabs:
+            quick = dict(queue=False, show_progress="hidden", api_visibility="private")
+            run = button.click(_busy(tab.title), outputs=[button, stop, *shared, status, preview], **quick).then(
+                _handler(app, tab, speed), inputs=list(common.values()) + speed_widgets + tab.flat(),
+                outputs=[*shared, last_seed, status, preview], show_progress_on=[status, preview, gallery],
+                concurrency_limit=1, concurrency_id="generate")
+            # done or failed (gradio's page does not run a .then() after an error)
+            run.success(_idle(tab.title), outputs=[button, stop], **quick)
+            run.failure(_idle(tab.title), outputs=[button, stop], **quick)
+            stop.click(_stopper(app), outputs=None, **quick)
         report = gr.Textbox(visible="hidden", elem_id="attnctrl-upload-report")
-        report.change(_refused_upload({k: v for tab, _ in tabs for k, v in tab.uploads.items()}), inputs=report,
+        report.change(_refused_upload({k: v for tab, *_ in tabs for k, v in tab.uploads.items()}), inputs=report,
                      outputs=None, show_progress="hidden", api_visibility="private")
         demo.load(None, js=UPLOAD_SCRIPT)
     return demo
+
+
+def size_hint(model: str | None) -> dict:
+    """The ``step`` and ``info`` of the width and height boxes for ``model``: the multiple its sides must be and its
+    largest side, as the run layer checks them (read from the model's configs, nothing loaded)."""
+    from ..models import size_rule
+    from ..run.request import MAX_SIZE_FACTOR
+
+    try:
+        native, multiple = size_rule(model) or (None, 8)
+    except Exception:  # a name being typed: the run layer's checks speak at Generate
+        native, multiple = None, 8
+    most = f", at most {MAX_SIZE_FACTOR * native}" if native else ""
+    return {"step": multiple, "info": f"0: the model's; a multiple of {multiple}{most}"}
 
 
 def _identifier(text: str) -> str:
@@ -359,7 +436,10 @@ def _handler(app: App, tab: Tab, speed):
             method, options, inputs = tab.request(app, values[len(COMMON) + n_speed:])
             return app.generate(settings, method, options, inputs)
 
-        return _outputs(_user_errors(work))
+        result = _user_errors(work)
+        if result.stopped:
+            gr.Info(result.info.replace("*", ""))
+        return _outputs(result)
 
     run.__name__ = f"generate_{tab.key}"
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
