@@ -44,12 +44,21 @@ def test_load_pipeline_references(tmp_path):
     ("does-not-exist", "not available offline"),
     ("org/not-cached-model", "not in the Hugging Face cache"),
     ("tiny-sd9", "unknown tiny model"),
-    ("not a model!", "neither toyworld, a tiny model"),
+    ("not a model!", r"neither an embedded model \(toyworld, toyworld-flux\), a tiny model"),
 ])
 def test_unavailable_models_fail_with_one_sentence(ref, msg):
     with pytest.raises(ModelNotAvailableError, match=msg) as e:
         load_pipeline(ref)
     assert "\n" not in str(e.value)
+
+
+def test_a_missing_embedded_model_names_the_command_that_trains_it(tmp_path, monkeypatch):
+    from attnctrl.models import check_model, loading
+
+    monkeypatch.setattr(loading, "embedded_path", lambda name: tmp_path / name)
+    with pytest.raises(ModelNotAvailableError, match=r"toyworld-flux model is missing .* `attnctrl train-toy --arch "
+                                                     r"flux -o DIR`"):
+        check_model("toyworld-flux")
 
 
 def test_folder_and_file_errors(tmp_path):
