@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -469,8 +470,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(port: int, output: Path, log: Path) -> subprocess.Popen:
-    """``attnctrl ui`` in its own process (as a user starts it), once it answers on ``port``."""
+@contextlib.contextmanager
+def _serve(port: int, output: Path, log: Path):
+    """``attnctrl ui`` in its own process (as a user starts it), once it answers on ``port``; stopped on exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, "-m", "attnctrl", "ui", "--model", MODEL, "--port", str(port), "-o",
                              str(output)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -480,11 +482,20 @@ def _serve(port: int, output: Path, log: Path) -> subprocess.Popen:
             pytest.fail(f"attnctrl ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return proc
+            break
         except OSError:
             time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"attnctrl ui did not answer within 180 s:\n{log.read_text()[-3000:]}")
+    else:
+        proc.kill()
+        pytest.fail(f"attnctrl ui did not answer within 180 s:\n{log.read_text()[-3000:]}")
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 #: no gradio progress read-out ("processing | 0.8s", "4/25 steps", ETA bars) anywhere on the page
@@ -495,8 +506,7 @@ def test_page_end_to_end(tmp_path):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     port = _free_port()
-    server = _serve(port, tmp_path / "outputs", tmp_path / "server.log")
-    try:
+    with _serve(port, tmp_path / "outputs", tmp_path / "server.log"):
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -563,12 +573,6 @@ def test_page_end_to_end(tmp_path):
             page.wait_for_function("() => !document.querySelector('#generate-plain').disabled", timeout=30_000)
             assert generate.inner_text() == "Generate (Text to image)" and page.locator("#stop-plain").is_disabled()
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs").rglob("*.png"))  # the outputs went where -o said
 
@@ -594,8 +598,7 @@ def test_page_refuses_wrong_files_at_once_and_examples_fill_every_slot(tmp_path)
     notes.write_text("some notes")
     fake.write_text("not a picture")
     port = _free_port()
-    server = _serve(port, tmp_path / "outputs", tmp_path / "server.log")
-    try:
+    with _serve(port, tmp_path / "outputs", tmp_path / "server.log"):
         api = Client(f"http://127.0.0.1:{port}/", verbose=False).view_api(return_format="dict", print_info=False)
         names = [p["parameter_name"] for p in api["named_endpoints"]["/generate_freecustom"]["parameters"]]
         assert names[:4] == ["model", "prompt", "negative_prompt", "seed"] and "mask_weights" in names
@@ -625,12 +628,6 @@ def test_page_refuses_wrong_files_at_once_and_examples_fill_every_slot(tmp_path)
             if os.environ.get("ATTNCTRL_SCREENSHOT_REFUSED"):
                 page.screenshot(path=os.environ["ATTNCTRL_SCREENSHOT_REFUSED"], full_page=True)
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 

@@ -192,12 +192,18 @@ def size_rule(model: str | None) -> tuple[int | None, int] | None:
     if denoiser is None or not blocks:
         return None
     scale = 2 ** (len(blocks) - 1)
-    packed = str(denoiser.get("_class_name", "")).startswith("Flux")  # FLUX packs 2x2 latent patches
-    patch = 2 if packed else int(denoiser.get("patch_size") or 1)
-    sample = None if packed else denoiser.get("sample_size") or denoiser.get("sample_height")
+    name = str(denoiser.get("_class_name", ""))
+    sample = None if name.startswith("Flux") else denoiser.get("sample_size") or denoiser.get("sample_height")
     if isinstance(sample, (tuple, list)):
         sample = max(sample)
-    return (sample * scale if isinstance(sample, int) else None), math.lcm(8, scale * patch)
+    return (sample * scale if isinstance(sample, int) else None), side_multiple(scale, name, denoiser.get("patch_size"))
+
+
+def side_multiple(vae_scale: int, denoiser_class: str, patch_size: int | None) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling times the denoiser's patch (FLUX packs 2x2
+    latents), and at least 8."""
+    patch = 2 if denoiser_class.startswith("Flux") else int(patch_size or 1)
+    return math.lcm(8, int(vae_scale) * patch)
 
 
 def recommended_settings(pipe) -> dict:

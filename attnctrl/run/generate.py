@@ -9,7 +9,6 @@ is an error, never a saved success. Every surface (command line, job files, web 
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,11 +105,12 @@ def native_size(pipe) -> int | None:
 def size_multiple(pipe) -> int:
     """What every side must be a multiple of: the VAE's downsampling times the denoiser's patch (FLUX packs 2x2
     latents), and at least 8 (as :func:`attnctrl.models.size_rule` reads it before loading)."""
+    from ..models.loading import side_multiple
+
     scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
     denoiser = denoiser_of(pipe)
     config = getattr(denoiser, "config", {}) or {}
-    patch = 2 if type(denoiser).__name__.startswith("Flux") else int(config.get("patch_size") or 1)
-    return math.lcm(8, int(scale) * patch)
+    return side_multiple(scale, type(denoiser).__name__, config.get("patch_size"))
 
 
 def _check_size(pipe, width, height) -> None:
