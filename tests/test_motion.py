@@ -12,6 +12,7 @@ import pytest
 
 from attnctrl.models.toyworld import HELD_OUT, VOCABULARY, CaptionError, Obj, Scene, render
 from attnctrl.models.toyworld.motion import (
+    NUM_FRAMES,
     VIDEO_VOCABULARY,
     clip_of_caption,
     make_clip,
@@ -31,9 +32,9 @@ def test_clips_are_deterministic_by_seed():
     a, b, c = make_clip(11), make_clip(11), make_clip(12)
     assert a.caption == b.caption and a.caption != c.caption
     frames = _pixels(a)
-    assert frames.shape == (13, 64, 64, 3) and frames.dtype == np.uint8
+    assert frames.shape == (NUM_FRAMES, 64, 64, 3) and frames.dtype == np.uint8
     assert np.array_equal(frames, _pixels(b))
-    assert _pixels(a, size=128).shape == (13, 128, 128, 3)
+    assert _pixels(a, size=128).shape == (NUM_FRAMES, 128, 128, 3)
     # a seed's path is the same at any frame count: 17 frames are 9 frames with one between each pair
     short, long = make_clip(5, num_frames=9), make_clip(5, num_frames=17)
     assert short.caption == long.caption and np.allclose(short.positions(), long.positions()[:, ::2])
@@ -163,7 +164,7 @@ def test_checker_sees_reversed_shuffled_and_still_clips():
     assert still["objects"][0]["read"] == ["still"] and still["direction"] == 1.0 and still["max_jump"] < 1
     frames = _pixels(clip_of_caption("a red circle moving left turning blue", seed=4))
     assert score_clip(frames, "a red circle moving left turning blue")["colour"] == 1.0
-    assert score_clip(frames, "a red circle moving left")["colour"] == pytest.approx(7 / 13)  # red until the middle
-    blank = np.full((13, 64, 64, 3), 230, np.uint8)
+    assert score_clip(frames, "a red circle moving left")["colour"] == pytest.approx(9 / 17)  # red until the middle
+    blank = np.full((NUM_FRAMES, 64, 64, 3), 230, np.uint8)
     empty = score_clip(blank, "a red circle moving left")
     assert empty["persistence"] == 0.0 and empty["direction"] == 0.0 and empty["objects"][0]["read"] == [None]

@@ -189,7 +189,7 @@ def test_flux_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
     assert all(len(pipe.tokenizer_2(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
     assert CheckerView(pipe)(["a red circle"], num_inference_steps=1).images[0].size == (64, 64)  # for the checker
-    # training sigmas are shifted as the sampler shifts its sigmas at the model's 256 tokens
+    # the sampler shifts its sigmas by e^0.5 at the model's 256 tokens (training samples them unshifted)
     sampler = flow_scheduler()
     sampler.set_timesteps(sigmas=[0.5], mu=0.5)
     shift = flow_shift(sampler, 256)
@@ -205,6 +205,49 @@ def test_flux_trainer_wiring_resume_and_saved_folder(tmp_path):
     assert result.exit_code == 1 and "UNet" in result.output and not (tmp_path / "g").exists()
     result = CliRunner().invoke(cli, ["train-toy", "-o", str(tmp_path / "g"), "--arch", "dit"])
     assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_video_trainer_wiring_resume_and_saved_folder(tmp_path):
+    """--arch video: the same trainer draws a clip pool, trains the 3D VAE, then the CogVideoX transformer and T5,
+    checkpoints and resumes, and saves a CogVideoXPipeline folder that load_pipeline loads and that makes 17-frame
+    clips; flipped clips swap "moving left" and "moving right"."""
+    from safetensors.torch import load_file
+
+    from attnctrl import load_pipeline
+    from attnctrl.models.toyworld.data import sample_latents, swap_sides
+    from attnctrl.models.toyworld.train import train
+    from attnctrl.models.toyworld.video import VIDEO_FRAMES, video_tokenizer
+
+    quiet = dict(log=lambda m: None, final_eval=False)
+    with pytest.raises(ValueError, match="from scratch"):
+        train(tmp_path / "x", minutes=0.1, arch="video", init="toyworld", **quiet)
+    train(tmp_path, minutes=0.02, arch="video", pool_size=4, batch=2, vae_batch=1, vae_minutes=0.01, video_layers=1,
+          **quiet)
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert first["config"]["arch"] == "video" and first["config"]["pool_size"] == 4 and first["vae_step"] > 0
+    assert torch.load(tmp_path / "pool.pt")["frames"].shape == (4, VIDEO_FRAMES, 64, 64, 3)
+    # resumed past the VAE: the pool's latents are 5 latent frames of 16x16 (17 frames, 4x in time and space)
+    out = train(tmp_path, minutes=first["elapsed"] / 60 + 0.02, resume=True, **quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] > 0 and state["latents"][0].shape == (4, 16, 5, 16, 16)
+    flip = torch.tensor([True, False])
+    latents = sample_latents(*state["latents"], 1.0, torch.tensor([0, 0]), flip, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 16, 5, 16, 16)
+    assert swap_sides("a red circle moving left") == "a red circle moving right"
+
+    pipe = load_pipeline(str(out))
+    assert type(pipe).__name__ == "CogVideoXPipeline" and pipe.transformer.config.num_layers == 1
+    assert pipe.vae.config.scaling_factor == pytest.approx(state["scaling"])
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    saved = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")  # the EMA weights, fp16
+    assert all(torch.equal(saved[k], v.half()) for k, v in state["ema_transformer"].items())
+    settings = pipe.attnctrl_defaults
+    assert (settings["num_frames"], settings["height"], settings["max_sequence_length"]) == (VIDEO_FRAMES, 64, 32)
+    video = pipe("a red circle moving right", num_frames=VIDEO_FRAMES, height=64, width=64, num_inference_steps=2,
+                 max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, VIDEO_FRAMES, 64, 64, 3) and np.isfinite(video).all()
+    tokenizer = video_tokenizer()
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in ("moving", "still", "turning"))
 
 
 def test_grounding_targets_recorder_and_loss():

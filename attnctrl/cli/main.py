@@ -276,13 +276,15 @@ def _sigterm_as_interrupt():
               help="Training-time budget, across resumes.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in OUTPUT with its own settings (raise --minutes to train longer).")
-@click.option("--arch", type=click.Choice(["sd", "flux"]), default=None,
+@click.option("--arch", type=click.Choice(["sd", "flux", "video"]), default=None,
               help="sd: the UNet (Stable Diffusion-like) model, 64 px; flux: a FLUX.1-like transformer (FluxPipeline, "
-              "128 px) starting from --init's VAE and CLIP text encoder (the shipped model's by default).  "
-              "[default: sd; a resumed run keeps its own]")
+              "128 px) starting from --init's VAE and CLIP text encoder (the shipped model's by default); video: "
+              "toyworld-video, a CogVideoX-like model of moving shapes (CogVideoXPipeline, 17 frames of 64 px), from "
+              "scratch.  [default: sd; a resumed run keeps its own]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--pool-size", type=click.IntRange(64), default=32768, show_default=True,
-              help="Procedural scenes drawn once and reused (with flips).")
+@click.option("--pool-size", type=click.IntRange(64), default=None,
+              help="Procedural scenes (clips for --arch video) drawn once and reused (with flips).  [default: 32768 "
+              "scenes, 8192 clips]")
 @click.option("--vae-minutes", type=click.FloatRange(0.05), default=None,
               help="Training time of the autoencoder, part of --minutes.  [default: the recipe's, 20]")
 @click.option("--init", "init", default=None, metavar="FOLDER",
@@ -311,8 +313,8 @@ def train_toy(output, minutes, resume, arch, seed, pool_size, vae_minutes, init,
              if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
     if resume and given:
         raise click.ClickException(f"a resumed run keeps its own {' and '.join(given)}; leave them out with --resume")
-    overrides = {} if resume else {"seed": seed, "pool_size": pool_size}
-    given_values = {"arch": arch, "vae_minutes": vae_minutes, "init": init, "lr": lr,
+    overrides = {} if resume else {"seed": seed}
+    given_values = {"arch": arch, "pool_size": pool_size, "vae_minutes": vae_minutes, "init": init, "lr": lr,
                     "look_alike_fraction": look_alike, "grounding_weight": grounding, "reference_fraction": references}
     overrides.update({k: v for k, v in given_values.items() if v is not None})
     try:

@@ -63,11 +63,11 @@ def grounding_targets(scene) -> tuple[torch.Tensor, torch.Tensor]:
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scaling: float, idx: torch.Tensor, flip: torch.Tensor,
                    gen: torch.Generator, shift: float = 0.0) -> torch.Tensor:
     """Scaled latents of scenes ``idx`` sampled from their cached VAE posteriors (``mean``, ``logvar``: one row per
-    pool scene), flipped horizontally where ``flip``: ``(z - shift) * scaling`` (``shift``: FLUX's VAE
+    pool scene or clip), flipped horizontally where ``flip``: ``(z - shift) * scaling`` (``shift``: FLUX's VAE
     ``shift_factor``; 0 for the UNet model)."""
     mean, logvar = mean[idx].float(), logvar[idx].float()
     latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen) - shift) * scaling
-    return torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+    return torch.where(flip.view(-1, *[1] * (latents.dim() - 1)), latents.flip(-1), latents)
 
 
 class ScenePool:

@@ -54,7 +54,7 @@ from .tokenizer import MAX_TOKENS
 from .world import IMAGE_SIZE, VOCABULARY
 
 __all__ = [
-    "FLUX_IMAGE_SIZE", "FLUX_BLOCKS", "FLUX_HEADS", "FLUX_HEAD_DIM", "FLUX_CFG", "FLUX_RECOMMENDED", "t5_tokenizer",
+    "FLUX_IMAGE_SIZE", "FLUX_BLOCKS", "FLUX_HEADS", "FLUX_HEAD_DIM", "FLUX_CFG", "FLUX_RECOMMENDED", "t5_tokenizer", "t5_encoder",
     "build_flux_models", "flow_scheduler", "flow_shift", "sample_sigmas", "flux_pipeline", "flow_loss",
     "save_flux_pipeline", "CheckerView",
 ]
@@ -75,16 +75,16 @@ FLUX_RECOMMENDED = {"num_inference_steps": 25, "guidance_scale": FLUX_CFG, "true
 _T5_WIDTH = 128  # = the CLIP text encoder's width and the transformer's joint_attention_dim
 
 
-def t5_tokenizer(model_max_length: int = MAX_TOKENS):
+def t5_tokenizer(model_max_length: int = MAX_TOKENS, vocabulary: tuple[str, ...] = VOCABULARY):
     """A ``T5Tokenizer`` (SentencePiece Unigram, T5's ``<pad>`` 0 / ``</s>`` 1 / ``<unk>`` 2) whose pieces are the
-    toyworld words (``"▁red"``: one token per word) and single characters (other words fall back to them)."""
+    ``vocabulary`` words (``"▁red"``: one token per word) and single characters (other words fall back to them)."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
     pieces += [(c, -18.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [("▁" + w, -1.0) for w in VOCABULARY]
+    pieces += [("▁" + w, -1.0) for w in vocabulary]
     tok = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
-    for word in VOCABULARY:
+    for word in vocabulary:
         if len(tok(word, add_special_tokens=False).input_ids) != 1:  # pragma: no cover - guarded by the tests
             raise RuntimeError(f"toy T5 tokenizer splits {word!r}")
     return tok
@@ -103,24 +103,31 @@ def _adaln_zero(transformer) -> None:
             layer.bias.zero_()
 
 
+def t5_encoder(tokenizer, seed: int):
+    """A fresh tiny ``T5EncoderModel`` for ``tokenizer`` (:func:`t5_tokenizer`): d_model 128, 3 layers of 4 heads,
+    gated-GELU as T5 v1.1."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=_T5_WIDTH, d_kv=32, d_ff=512, num_layers=3, num_heads=4,
+        relative_attention_num_buckets=16, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_flux_models(tokenizer, tokenizer_2, seed: int = 0, blocks: tuple[int, int] = FLUX_BLOCKS,
                       heads: int = FLUX_HEADS, head_dim: int = FLUX_HEAD_DIM):
     """Fresh (random) VAE, CLIP and T5 text encoders and transformer of the flux variant (the trainer then loads the
     VAE and CLIP text encoder of a saved toyworld model into them)."""
     from diffusers import FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     from .architecture import build_text_encoder, build_vae
 
     vae = build_vae(seed)
     text_encoder = build_text_encoder(tokenizer, seed + 1)
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=_T5_WIDTH, d_kv=32, d_ff=512, num_layers=3, num_heads=4,
-        relative_attention_num_buckets=16, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-    ))
+    text_encoder_2 = t5_encoder(tokenizer_2, seed + 3)
     if head_dim % 4 or head_dim < 8:
         raise ValueError(f"flux head_dim must be a multiple of 4, at least 8 (RoPE axes), not {head_dim}")
     rope = (4, (head_dim - 4) // 2, (head_dim - 4) // 2)  # axis 0 (zeros in FLUX's ids), rows, columns

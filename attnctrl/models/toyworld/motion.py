@@ -1,7 +1,7 @@
 """Moving shapes: toyworld-video's world of short clips of one or two moving toyworld objects, deterministic by seed.
 
-A clip has :data:`NUM_FRAMES` = 13 frames by default (any 4k + 1 >= 5: 9, 13, 17 -- CogVideoX compresses time 4x)
-of 64 x 64 px, drawn frame by frame with :func:`~attnctrl.models.toyworld.world.render` (same shapes, colours,
+A clip has :data:`NUM_FRAMES` = 17 frames by default (the world draws any 4k + 1 >= 5: 9, 13, 17, ...; toyworld-video
+uses 8k + 1, see :mod:`.video`) of 64 x 64 px, drawn frame by frame with :func:`~attnctrl.models.toyworld.world.render` (same shapes, colours,
 patterns, background and noise; the noise is the clip's, the same in every frame; stripes and dots move with
 their object). One object (70 %, 14-22 px) or two (30 %, 13-17 px, of different colours); each moves left, right, up
 or down at a constant speed, or stands still. A moving object covers 60-90 % of the room it has along its axis over
@@ -39,7 +39,7 @@ __all__ = [
     "clip_of_caption", "render_clip", "parse_motion_caption", "video_benchmark_captions", "segment_prompts",
 ]
 
-NUM_FRAMES = 13
+NUM_FRAMES = 17
 MOTIONS = ("left", "right", "up", "down", "still")
 STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 VIDEO_VOCABULARY = tuple(dict.fromkeys([*VOCABULARY, "moving", "up", "down", "standing", "still", "then", "turning"]))

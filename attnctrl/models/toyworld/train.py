@@ -28,6 +28,11 @@ saved toyworld model (the shipped one unless ``init`` names another; a flux fold
 whole), the VAE is kept (no VAE phase) and the pool's latents are normalised FLUX's way (``shift_factor`` and
 ``scaling_factor``); a ``FluxTransformer2DModel`` and a T5 encoder are trained with the CLIP text encoder by rectified
 flow; the result is a ``FluxPipeline`` folder. The grounding loss and in-context references are UNet-only.
+
+``arch="video"`` trains toyworld-video (:mod:`.video`), a CogVideoX-architecture model of moving shapes, from scratch
+with the same loop: the pool holds clips of :mod:`.motion` (flipped with "left"/"right" swapped too), the VAE phase
+trains its 3D VAE on them, then a ``CogVideoXTransformer3DModel`` and its T5 encoder are trained by v-prediction;
+the quick evaluations use the video checker; the result is a ``CogVideoXPipeline`` folder.
 """
 
 from __future__ import annotations
@@ -66,12 +71,25 @@ from .flux import (
 )
 from .losses import epsilon_loss, grounding_loss, grounding_terms, min_snr_weights, vae_loss
 from .tokenizer import MAX_TOKENS, toy_tokenizer
+from .video import (
+    VIDEO_LAYERS,
+    VIDEO_SIZE,
+    ClipPool,
+    build_video_models,
+    evaluate_video,
+    save_video_pipeline,
+    video_loss,
+    video_pipeline,
+    video_scheduler,
+    video_tokenizer,
+)
 from .world import IMAGE_SIZE
 
 __all__ = ["ARCHS", "TrainConfig", "train", "cosine_factor"]
 
-#: the architectures ``train`` builds: the UNet (Stable Diffusion-like) model and the FLUX-like variant
-ARCHS = ("sd", "flux")
+#: the architectures ``train`` builds: the UNet (Stable Diffusion-like) model, the FLUX-like and the CogVideoX-like
+#: (video) variants
+ARCHS = ("sd", "flux", "video")
 
 
 @dataclass
@@ -113,11 +131,13 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     eval_minutes: float = 20.0
     final_eval: bool = True
-    # "sd": the UNet model; "flux": the FLUX-architecture variant (flux.py), sized by the three fields below
+    # "sd": the UNet model; "flux": the FLUX-architecture variant (flux.py), sized by the three fields below;
+    # "video": the CogVideoX-architecture variant (video.py) of video_layers transformer blocks
     arch: str = "sd"
     flux_blocks: tuple[int, int] = FLUX_BLOCKS  # double-stream, single-stream blocks
     flux_heads: int = FLUX_HEADS
     flux_head_dim: int = FLUX_HEAD_DIM
+    video_layers: int = VIDEO_LAYERS
 
 
 #: settings of runs saved before they existed (a resumed old checkpoint keeps the behaviour it was trained with)
@@ -193,9 +213,13 @@ class _Trainer:
     def __init__(self, out: Path, cfg: TrainConfig, log: Callable[[str], None]):
         self.out, self.cfg, self.log = out, cfg, log
         self.clock = _StepClock()
-        self.flux = cfg.arch == "flux"
-        self.tokenizer = toy_tokenizer()
-        if self.flux:
+        self.flux, self.video = cfg.arch == "flux", cfg.arch == "video"
+        self.tokenizer = video_tokenizer() if self.video else toy_tokenizer()
+        if self.video:  # CogVideoX has one text encoder, T5: it is the pipeline's ``text_encoder``
+            self.tokenizer_2 = self.text_encoder_2 = None
+            self.vae, self.text_encoder, self.denoiser = build_video_models(self.tokenizer, cfg.seed, cfg.video_layers)
+            self.scheduler = video_scheduler()
+        elif self.flux:
             self.tokenizer_2 = t5_tokenizer()
             self.vae, self.text_encoder, self.text_encoder_2, self.denoiser = build_flux_models(
                 self.tokenizer, self.tokenizer_2, cfg.seed, tuple(cfg.flux_blocks), cfg.flux_heads, cfg.flux_head_dim)
@@ -205,9 +229,9 @@ class _Trainer:
             self.vae, self.text_encoder, self.denoiser = build_models(self.tokenizer, cfg.seed, cfg.unet_channels)
             self.scheduler = noise_scheduler(cfg.beta_end)
         # the denoiser's component name: its folder in the saved pipeline and its key in the checkpoint
-        self.name = "transformer" if self.flux else "unet"
-        self.image_size = FLUX_IMAGE_SIZE if self.flux else IMAGE_SIZE
-        self.pool: ScenePool | None = None
+        self.name = "transformer" if self.flux or self.video else "unet"
+        self.image_size = FLUX_IMAGE_SIZE if self.flux else VIDEO_SIZE if self.video else IMAGE_SIZE
+        self.pool: ScenePool | ClipPool | None = None
         self.phase = "pool"  # then "vae", then "unet" (the denoiser's phase, whatever the architecture)
         self.elapsed = 0.0
         self.step = 0
@@ -257,6 +281,9 @@ class _Trainer:
     # -- data ------------------------------------------------------------------------------------------------------
     def build_pool(self) -> None:
         cfg = self.cfg
+        if self.video:
+            self.pool = ClipPool.load_or_build(self.out / "pool.pt", cfg.pool_size, cfg.seed, log=self.log)
+            return
         self.pool = ScenePool.load_or_build(self.out / "pool.pt", cfg.pool_size, cfg.seed, cfg.look_alike_fraction,
                                             need_masks=bool(cfg.grounding_weight or cfg.reference_fraction),
                                             log=self.log, image_size=self.image_size)
@@ -302,13 +329,13 @@ class _Trainer:
         pool = self.pool
         self.vae.eval()
         means, logvars = [], []
-        chunk = 256 if self.image_size == IMAGE_SIZE else 64  # 128 px scenes: smaller chunks (memory)
+        chunk = 16 if self.video else 256 if self.image_size == IMAGE_SIZE else 64  # (memory)
         for start in range(0, len(pool), chunk):
             post = self.vae.encode(pool.pixels(torch.arange(start, min(start + chunk, len(pool))))).latent_dist
             means.append(post.mean.half())
             logvars.append(post.logvar.half())
-            if self.flux and (start // chunk + 1) % 64 == 0:
-                self.log(f"pool encoded: {start + chunk}/{len(pool)} scenes")
+            if (self.flux or self.video) and (start // chunk + 1) % 64 == 0:
+                self.log(f"pool encoded: {start + chunk}/{len(pool)}")
         self.lat_mean, self.lat_logvar = torch.cat(means), torch.cat(logvars)
         if not self.keep_scaling:
             if self.flux:  # FLUX's VAE normalisation: (z - shift_factor) * scaling_factor
@@ -317,20 +344,26 @@ class _Trainer:
         self.vae.register_to_config(scaling_factor=self.scaling)
         if self.flux:
             self.vae.register_to_config(shift_factor=self.shift)
-        rec = self.vae.decode(self.lat_mean[:64].float()).sample
+        rec = self.vae.decode(self.lat_mean[: 16 if self.video else 64].float()).sample
         psnr = -10 * math.log10(F.mse_loss(rec, pool.pixels(torch.arange(len(rec)))).item() / 4)
         shift = f"shift factor {self.shift:.3f}, " if self.flux else ""
         self.log(f"vae done: pool encoded, {shift}scaling factor {self.scaling:.3f}, reconstruction PSNR {psnr:.1f} dB, "
-                 f"right colour on reconstructions {self._colour_fidelity(rec):.0%}")
+                 f"on reconstructions {self._fidelity(rec)}")
         self.phase = "unet"
 
-    def _colour_fidelity(self, rec: torch.Tensor) -> float:
-        """Fraction of objects whose colour :func:`score` reads right on VAE reconstructions of pool scenes (those whose
-        caption names every object's colour)."""
+    def _fidelity(self, rec: torch.Tensor) -> str:
+        """What the checker reads right on VAE reconstructions of pool scenes: the objects' colour (the scenes whose
+        caption names every object's colour) or, for clips, the video checker's colour, shape and direction."""
         from PIL import Image
 
         from .score import CaptionError, score
 
+        if self.video:
+            from .video_score import evaluate_clips
+
+            clips = ((rec.permute(0, 2, 3, 4, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+            found = evaluate_clips(list(clips), self.pool.captions[: len(clips)])
+            return f"colour {found['colour']:.0%}, shape {found['shape']:.0%}, direction {found['direction']:.0%}"
         pixels = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         hits = []
         for image, caption in zip(pixels, self.pool.captions):
@@ -341,7 +374,7 @@ class _Trainer:
                 hits += [obj["colour"] for obj in score(image, caption)["objects"]]
             except CaptionError:  # a look-alike scene's copies name no colour
                 continue
-        return sum(hits) / max(1, len(hits))
+        return f"right colour {sum(hits) / max(1, len(hits)):.0%}"
 
     # -- denoiser + text encoders --------------------------------------------------------------------------------
     def _tokens(self, captions: list[str]) -> torch.Tensor:
@@ -403,6 +436,8 @@ class _Trainer:
             # unshifted logit-normal sigmas (SD3's): the sampler's shift at 256 tokens (e^0.5) left 3 % of the
             # steps below sigma 0.2, where a shape's edges are drawn, and shape stayed near chance (docs/toyworld.md)
             shift = 1.0
+        elif self.video:
+            live = video_pipeline(self.vae, self.text_encoder, self.tokenizer, self.denoiser)
         else:
             alphas = self.scheduler.alphas_cumprod
             weights = min_snr_weights(self.scheduler, cfg.min_snr_gamma, cfg.x0_weight_floor)
@@ -425,6 +460,8 @@ class _Trainer:
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             if self.flux:
                 loss = flow_loss(live, latents, captions, gen, shift)
+            elif self.video:
+                loss = video_loss(live, latents, captions, gen)
             else:
                 loss, inside = self._epsilon_step(cfg, pool, alphas, weights, idx, flip, drop, latents, captions,
                                                   refs, references, recorder, gen)
@@ -487,11 +524,14 @@ class _Trainer:
         return loss, mean
 
     def pipeline(self):
-        """A pipeline of the EMA weights for the quick evaluation: a ``StableDiffusionPipeline``, or for the flux
-        variant a ``FluxPipeline`` seen through :class:`~.flux.CheckerView` (true CFG, 64 px images)."""
+        """A pipeline of the EMA weights for the quick evaluation: a ``StableDiffusionPipeline``, for the flux variant a
+        ``FluxPipeline`` seen through :class:`~.flux.CheckerView` (true CFG, 64 px images), for the video one a
+        ``CogVideoXPipeline``."""
         from diffusers import StableDiffusionPipeline
 
         self._sync_ema()
+        if self.video:
+            return video_pipeline(self.vae, self.ema_text, self.tokenizer, self.ema_denoiser)
         if self.flux:
             return CheckerView(flux_pipeline(self.vae, self.ema_text, self.tokenizer, self.ema_text_2, self.tokenizer_2,
                                              self.ema_denoiser), self.image_size)
@@ -507,6 +547,8 @@ class _Trainer:
         from .bench import benchmark_captions, evaluate, evaluate_look_alike
 
         started = time.perf_counter()
+        if self.video:
+            return self._quick_video_eval(started)
         captions = benchmark_captions()
         single = evaluate(self.pipeline(), captions["single"][::2], steps=20)
         two = evaluate(self.pipeline(), captions["two"][::4], steps=20)
@@ -522,9 +564,27 @@ class _Trainer:
                  f"colour {look['same']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
         return entry
 
+    def _quick_video_eval(self, started: float) -> dict:
+        from .motion import video_benchmark_captions
+
+        captions = video_benchmark_captions()
+        single = evaluate_video(self.pipeline(), captions["single"][::3], steps=20)
+        two = evaluate_video(self.pipeline(), captions["two"][::4], steps=20)
+        self.denoiser.train()
+        self.text_encoder.train()
+        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two}
+        self.history.append(entry)
+        self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} "
+                 f"direction {single['direction']:.2f} persistence {single['persistence']:.2f} largest jump "
+                 f"{single['max_jump']:.1f} px; two-object colour {two['colour']:.2f} direction {two['direction']:.2f} "
+                 f"({time.perf_counter() - started:.0f} s, not counted)")
+        return entry
+
     def save(self, path: Path, info: dict) -> Path:
         """The EMA weights as a diffusers folder: ``StableDiffusionPipeline`` or, for the flux variant, ``FluxPipeline``."""
         self._sync_ema()
+        if self.video:
+            return save_video_pipeline(path, self.vae, self.ema_text, self.tokenizer, self.ema_denoiser, info)
         if self.flux:
             return save_flux_pipeline(path, self.vae, self.ema_text, self.tokenizer, self.ema_text_2, self.tokenizer_2,
                                       self.ema_denoiser, info)
@@ -602,6 +662,11 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
     if arch == "flux":
         if not (resume and ckpt.exists()):
             overrides = _flux_start(overrides)
+    elif arch == "video":
+        if overrides.get("init"):
+            raise ValueError("--init: toyworld-video trains from scratch (resume a video run with --resume)")
+        if not (resume and ckpt.exists()):  # clips cost ~17 scenes each: a smaller pool, VAE batches, longer VAE
+            overrides = {"pool_size": 8192, "vae_batch": 2, "vae_minutes": 30.0, **overrides}
     elif overrides.get("init"):  # fine-tuning: the folder's architecture and schedule, no VAE phase
         init = model_folder(str(overrides["init"]))
         if not (init / "unet" / "config.json").is_file():
@@ -640,7 +705,7 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
             trainer.unet_loop()
     trainer.checkpoint()
     if trainer.phase != "unet" or trainer.step == 0:
-        log(f"stopped before the {'transformer' if trainer.flux else 'UNet'} phase; resume with a larger --minutes")
+        log(f"stopped before the {trainer.name} phase; resume with a larger --minutes")
         return out
     entry = trainer.quick_eval() if cfg.final_eval else None
     info = {"trained_minutes": round(trainer.elapsed / 60, 1), "steps": trainer.step, "vae_steps": trainer.vae_step,
@@ -651,17 +716,17 @@ def train(out_dir: str | os.PathLike, minutes: float = 90.0, resume: bool = Fals
 
 
 #: settings that fix a run's networks and starting point (a resumed run keeps them)
-_ARCHITECTURE = frozenset({"unet_channels", "flux_blocks", "flux_heads", "flux_head_dim", "init"})
+_ARCHITECTURE = frozenset({"unet_channels", "flux_blocks", "flux_heads", "flux_head_dim", "video_layers", "init"})
 
 
 def _check_arch(cfg: TrainConfig) -> None:
     """Refuse the UNet-only options (the grounding loss and in-context references hook a UNet's attention) in a
-    flux run."""
-    if cfg.arch == "flux":
+    flux or video run."""
+    if cfg.arch != "sd":
         unet_only = [f"--{n}" for n, v in (("grounding", cfg.grounding_weight), ("references", cfg.reference_fraction))
                      if v]
         if unet_only:
-            raise ValueError(f"{' and '.join(unet_only)}: for the UNet (sd) architecture only, not --arch flux")
+            raise ValueError(f"{' and '.join(unet_only)}: for the UNet (sd) architecture only, not --arch {cfg.arch}")
 
 
 def _flux_start(overrides: dict) -> dict:
