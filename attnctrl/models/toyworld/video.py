@@ -20,7 +20,8 @@ first latent frame is the first pixel frame, each further one four frames) and t
 video tokens, after CogVideoX's 32 text tokens. The frame count is 8k + 1 (9, 17, 25, ...), not any 4k + 1: diffusers'
 CogVideoX decoder decodes latent frames in batches of two after a first batch of three, so 4 latent frames (13 pixel
 frames) decode to 16 frames. Objective: CogVideoX's, v-prediction MSE at uniform timesteps, 10 % caption dropout for
-classifier-free guidance (the pipeline's default negative prompt is the empty one); the text goes through the
+classifier-free guidance, half of it as the empty caption (diffusers' CogVideoXPipeline encodes the negative prompt
+"") and half as zero text embeddings (CogVideoX's own training and DiTCtrl's official sampler); the text goes through the
 pipeline's own ``encode_prompt`` (no attention mask, padded to :data:`~.tokenizer.MAX_TOKENS`): generate with
 ``max_sequence_length=32`` (recorded in ``attnctrl.json``), not CogVideoX's 226.
 """
@@ -129,6 +130,10 @@ def video_loss(pipe, latents: torch.Tensor, captions: list[str], gen: torch.Gene
     target = scheduler.get_velocity(latents, noise, t)
     embeds = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=MAX_TOKENS,
                                 device=latents.device)[0]
+    # half the dropped captions as zero embeddings: CogVideoX's training drops text that way (SAT's ucg_rate) and
+    # DiTCtrl's official sampler uses zeros as the unconditional input; the other half as diffusers' T5("")
+    zero = torch.tensor([c == "" for c in captions]) & (torch.rand(b, generator=gen) < 0.5)
+    embeds = torch.where(zero[:, None, None], torch.zeros_like(embeds), embeds)
     scale = pipe.vae_scale_factor_spatial
     rope = pipe._prepare_rotary_positional_embeddings(h * scale, w * scale, f, latents.device)
     pred = pipe.transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=t, image_rotary_emb=rope,
