@@ -166,9 +166,26 @@ def test_pipeline_single_prompt_dedupe_and_blending(which, sincos_pipe):
     b = dc(["a cat walks", "a dog runs"], generator=torch.Generator().manual_seed(0), dedupe=False, **KW).frames
     assert dc.passes_per_step == [4, 4, 4, 4]
     np.testing.assert_allclose(a, b, atol=1e-5)  # de-duplication changes nothing
-    assert dc.last_plan == {"segments": 3, "segment_frames": 3, "latent_frames": 7, "stride": 2, "pixel_frames": 25}
+    assert dc.last_plan == {"segments": 3, "segment_frames": 3, "overlap": 1, "latent_frames": 7, "stride": 2,
+                            "pixel_frames": 25}
     assert a.shape == (1, 25, 64, 64, 3) and np.isfinite(a).all()
     assert attnctrl.applied(pipe) == []
+
+
+def test_default_overlap_and_sharing_steps_are_the_official_share_of_any_length():
+    """overlap 9 of 13 latent frames and KV-sharing in steps 2..25 of 50 (the official config) at CogVideoX's size;
+    the same shares of shorter segments and other step counts, so the defaults run on any model."""
+    config = DiTCtrl()
+    assert config.overlap_for(13) == 9 and config.step_range(50) == range(2, 25)
+    assert config.overlap_for(5) == 3 and config.overlap_for(3) == 2 and config.step_range(25) == range(1, 12)
+    assert DiTCtrl(overlap=6, kv_steps=(3, 4)).overlap_for(13) == 6 and DiTCtrl(kv_steps=(3, 4)).step_range(50) == \
+        range(3, 4)
+    dc = DiTCtrlPipeline.from_pipe(tiny("cogvideox"))
+    video = dc(["a cat walks", "a dog runs"], num_frames=9, num_inference_steps=4, output_type="np",
+               generator=torch.Generator().manual_seed(0)).frames  # 9 frames = 3 latent frames a segment
+    # 2 transition segments: 4 segments, 6 pair passes a step inside the sharing window (steps 0..1 of 4), 4 outside
+    assert dc.last_plan["overlap"] == 2 and dc.passes_per_step == [6, 6, 4, 4]
+    assert video.shape[1] == dc.last_plan["pixel_frames"] and np.isfinite(video).all()
 
 
 def test_dedupe_pass_counts():

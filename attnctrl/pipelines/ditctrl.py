@@ -105,11 +105,12 @@ class DiTCtrlPipeline(MethodPipeline):
         if tcfg.patch_size_t is not None:
             raise UnsupportedModelError("DiTCtrl supports CogVideoX 1.0 (2B / 5B), not the 1.5 temporal patching")
         seg = (num_frames - 1) // vt + 1
-        if config.overlap >= seg:
-            raise AttnCtrlError(f"overlap ({config.overlap} latent frames) must be smaller than a segment ({seg})")
+        overlap = config.overlap_for(seg)
+        if overlap >= seg:
+            raise AttnCtrlError(f"overlap ({overlap} latent frames) must be smaller than a segment ({seg})")
         segments = plan_segments(len(prompts), config.num_transition_blocks, config.longer_mid_segment)
         n_seg = len(segments)
-        stride = seg - config.overlap
+        stride = seg - overlap
         total = seg + (n_seg - 1) * stride
         tokens = self._subject_tokens(prompts, config)
         device = self._execution_device
@@ -140,7 +141,7 @@ class DiTCtrlPipeline(MethodPipeline):
         blocks = len(self.transformer.transformer_blocks)
         lo, hi = config.layer_range(blocks)
         layer_names = {f"transformer_blocks.{b}.attn1.processor" for b in range(lo, min(hi, blocks))}
-        state = DiTCtrlState(range(*config.kv_steps), layer_names, config.mask_guided, config.mask_threshold)
+        state = DiTCtrlState(config.step_range(num_inference_steps), layer_names, config.mask_guided, config.mask_threshold)
         tiles = [slice(k * stride, k * stride + seg) for k in range(n_seg)]
         self.passes_per_step = []
         old_x0 = None
@@ -185,8 +186,11 @@ class DiTCtrlPipeline(MethodPipeline):
                     latents = run_callback(self, callback_on_step_end, callback_inputs, i, t,
                                            {"latents": latents})["latents"]
                     bar.update()
-        self.last_plan = {"segments": n_seg, "segment_frames": seg, "latent_frames": total, "stride": stride,
-                          "pixel_frames": (total - 1) * vt + 1}
+        # diffusers' CogVideoX decoder takes latent frames in twos after a first batch of three: an odd count gives
+        # 1 + 4 frames per further latent frame; an even count is decoded in twos from the start, 4 frames each
+        frames = (total - 1) * vt + 1 if total % 2 else total * vt
+        self.last_plan = {"segments": n_seg, "segment_frames": seg, "overlap": overlap, "latent_frames": total,
+                          "stride": stride, "pixel_frames": frames}
         video = decode(self, latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

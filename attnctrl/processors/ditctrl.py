@@ -135,8 +135,10 @@ class DiTCtrl(Method):
 
     Args that matter:
         num_transition_blocks: interpolated-prompt segments between two prompts (2; the paper used 1).
-        overlap: latent frames shared by adjacent segments (9 of 13; the paper used 6).
-        kv_steps: ``(start, end)`` steps with KV-sharing (2, 25 as official).
+        overlap: latent frames shared by adjacent segments; None = the official 9 of CogVideoX's 13-frame segments
+            and the same share of shorter ones (:meth:`overlap_for`; the paper used 6).
+        kv_steps: ``(start, end)`` steps with KV-sharing; None = the official (2, 25) of 50 steps and the same
+            share of other step counts (:meth:`step_range`).
         kv_layers: ``(start, end)`` transformer blocks with KV-sharing; None = the official (25, 30) on 30-layer
             models (2B), the last sixth of the blocks otherwise (5B: (35, 42), our documented default).
         mask_guided: the mask-guided variant; needs ``subject_words``.
@@ -146,9 +148,11 @@ class DiTCtrl(Method):
     """
 
     num_transition_blocks: int = field(default=2, metadata={"help": "ditctrl: transition segments per prompt pair"})
-    overlap: int = field(default=9, metadata={"help": "ditctrl: overlapping latent frames of adjacent segments"})
+    overlap: int | None = field(default=None, metadata={
+        "help": "ditctrl: overlapping latent frames of adjacent segments (default: 9 of 13, the same share of others)"})
     longer_mid_segment: int = field(default=0, metadata={"help": "ditctrl: extra segments for middle prompts"})
-    kv_steps: tuple[int, int] = field(default=(2, 25), metadata={"help": "ditctrl: KV-sharing steps start,end"})
+    kv_steps: tuple[int, int] | None = field(default=None, metadata={
+        "help": "ditctrl: KV-sharing steps start,end (default: 2,25 of 50 steps, the same share of others)"})
     kv_layers: tuple[int, int] | None = field(default=None, metadata={"help": "ditctrl: KV-sharing blocks start,end"})
     mask_guided: bool = field(default=False, metadata={"help": "ditctrl: mask-guided KV-sharing"})
     subject_words: tuple[str, ...] = field(default=(), metadata={"help": "ditctrl: subject word(s) per prompt"})
@@ -166,7 +170,7 @@ class DiTCtrl(Method):
         if isinstance(self.subject_words, str):
             object.__setattr__(self, "subject_words",
                                tuple(w.strip() for w in self.subject_words.split(",") if w.strip()))
-        if self.num_transition_blocks < 0 or self.longer_mid_segment < 0 or self.overlap < 0:
+        if self.num_transition_blocks < 0 or self.longer_mid_segment < 0 or (self.overlap or 0) < 0:
             raise AttnCtrlError("num_transition_blocks, longer_mid_segment and overlap must be >= 0")
         for name in ("kv_steps", "kv_layers"):
             value = getattr(self, name)
@@ -186,6 +190,19 @@ class DiTCtrl(Method):
             raise AttnCtrlError(f"{len(self.subject_words)} subject_words given for {n} prompts; give one, or one "
                                 f"per prompt")
         return words
+
+    def overlap_for(self, segment: int) -> int:
+        """Latent frames shared by adjacent segments of ``segment`` latent frames: ``overlap``, or the official 9 of
+        13 (the 49-frame segments of CogVideoX) scaled to ``segment`` (3 of 5 for 17 frames), below the segment."""
+        if self.overlap is not None:
+            return self.overlap
+        return min(segment - 1, max(1, round(9 * segment / 13)))
+
+    def step_range(self, num_steps: int) -> range:
+        """The steps with KV-sharing: ``kv_steps``, or the official 2..25 of 50 scaled to ``num_steps``."""
+        if self.kv_steps is not None:
+            return range(*self.kv_steps)
+        return range(round(2 * num_steps / 50), round(25 * num_steps / 50))
 
     def layer_range(self, num_blocks: int) -> tuple[int, int]:
         if self.kv_layers is not None:
