@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -83,6 +84,107 @@ def test_editor_errors_name_the_slot():
         editor_inputs({"background": image, "layers": [layer((16, 16), (0, 0, 4, 4))]}, "Ref 2")
     with pytest.raises(AttnCtrlError, match="Ref 3: a mask was painted but no image"):
         editor_inputs({"background": None, "layers": [layer((16, 16), (0, 0, 4, 4))]}, "Ref 3")
+
+
+def test_a_box_is_what_is_dragged_on_the_image():
+    """A drag on a box editor: the bounding box of its paint in the box's colour; only paint that differs from the
+    box as last drawn counts (a new drag gives a new box); a redraw read back is no change."""
+    from attnctrl.ui.inputs import BOX_COLOURS, box_layer, painted_boxes
+
+    def stroke(size, points, colour, radius=1):
+        rgba = np.zeros((size[1], size[0], 4), np.uint8)
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        for x, y in points:
+            rgba[y - radius:y + radius + 1, x - radius:x + radius + 1] = (*rgb, 200)
+        return rgba
+
+    diagonal = [(10 + k, 20 + 2 * k) for k in range(11)]  # (10, 20) to (20, 40)
+    assert painted_boxes([stroke((64, 64), diagonal, BOX_COLOURS[0])])[:1] == [(9, 19, 22, 42)]
+    drawn = box_layer((64, 64), [(9, 19, 22, 42)])
+    assert painted_boxes([drawn], drawn) is None  # the page echoing the redraw
+    assert painted_boxes([drawn])[0] == (9, 19, 22, 42)  # the drawn rectangle reads back as itself
+    moved = drawn.copy()
+    new = stroke((64, 64), [(40, 5), (50, 12)], BOX_COLOURS[0])
+    moved[new[..., 3] > 0] = new[new[..., 3] > 0]
+    assert painted_boxes([moved], drawn)[0] == (39, 4, 52, 14)  # the new stroke, not the union
+    # the regions canvas: each colour its subject; a colour not touched keeps its box (None: unchanged)
+    two = box_layer((100, 100), [(0, 20, 45, 80), (55, 20, 100, 80)])
+    assert painted_boxes([two]) == [(0, 20, 45, 80), (55, 20, 100, 80), None]
+    cyan = two.copy()
+    new = stroke((100, 100), [(60, 10), (90, 30)], BOX_COLOURS[1], radius=2)
+    cyan[new[..., 3] > 0] = new[new[..., 3] > 0]
+    assert painted_boxes([cyan], two) == [None, (58, 8, 93, 33), None]
+
+
+def test_examples_draw_their_boxes_and_masks_visibly(app):
+    """An example's box (PrimeComposer), regions (IR-Diffusion) and masks are layers the editor shows: coloured,
+    translucent pixels that read back as the example's exact box, regions and mask."""
+    from attnctrl.methods import entry
+    from attnctrl.ui.inputs import KIND_WIDGETS, MASK_COLOUR, painted_boxes
+
+    example = entry("primecomposer").examples[0]
+    background, obj, *box = KIND_WIDGETS["composition"].example(app, example["composition"], EXAMPLES)
+    assert box == example["composition"]["box"]
+    (layer,) = [np.asarray(Image.open(p).convert("RGBA")) for p in background["layers"]]
+    x, y, w, h = box
+    assert painted_boxes([layer])[0] == (x, y, x + w, y + h)
+    for editor, mask_file in ((obj, example["composition"]["mask"]),):
+        rgba = np.asarray(Image.open(editor["layers"][0]).convert("RGBA"))
+        shown = rgba[..., 3] > 0
+        assert 0 < rgba[..., 3].max() < 255  # translucent: the object shows through
+        rgb = [int(MASK_COLOUR[i:i + 2], 16) for i in (1, 3, 5)]
+        assert (rgba[shown][:, :3] == rgb).all()  # coloured
+        _, mask = editor_inputs(editor, "Object")
+        expected = np.asarray(Image.open(EXAMPLES / mask_file).convert("L")) > 127
+        np.testing.assert_array_equal(np.asarray(mask) > 0, expected)  # the same mask, pixel for pixel
+    subjects = entry("irdiffusion").examples[0]["subjects"]
+    row = KIND_WIDGETS["subjects"].example(app, subjects, EXAMPLES)
+    canvas = row[-1]
+    (layer,) = [np.asarray(Image.open(p).convert("RGBA")) for p in canvas["layers"]]
+    side = layer.shape[1]
+    found = painted_boxes([layer])
+    for s, box in zip(subjects, found):
+        np.testing.assert_allclose(np.array(box) / side, s["region"], atol=1 / side)
+    assert found[2] is None
+
+
+def test_box_editors_fill_their_fields_and_fields_redraw_them(page, tmp_path):
+    """The page's wiring: a stroke on the PrimeComposer background fills x, y, width, height (and is redrawn as the
+    box); typing a width redraws the box; the regions canvas fills the subjects' region fields in fractions."""
+    from attnctrl.ui.inputs import BOX_COLOURS, box_layer, painted_boxes
+
+    fns = events(page)
+    drags = {fn.inputs[0].elem_id: fn for fn in fns["drag_box"]}
+    types = [fn for fn in fns["type_box"] if fn.inputs[0].elem_id == "upload-primecomposer-background"]
+    drag = drags["upload-primecomposer-background"]
+    assert [c.label for c in drag.outputs[:4]] == ["Box x", "Box y", "Box width", "Box height"]
+    assert all(fn.api_visibility == "private" for fn in [*drags.values(), *types]) and len(types) == 4
+    background = str(EXAMPLES / "composition-background.png")
+    stroke = np.zeros((64, 64, 4), np.uint8)
+    stroke[10:30, 5:8] = (255, 0, 200, 255)
+    Image.fromarray(stroke).save(tmp_path / "stroke.png")
+    payload = {"background": {"path": background}, "layers": [{"path": str(tmp_path / "stroke.png")}]}
+    x, y, w, h, editor = drag.fn(payload, 0, 0, None, None)
+    assert (x, y, w, h) == (5, 10, 3, 20)
+    assert painted_boxes([np.asarray(editor["layers"][0])])[0] == (5, 10, 8, 30)
+    # the drawn box comes back from the page unchanged: nothing to do
+    Image.fromarray(box_layer((64, 64), [(5, 10, 8, 30)])).save(tmp_path / "drawn.png")
+    echo = {"background": {"path": background}, "layers": [{"path": str(tmp_path / "drawn.png")}]}
+    assert all(v == gr.skip() for v in drag.fn(echo, 5, 10, 3, 20))
+    redrawn = types[0].fn(echo, 5, 10, 12, 20)
+    assert painted_boxes([np.asarray(redrawn["layers"][0])])[0] == (5, 10, 17, 30)
+    assert types[0].fn(echo, 5, 10, "", 20) == gr.skip() or painted_boxes(
+        [np.asarray(types[0].fn(echo, 5, 10, "", 20)["layers"][0])])[0] is None
+    canvas = drags["upload-irdiffusion-regions_drawing"]
+    assert [c.label for c in canvas.outputs[:3]] == [f"Subject {i} region ({n})" for i, n in
+                                                     ((1, "magenta"), (2, "cyan"), (3, "orange"))]
+    region = box_layer((256, 256), [None, (128, 64, 256, 192)], BOX_COLOURS)
+    Image.fromarray(region).save(tmp_path / "region.png")
+    white = tmp_path / "white.png"
+    Image.new("RGB", (256, 256), "white").save(white)
+    first, second, third, _ = canvas.fn({"background": {"path": str(white)}, "layers": [
+        {"path": str(tmp_path / "region.png")}]}, "0,0,0.5,1", "", "")
+    assert (first, second, third) == ("0,0,0.5,1", "0.5,0.25,1,0.75", gr.skip())  # subject 1 kept
 
 
 def test_options_json_and_method_config():
@@ -238,14 +340,14 @@ def test_a_wrong_file_in_a_slot_is_refused_on_upload(page, tmp_path):
         assert uploads and all(c._id in checks for c in uploads), key
     refs = [c for c in tab_widgets(fns, "freecustom") if isinstance(c, gr.ImageEditor)]
     lora = next(c for c in tab_widgets(fns, "clora") if isinstance(c, gr.File))
-    background = next(c for c in tab_widgets(fns, "primecomposer") if isinstance(c, gr.Image))
+    background = next(c for c in tab_widgets(fns, "primecomposer") if c.label == "Background")
     text = {"path": str(notes), "orig_name": "notes.txt"}
     with pytest.raises(gr.Error, match=r"Reference 1: notes.txt is not an image \(png, jpg, webp"):
         checks[refs[0]._id]({"background": text, "layers": [], "composite": None})
     with pytest.raises(gr.Error, match="LoRA 1: notes.txt is not a LoRA file"):
         checks[lora._id](text)
     with pytest.raises(gr.Error, match="Background: notes.txt is not an image"):
-        checks[background._id](text)
+        checks[background._id]({"background": text, "layers": [], "composite": None})
     good = {"path": str(EXAMPLES / "striped-green-star.png"), "orig_name": "star.png"}
     checks[refs[1]._id]({"background": good, "layers": [], "composite": None})  # a good file: no message
     checks[refs[1]._id]({"background": None, "layers": [], "composite": None})
@@ -577,6 +679,19 @@ def test_page_end_to_end(tmp_path):
     assert list((tmp_path / "outputs").rglob("*.png"))  # the outputs went where -o said
 
 
+def drag(page, selector: str, start, end) -> None:
+    """Drag the mouse across the image of the editor ``selector`` from ``start`` to ``end`` (fractions of the image,
+    which the editor shows centred, at most 70 % of the canvas's height)."""
+    page.locator(selector).scroll_into_view_if_needed()
+    bb = page.locator(f"{selector} canvas").first.bounding_box()
+    side = bb["height"] * 0.7
+    left, top = bb["x"] + (bb["width"] - side) / 2, bb["y"] + (bb["height"] - side) / 2
+    page.mouse.move(left + side * start[0], top + side * start[1])
+    page.mouse.down()
+    page.mouse.move(left + side * end[0], top + side * end[1], steps=12)
+    page.mouse.up()
+
+
 DROP = """([selector, name]) => {
   const target = document.querySelector(selector).querySelector('div') || document.querySelector(selector);
   const dt = new DataTransfer();
@@ -615,6 +730,26 @@ def test_page_refuses_wrong_files_at_once_and_examples_fill_every_slot(tmp_path)
             page.get_by_role("tab", name="PrimeComposer").click()
             page.locator("#upload-primecomposer-background input[type=file]").set_input_files(str(fake))
             page.get_by_text("Background: fake.png is not an image").first.wait_for(timeout=30_000)
+            # the example's box is drawn; a drag across the background is the new box in the four numbers
+            page.locator("tr").filter(has_text="hollow pink circle").locator("visible=true").first.click()
+            box = [page.get_by_label(n) for n in ("Box x", "Box y", "Box width", "Box height")]
+            page.wait_for_function("() => document.querySelector('#upload-primecomposer-background canvas')",
+                                   timeout=30_000)
+            page.wait_for_timeout(2000)
+            assert [b.input_value() for b in box] == ["36", "16", "24", "28"]
+            drag(page, "#upload-primecomposer-background", (0.3, 0.3), (0.45, 0.6))
+            page.wait_for_function("() => document.querySelector('#upload-primecomposer-background')"
+                                   ".closest('.tabitem, body').querySelector('input[type=number]').value !== '36'",
+                                   timeout=30_000)
+            x, y, w, h = (float(b.input_value()) for b in box)
+            assert 0 < x < 32 and 0 < y < 40 and w > 0 and h > w  # a tall box on the left of the middle
+            # an example's mask is visible in its editor (translucent cyan over the reference)
+            page.get_by_role("tab", name="FreeCustom").click()
+            page.locator("tr").filter(has_text="a striped red circle in the middle").locator("visible=true").first.click()
+            page.wait_for_timeout(3000)
+            shot = np.asarray(Image.open(io.BytesIO(page.locator("#upload-freecustom-reference_1_image").screenshot()))
+                              .convert("RGB")).astype(int)
+            assert ((shot[..., 2] > shot[..., 0] + 40) & (shot[..., 2] > 120)).sum() > 500  # the cyan mask
             page.get_by_role("tab", name="CLoRA").click()
             page.locator("#upload-clora-lora_1_file input[type=file]").set_input_files(str(notes))
             page.get_by_text("LoRA 1: notes.txt is not a LoRA file").first.wait_for(timeout=30_000)

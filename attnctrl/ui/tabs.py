@@ -31,6 +31,7 @@ from ..inputs import not_an_image
 from ..methods import MethodEntry, entries
 from .app import EXAMPLES, MODEL_CHOICES, App, Result, Settings, default_options
 from .inputs import (
+    BOX_SCRIPT,
     IMAGE_UPLOAD,
     KIND_WIDGETS,
     example_option,
@@ -161,23 +162,30 @@ def _user_errors(fn):
         raise gr.Error(f"internal error ({type(e).__name__}: {e}); the server log has the details") from None
 
 
-#: The page's script: a file that is not an image, dropped on (or picked for) an image slot, is refused there and
-#: reported to the server, which answers with the input module's message naming the slot (the image editor itself
-#: drops such a file without a word).
+#: The page's script: a file that is not an image (by its type, or one named as an image that does not decode),
+#: dropped on (or picked for) an image slot, is refused there and reported to the server, which answers with the
+#: input module's message naming the slot (the image editor itself drops such a file without a word).
 UPLOAD_SCRIPT = """() => {
   if (window.attnctrlUploads) return;
   window.attnctrlUploads = true;
+  const report = (slot, name) => {
+    const box = document.querySelector('#attnctrl-upload-report textarea, #attnctrl-upload-report input');
+    if (!box) return;
+    box.value = JSON.stringify({slot: slot.id, name: name, at: Date.now()});
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  };
   const refuse = (event, files) => {
     const slot = event.target instanceof Element ? event.target.closest('.IMAGE_UPLOAD') : null;
-    const file = slot && files ? Array.from(files).find((f) => !(f.type || '').startsWith('image/')) : null;
-    if (!file) return;
+    if (!slot || !files || !files.length) return;
+    const file = Array.from(files).find((f) => !(f.type || '').startsWith('image/'));
+    if (!file) {  // named as an image: the editor drops one that does not decode without a word
+      createImageBitmap(files[0]).catch(() => report(slot, files[0].name));
+      return;
+    }
     event.preventDefault();
     event.stopImmediatePropagation();
     if (event.type === 'change') event.target.value = '';
-    const box = document.querySelector('#attnctrl-upload-report textarea, #attnctrl-upload-report input');
-    if (!box) return;
-    box.value = JSON.stringify({slot: slot.id, name: file.name, at: Date.now()});
-    box.dispatchEvent(new Event('input', {bubbles: true}));
+    report(slot, file.name);
   };
   document.addEventListener('drop', (e) => refuse(e, e.dataTransfer && e.dataTransfer.files), true);
   document.addEventListener('change', (e) => e.target.type === 'file' && refuse(e, e.target.files), true);
@@ -374,7 +382,7 @@ def build(app: App) -> gr.Blocks:
         report = gr.Textbox(visible="hidden", elem_id="attnctrl-upload-report")
         report.change(_refused_upload({k: v for tab, *_ in tabs for k, v in tab.uploads.items()}), inputs=report,
                      outputs=None, show_progress="hidden", api_visibility="private")
-        demo.load(None, js=UPLOAD_SCRIPT)
+        demo.load(None, js=f"() => {{ ({UPLOAD_SCRIPT})(); ({BOX_SCRIPT})(); }}")
     return demo
 
 
