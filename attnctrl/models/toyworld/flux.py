@@ -31,8 +31,8 @@ the pixels when the pool is encoded once.
 Objective: rectified flow as FLUX / SD3 train it. ``x_t = (1 - s) x_0 + s noise``, the transformer predicts
 ``noise - x_0`` (the Euler scheduler's velocity) from the packed ``x_t``, the timestep ``s`` (diffusers' FLUX takes
 sigma in [0, 1]), the pooled CLIP vector, the T5 sequence, text ids of zeros and FLUX's latent image ids. Sigmas are
-logit-normal (SD3's best) pushed toward noise by the same shift the sampler uses at 256 tokens: the high-noise steps
-decide the layout (what the UNet model had to be taught explicitly, docs/toyworld.md). Text is encoded by
+logit-normal (SD3's best), unshifted: pushed toward noise by the sampler's shift at 256 tokens (e^0.5) they left 3 %
+of the steps below sigma 0.2, where shapes' edges are drawn, and shape stayed near chance (docs/toyworld.md). Text is encoded by
 FluxPipeline's own ``encode_prompt`` (no attention mask, padded to :data:`~.tokenizer.MAX_TOKENS`), exactly as at
 generation time; generate with ``max_sequence_length=32`` (the recommended settings record it): FluxPipeline's
 default of 512 would add 480 padding tokens the model never saw.
