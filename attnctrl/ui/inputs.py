@@ -51,7 +51,7 @@ def slider(*args, **kwargs) -> gr.Slider:
 
 #: the brush of the mask editors and the examples' masks: translucent cyan, seen on every toyworld colour
 MASK_COLOUR, MASK_ALPHA = "#00d0ff", 150
-#: the colours boxes are drawn in on an image, one a box (PrimeComposer's box; IR-Diffusion's subjects in order)
+#: the colours boxes are drawn in on an image, one a box (a composition's box; the subjects' regions, in order)
 BOX_COLOURS = ("#ff00c8", "#00d0ff", "#ffa000")
 BOX_NAMES = ("magenta", "cyan", "orange")
 
