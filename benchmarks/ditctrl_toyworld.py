@@ -34,10 +34,6 @@ import torch
 WINDOW = 4  # frames on each side of a boundary
 
 
-def frames_of(video) -> np.ndarray:
-    return (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
-
-
 def prompt_ranges(plan: dict, n_prompts: int, transitions: int, vt: int = 4) -> list[tuple[int, int]]:
     """Pixel frame range ``[first, last]`` of each prompt's segment in a DiTCtrl video (plan: ``last_plan``)."""
     seg, stride = plan["segment_frames"], plan["stride"]
@@ -78,6 +74,7 @@ def main() -> None:
 
     import attnctrl
     from attnctrl.models.toyworld.motion import segment_prompts
+    from attnctrl.models.toyworld.video import clip_uint8 as frames_of
     from attnctrl.pipelines import DiTCtrlPipeline
 
     pipe = attnctrl.load_pipeline(args.model)

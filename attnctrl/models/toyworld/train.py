@@ -544,41 +544,37 @@ class _Trainer:
         return pipe
 
     def quick_eval(self) -> dict:
+        started = time.perf_counter()
+        scores, summary = self._video_scores() if self.video else self._image_scores()
+        self.denoiser.train()
+        for module in self._texts():
+            module.train()
+        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), **scores}
+        self.history.append(entry)
+        self.log(f"eval at step {self.step}: {summary} ({time.perf_counter() - started:.0f} s, not counted)")
+        return entry
+
+    def _image_scores(self) -> tuple[dict, str]:
         from .bench import benchmark_captions, evaluate, evaluate_look_alike
 
-        started = time.perf_counter()
-        if self.video:
-            return self._quick_video_eval(started)
         captions = benchmark_captions()
         single = evaluate(self.pipeline(), captions["single"][::2], steps=20)
         two = evaluate(self.pipeline(), captions["two"][::4], steps=20)
         look = evaluate_look_alike(self.pipeline(), n=16, steps=20)
-        self.denoiser.train()
-        for module in self._texts():
-            module.train()
-        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two,
-                 "look_alike": look}
-        self.history.append(entry)
-        self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} side "
-                 f"{single['side']:.2f}; two-object colour {two['colour']:.2f} shape {two['shape']:.2f}; look-alike same "
-                 f"colour {look['same']:.2f} ({time.perf_counter() - started:.0f} s, not counted)")
-        return entry
+        return {"single": single, "two": two, "look_alike": look}, (
+            f"single colour {single['colour']:.2f} shape {single['shape']:.2f} side {single['side']:.2f}; two-object "
+            f"colour {two['colour']:.2f} shape {two['shape']:.2f}; look-alike same colour {look['same']:.2f}")
 
-    def _quick_video_eval(self, started: float) -> dict:
+    def _video_scores(self) -> tuple[dict, str]:
         from .motion import video_benchmark_captions
 
         captions = video_benchmark_captions()
         single = evaluate_video(self.pipeline(), captions["single"][::3], steps=20)
         two = evaluate_video(self.pipeline(), captions["two"][::4], steps=20)
-        self.denoiser.train()
-        self.text_encoder.train()
-        entry = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "single": single, "two": two}
-        self.history.append(entry)
-        self.log(f"eval at step {self.step}: single colour {single['colour']:.2f} shape {single['shape']:.2f} "
-                 f"direction {single['direction']:.2f} persistence {single['persistence']:.2f} largest jump "
-                 f"{single['max_jump']:.1f} px; two-object colour {two['colour']:.2f} direction {two['direction']:.2f} "
-                 f"({time.perf_counter() - started:.0f} s, not counted)")
-        return entry
+        return {"single": single, "two": two}, (
+            f"single colour {single['colour']:.2f} shape {single['shape']:.2f} direction {single['direction']:.2f} "
+            f"persistence {single['persistence']:.2f} largest jump {single['max_jump']:.1f} px; two-object colour "
+            f"{two['colour']:.2f} direction {two['direction']:.2f}")
 
     def save(self, path: Path, info: dict) -> Path:
         """The EMA weights as a diffusers folder: ``StableDiffusionPipeline`` or, for the flux variant, ``FluxPipeline``."""

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import atomic_save
 from .flux import t5_encoder, t5_tokenizer
 from .motion import NUM_FRAMES, VIDEO_VOCABULARY, make_clip, render_clip
 from .tokenizer import MAX_TOKENS
@@ -46,7 +47,7 @@ from .world import IMAGE_SIZE
 __all__ = [
     "VIDEO_FRAMES", "VIDEO_SIZE", "VIDEO_LAYERS", "VIDEO_HEADS", "VIDEO_HEAD_DIM", "VAE_CHANNELS", "LATENT_CHANNELS",
     "VIDEO_CFG", "VIDEO_RECOMMENDED", "video_tokenizer", "build_video_models", "video_scheduler", "video_pipeline",
-    "video_loss", "ClipPool", "generate_clips", "evaluate_video", "save_video_pipeline",
+    "video_loss", "ClipPool", "clip_uint8", "generate_clips", "evaluate_video", "save_video_pipeline",
 ]
 
 #: pixel frames of a clip (8k + 1, see the module docstring) and their side
@@ -171,14 +172,17 @@ class ClipPool:
             captions.append(clip.caption)
             if (i + 1) % 1024 == 0:
                 log(f"pool: {i + 1}/{size} clips ({time.perf_counter() - started:.0f} s)")
-        from .data import atomic_save
-
         atomic_save({"frames": frames, "captions": captions}, path)
         return cls(frames, captions)
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
         """Clips ``idx`` as the VAE's (B, 3, F, S, S) floats in [-1, 1]."""
         return self.frames[idx].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def clip_uint8(frames) -> np.ndarray:
+    """A generated clip (``output_type="np"``: floats in [0, 1]) as (F, S, S, 3) uint8."""
+    return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 @torch.no_grad()
@@ -192,7 +196,7 @@ def generate_clips(pipe, captions: list[str], steps: int = 25, guidance: float =
         out = pipe(chunk, num_frames=num_frames, height=VIDEO_SIZE, width=VIDEO_SIZE, num_inference_steps=steps,
                    guidance_scale=guidance, max_sequence_length=MAX_TOKENS, use_dynamic_cfg=False,
                    generator=generators, output_type="np").frames
-        clips += [(np.asarray(v) * 255).round().clip(0, 255).astype(np.uint8) for v in out]
+        clips += [clip_uint8(v) for v in out]
     return clips
 
 
